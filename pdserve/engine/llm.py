@@ -1,0 +1,158 @@
+"""The offline API, shaped like vLLM's: `LLM(model).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, Union
+
+from pdserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_size
+from pdserve.engine.core import EngineCore
+from pdserve.engine.tokenizer import Detokenizer, load_tokenizer
+from pdserve.request import CompletionOutput, FinishReason, RequestOutput, SamplingParams
+
+PromptType = Union[str, dict[str, Any], Sequence[int]]
+_counter = itertools.count()
+
+
+class LLM:
+    """An engine in this process (tensor-parallel ranks in worker processes)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "float32",
+        load_format: str = "auto",
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory: str | int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        self.config = EngineConfig(
+            model=ModelConfig(model, load_format, dtype, max_model_len, seed),
+            cache=CacheConfig(block_size, num_blocks, None if kv_cache_memory is None else parse_size(kv_cache_memory)),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            parallel=ParallelConfig(tensor_parallel_size, device),
+        )
+        self.engine = EngineCore(self.config)
+        try:
+            self.tokenizer = load_tokenizer(self.engine.source)
+        except BaseException:
+            self.engine.shutdown()
+            raise
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.engine.scheduler.stats.num_preemptions
+
+    def _to_token_ids(self, prompt: PromptType, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text, but this model has no tokenizer; pass prompt_token_ids")
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty; give at least one character")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError(f"prompt {index} is a dict without 'prompt_token_ids'")
+            return None, list(prompt["prompt_token_ids"])
+        return None, list(prompt)
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):  # type: ignore[index]
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; give one or one each")
+        encoded = [self._to_token_ids(p, i) for i, p in enumerate(prompts)]
+        for i, (_, ids) in enumerate(encoded):  # validate everything before anything is queued
+            try:
+                self.engine.validate_prompt(ids)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return self._run(encoded, params, use_tqdm)
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                                          return_dict=False)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        req_ids = [f"offline-{next(_counter)}" for _ in encoded]
+        detoks = {r: Detokenizer(self.tokenizer, p.stop) for r, p in zip(req_ids, params)}
+        logprobs: dict[str, list[dict[int, float]]] = {r: [] for r in req_ids}
+        reasons: dict[str, FinishReason | None] = {}
+        try:
+            for req_id, (_, ids), sp in zip(req_ids, encoded, params):
+                self.engine.add_request(req_id, ids, sp)
+            with tqdm(total=len(req_ids), desc="generating", unit="req", disable=not use_tqdm or len(req_ids) < 2) as bar:
+                while len(reasons) < len(req_ids):
+                    for update in self.engine.step():
+                        req_id = update.request.req_id
+                        detok = detoks[req_id]
+                        detok.append(update.new_token_ids)
+                        if update.new_logprobs:
+                            logprobs[req_id] += update.new_logprobs
+                        if detok.stop_reason is not None and not update.finished:
+                            self.engine.finish(req_id, FinishReason.STOP)
+                        if update.finished or detok.stop_reason is not None:
+                            reasons[req_id] = update.request.finish_reason
+                            bar.update(1)
+        except BaseException:
+            for req_id in req_ids:
+                self.engine.abort(req_id)
+            raise
+        outputs = []
+        for req_id, (text, ids), sp in zip(req_ids, encoded, params):
+            detok = detoks[req_id]
+            reason = reasons[req_id]
+            completion = CompletionOutput(
+                index=0,
+                text=detok.text,
+                token_ids=list(detok.token_ids),
+                finish_reason=reason.value if reason else None,
+                logprobs=logprobs[req_id] if sp.logprobs is not None else None,
+                stop_reason=detok.stop_reason,
+            )
+            outputs.append(RequestOutput(req_id, text, ids, [completion], finished=True))
+        return outputs
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

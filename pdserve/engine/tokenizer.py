@@ -1,0 +1,73 @@
+"""Tokenizer loading and incremental detokenization with stop strings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pdserve.models.loader import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(source: ModelSource) -> Any | None:
+    """The HF tokenizer of `source`, or None for dummy weights without one."""
+    directory = source.hf_dir
+    if directory is None:
+        return None
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if source.kind == "dummy":
+            return None
+        raise FileNotFoundError(f"{directory} has no tokenizer (tokenizer.json); add one or pass token ids")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+class Detokenizer:
+    """Turns one request's output token ids into text, a delta at a time.
+
+    Holds back bytes of an incomplete UTF-8 character. With stop strings, it
+    truncates the text before the first match and reports which one matched.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.stop_reason: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def append(self, token_ids: list[int]) -> str:
+        """Add tokens; return the new text. After a stop string matched, returns ''."""
+        if self.stop_reason is not None:
+            return ""
+        self.token_ids.extend(token_ids)
+        if self.tokenizer is None:
+            return ""
+        prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.token_ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        start = len(self.text)
+        self.text += delta
+        if self.stop:
+            self._match_stop(start)
+        return self.text[start:]
+
+    def _match_stop(self, delta_start: int) -> None:
+        longest = max(len(s) for s in self.stop)
+        window_start = max(0, delta_start - longest + 1)
+        hits = [(self.text.find(s, window_start), s) for s in self.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index, stop = min(hits)
+            self.text = self.text[:index]
+            self.stop_reason = stop

@@ -1,0 +1,91 @@
+"""Reference attention in plain PyTorch (CPU and CUDA).
+
+Decode tokens (one query per sequence) are batched: their blocks are
+gathered into a padded [num_decode, max_len] view and masked. Prefill chunks
+run one sequence at a time; a chunk with no cached prefix attends to its own
+K/V directly, a chunk over a cached prefix gathers the prefix from its blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.layers.attention.base import AttentionBackend, BatchLayout
+
+
+@dataclass
+class _Prefill:
+    token_start: int
+    q_len: int
+    seq_len: int
+    block_ids: torch.Tensor | None  # [num_blocks] when the chunk has a cached prefix
+
+
+@dataclass
+class TorchMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens]
+    decode_token_ids: torch.Tensor | None  # [num_decode] indices into the flat batch
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks]
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size]
+    prefills: list[_Prefill]
+
+
+class TorchAttention(AttentionBackend):
+    def prepare(self, layout: BatchLayout, device: torch.device) -> TorchMetadata:
+        decode_tokens, decode_tables, decode_lens, prefills = [], [], [], []
+        start = 0
+        for q_len, seq_len, table in zip(layout.q_lens, layout.seq_lens, layout.block_tables):
+            num_blocks = -(-seq_len // layout.block_size)
+            if q_len == 1 and seq_len > 1:
+                decode_tokens.append(start)
+                decode_tables.append(table[:num_blocks])
+                decode_lens.append(seq_len)
+            else:
+                cached = seq_len > q_len
+                ids = torch.tensor(table[:num_blocks], device=device) if cached else None
+                prefills.append(_Prefill(start, q_len, seq_len, ids))
+            start += q_len
+        meta = TorchMetadata(layout.slot_mapping.to(device, non_blocking=True), None, None, None, prefills)
+        if decode_tokens:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
+            lens = torch.tensor(decode_lens, device=device)
+            positions = torch.arange(width * layout.block_size, device=device)
+            meta.decode_token_ids = torch.tensor(decode_tokens, device=device)
+            meta.decode_block_tables = tables
+            meta.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+        return meta
+
+    def forward(self, q, k, v, kv_cache, metadata: TorchMetadata):  # type: ignore[no-untyped-def, override]
+        num_tokens = q.shape[0]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, kv_heads, head_dim]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, v)
+        out = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        for p in metadata.prefills:
+            qs = q[p.token_start : p.token_start + p.q_len].transpose(0, 1)  # [heads, q_len, dim]
+            if p.block_ids is None:
+                ks = k[p.token_start : p.token_start + p.q_len].transpose(0, 1)
+                vs = v[p.token_start : p.token_start + p.q_len].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:
+                ks = k_cache[p.block_ids].flatten(0, 1)[: p.seq_len].transpose(0, 1)
+                vs = v_cache[p.block_ids].flatten(0, 1)[: p.seq_len].transpose(0, 1)
+                offset = p.seq_len - p.q_len
+                rows = torch.arange(p.q_len, device=q.device)[:, None] + offset
+                mask = torch.arange(p.seq_len, device=q.device)[None, :] <= rows
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[p.token_start : p.token_start + p.q_len] = o.transpose(0, 1)
+        if metadata.decode_token_ids is not None:
+            tables = metadata.decode_block_tables
+            qs = q[metadata.decode_token_ids].unsqueeze(2)  # [n, heads, 1, dim]
+            ks = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [n, kv_heads, len, dim]
+            vs = v_cache[tables].flatten(1, 2).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=metadata.decode_mask, scale=self.scale, enable_gqa=True
+            )
+            out[metadata.decode_token_ids] = o.squeeze(2)
+        return out.view(num_tokens, self.num_heads * self.head_dim)

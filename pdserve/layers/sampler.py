@@ -1,0 +1,89 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+
+Logprobs are those of the raw model distribution (before temperature and
+filtering), as OpenAI and vLLM report them. A request with a seed owns a
+generator, so its samples do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.messages import SamplingSpec
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self._shared = torch.Generator(device=device).manual_seed(seed)
+        self._seeded: dict[str, torch.Generator] = {}
+
+    def forget(self, req_ids: list[str]) -> None:
+        for req_id in req_ids:
+            self._seeded.pop(req_id, None)
+
+    def _generator(self, req_id: str, seed: int | None) -> torch.Generator:
+        if seed is None:
+            return self._shared
+        g = self._seeded.get(req_id)
+        if g is None:
+            g = self._seeded[req_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return g
+
+    def __call__(
+        self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]
+    ) -> tuple[list[int], list[list[tuple[int, float]]] | None]:
+        """logits: [num_seqs, vocab] float32 -> one token id per row (and logprobs if asked)."""
+        token_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, s in enumerate(specs) if s.temperature > 0]
+        if random_rows:
+            sampled = self._sample(logits[random_rows], [req_ids[i] for i in random_rows],
+                                   [specs[i] for i in random_rows])
+            token_ids[random_rows] = sampled
+        token_list = token_ids.tolist()
+        if all(s.num_logprobs < 0 for s in specs):
+            return token_list, None
+        return token_list, self._logprobs(logits, token_ids, specs)
+
+    def _sample(self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]) -> torch.Tensor:
+        temps = torch.tensor([s.temperature for s in specs], device=logits.device)
+        logits = logits / temps[:, None]
+        needs_filter = any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in specs)
+        if needs_filter:
+            logits, order = logits.sort(dim=-1, descending=True)
+            probs = logits.softmax(dim=-1)
+            ranks = torch.arange(logits.shape[-1], device=logits.device)
+            top_k = torch.tensor([s.top_k if s.top_k > 0 else logits.shape[-1] for s in specs], device=logits.device)
+            top_p = torch.tensor([s.top_p for s in specs], device=logits.device)
+            min_p = torch.tensor([s.min_p for s in specs], device=logits.device)
+            drop = ranks[None, :] >= top_k[:, None]
+            drop |= probs < min_p[:, None] * probs[:, :1]
+            kept = probs.masked_fill(drop, 0.0)
+            kept = kept / kept.sum(dim=-1, keepdim=True)
+            cumulative = kept.cumsum(dim=-1)
+            drop |= (cumulative - kept) >= top_p[:, None]  # the top token is always kept
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        # exponential race: argmax(p / q), q ~ Exp(1), draws index i with probability p_i
+        noise = torch.empty_like(probs)
+        for row, (req_id, spec) in enumerate(zip(req_ids, specs)):
+            noise[row].exponential_(generator=self._generator(req_id, spec.seed))
+        choice = (probs / noise).argmax(dim=-1)
+        if needs_filter:
+            choice = order.gather(1, choice[:, None]).squeeze(1)
+        return choice
+
+    def _logprobs(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, specs: list[SamplingSpec]
+    ) -> list[list[tuple[int, float]]]:
+        logprobs = logits.log_softmax(dim=-1)
+        k = max(s.num_logprobs for s in specs)
+        top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
+        chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+        top_values, top_ids, tokens = top_values.tolist(), top_ids.tolist(), token_ids.tolist()
+        out = []
+        for row, spec in enumerate(specs):
+            entries = [(tokens[row], chosen[row])]
+            entries += list(zip(top_ids[row][: max(spec.num_logprobs, 0)], top_values[row][: max(spec.num_logprobs, 0)]))
+            out.append(entries)
+        return out

@@ -1,0 +1,97 @@
+"""Every cross-process message, as msgspec structs. Nothing here is pickled.
+
+Each message is tagged (msgspec tagged union), carries the protocol version and
+the sender's incarnation id (new on every process start), so a restarted peer
+is noticed and its stale messages are dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+INCARNATION = uuid.uuid4().hex
+
+
+class Message(msgspec.Struct, tag=True, kw_only=True):
+    version: int = PROTOCOL_VERSION
+    incarnation: str = INCARNATION
+
+
+class SamplingSpec(msgspec.Struct, frozen=True):
+    """What a worker needs to sample one request (built on the CPU, before the step)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    num_logprobs: int = -1  # -1: none; k >= 0: the sampled token plus the top k
+
+
+class ScheduledSeq(msgspec.Struct, frozen=True):
+    """One request's share of a step: compute `token_ids` at positions start_pos...
+
+    block_ids is the request's whole block table after this step's allocation.
+    """
+
+    req_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+    sampling: SamplingSpec
+
+
+class StepPlan(Message):
+    """The one decision per step, broadcast to every rank; all ranks execute it."""
+
+    step_id: int
+    seqs: list[ScheduledSeq]
+    finished_req_ids: list[str] = []
+
+
+class ForwardOutput(Message):
+    """What rank 0 returns for a step: one sampled token per sampling request."""
+
+    step_id: int
+    req_ids: list[str]
+    token_ids: list[int]
+    # per sampled token: [[token_id, logprob], ...], the sampled token first
+    logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class WorkerReady(Message):
+    rank: int
+
+
+class WorkerError(Message):
+    rank: int
+    error: str
+
+
+class Shutdown(Message):
+    pass
+
+
+WorkerToEngine = Union[ForwardOutput, WorkerReady, WorkerError]
+EngineToWorker = Union[StepPlan, Shutdown]
+
+_encoder = msgspec.msgpack.Encoder()
+_worker_decoder = msgspec.msgpack.Decoder(WorkerToEngine)
+_engine_decoder = msgspec.msgpack.Decoder(EngineToWorker)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_from_worker(data: bytes) -> WorkerToEngine:
+    return _worker_decoder.decode(data)
+
+
+def decode_from_engine(data: bytes) -> EngineToWorker:
+    return _engine_decoder.decode(data)

@@ -1,0 +1,1 @@
+"""Admission, chunking and preemption. Knows nothing about tensors."""

@@ -1,0 +1,232 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step gives every running request some tokens (1 when caught up, a chunk
+otherwise) within max_num_batched_tokens and max_num_seqs, then admits
+waiting requests FIFO. When blocks run out, the most recently admitted running
+request is preempted: its blocks are freed and it goes back to the front of
+the queue, to recompute prompt + output on readmission.
+
+The scheduler knows nothing about tensors or models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.config import SchedulerConfig
+from pdserve.kvcache.manager import KVCacheManager
+from pdserve.messages import ForwardOutput, SamplingSpec, ScheduledSeq, StepPlan
+from pdserve.request import FinishReason, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    plan: StepPlan
+    num_new_tokens: dict[str, int]
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request: tokens appended, maybe finished."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None = None
+    finished: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_steps: int = 0
+    finished_req_ids: list[str] = field(default_factory=list)
+
+
+def sampling_spec(request: Request) -> SamplingSpec:
+    sp = request.sampling
+    return SamplingSpec(
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        top_k=sp.top_k,
+        min_p=sp.min_p,
+        seed=sp.seed,
+        num_logprobs=-1 if sp.logprobs is None else sp.logprobs,
+    )
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._step_id = 0
+        self._finished_since_last_plan: list[str] = []
+        # Keep a sliver of blocks free at admission so running requests can grow.
+        self._admission_reserve = max(1, kv.num_blocks // 100) if kv.num_blocks > 8 else 0
+
+    # ---- requests in and out -------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort(self, req_id: str) -> Request | None:
+        """Finish `req_id` with reason 'abort' and free its blocks. Unknown ids are ignored."""
+        request = self.requests.get(req_id)
+        if request is None or request.is_finished:
+            return None
+        self._finish(request, FinishReason.ABORT)
+        return request
+
+    def finish(self, req_id: str, reason: FinishReason) -> None:
+        """Finish from outside (e.g. a stop string matched by the detokenizer)."""
+        request = self.requests.get(req_id)
+        if request is not None and not request.is_finished:
+            self._finish(request, reason)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.kv.free(request.req_id)
+        del self.requests[request.req_id]
+        self._finished_since_last_plan.append(request.req_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_new: dict[str, int] = {}
+        num_preemptions_before = self.stats.num_preemptions
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, request.num_computed_tokens + n):
+                break  # `request` itself was preempted, so it was the last one running
+            num_new[request.req_id] = n
+            budget -= n
+            index += 1
+        if self.stats.num_preemptions == num_preemptions_before:
+            self._admit(budget, num_new)
+        return self._build_plan(num_new)
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int) -> bool:
+        """Allocate for `request`, preempting the most recently admitted until it fits.
+
+        Returns False if `request` itself had to be preempted.
+        """
+        while not self.kv.allocate_slots(request.req_id, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.req_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.stats.num_preemptions += 1
+        logger.info("request %s preempted (recompute %d tokens)", request.req_id, request.num_tokens)
+
+    def _admit(self, budget: int, num_new: dict[str, int]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            reserve = self._admission_reserve if self.running else 0
+            if not self.kv.allocate_slots(request.req_id, n, reserve=reserve):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_new[request.req_id] = n
+            budget -= n
+
+    def _build_plan(self, num_new: dict[str, int]) -> SchedulerOutput:
+        seqs = []
+        for request in self.running:
+            n = num_new.get(request.req_id)
+            if n is None:
+                continue
+            start = request.num_computed_tokens
+            seqs.append(
+                ScheduledSeq(
+                    req_id=request.req_id,
+                    token_ids=request.token_ids_slice(start, start + n),
+                    start_pos=start,
+                    block_ids=list(self.kv.block_ids(request.req_id)),
+                    sample=start + n == request.num_tokens,
+                    sampling=sampling_spec(request),
+                )
+            )
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, seqs=seqs, finished_req_ids=self._finished_since_last_plan)
+        if seqs:  # an empty plan is not executed; its finished ids ride on the next one
+            self._finished_since_last_plan = []
+        return SchedulerOutput(plan=plan, num_new_tokens=num_new)
+
+    def update(self, sched: SchedulerOutput, output: ForwardOutput) -> list[RequestUpdate]:
+        """Advance computed tokens, append sampled tokens, finish what is done."""
+        self.stats.num_steps += 1
+        sampled = dict(zip(output.req_ids, range(len(output.req_ids))))
+        updates = []
+        for req_id, n in sched.num_new_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None:  # aborted while the step ran
+                continue
+            if request.num_computed_tokens < request.num_prompt_tokens:
+                self.stats.num_prompt_tokens += min(n, request.num_prompt_tokens - request.num_computed_tokens)
+            request.num_computed_tokens += n
+            index = sampled.get(req_id)
+            if index is None:
+                continue
+            token_id = output.token_ids[index]
+            request.output_token_ids.append(token_id)
+            self.stats.num_generation_tokens += 1
+            logprobs = None
+            if output.logprobs is not None:
+                logprobs = [dict(output.logprobs[index])]
+            reason = self._stop_reason(request, token_id)
+            if reason is not None:
+                self._finish(request, reason)
+            updates.append(RequestUpdate(request, [token_id], logprobs, finished=reason is not None))
+        return updates
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        sp = request.sampling
+        if token_id in sp.stop_token_ids:
+            return FinishReason.STOP
+        if not sp.ignore_eos and token_id == request.eos_token_id:
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= sp.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        for request in self.running:
+            held = len(self.kv.block_ids(request.req_id))
+            if held * self.kv.block_size < request.num_computed_tokens:
+                raise AssertionError(f"{request.req_id} computed more tokens than its blocks hold")

@@ -1,0 +1,1 @@
+"""Workers: one per tensor-parallel rank, each executing the broadcast step plan."""

@@ -1,0 +1,130 @@
+"""Executors run a step plan on all ranks and return rank 0's output.
+
+UniProcExecutor: tensor_parallel_size 1, the model runs in the engine core's
+process. MultiProcExecutor: one worker process per rank; every rank receives
+the same plan (ZMQ, msgspec) and the engine waits for rank 0's result, while
+watching that every worker is alive so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import tempfile
+import time
+from abc import ABC, abstractmethod
+
+import msgspec
+import zmq
+
+from pdserve.config import EngineConfig
+from pdserve.messages import ForwardOutput, Shutdown, StepPlan, WorkerError, WorkerReady, decode_from_worker, encode
+from pdserve.models.arch import ModelArch
+from pdserve.models.loader import ModelSource
+
+
+class Executor(ABC):
+    @abstractmethod
+    def execute(self, plan: StepPlan) -> ForwardOutput:
+        """Run `plan` on every rank; blocks until rank 0's output is back. Raises if a rank failed."""
+
+    def shutdown(self) -> None:
+        """Release workers and memory; safe to call twice."""
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
+                 max_model_len: int) -> None:
+        from pdserve.worker.model_runner import ModelRunner
+
+        self.runner = ModelRunner(config, source, arch, num_blocks, max_model_len)
+
+    def execute(self, plan: StepPlan) -> ForwardOutput:
+        return self.runner.execute(plan)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+class MultiProcExecutor(Executor):
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, start_timeout: float = 600) -> None:
+        from pdserve.worker.worker import WorkerSpec, worker_main
+
+        self.tp_size = config.parallel.tensor_parallel_size
+        self._dir = tempfile.mkdtemp(prefix="pdserve-")
+        self._ctx = zmq.Context()
+        self._results = self._ctx.socket(zmq.PULL)
+        self._results.bind(f"ipc://{self._dir}/results")
+        self._plans = []
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        threads = max(1, (os.cpu_count() or 1) // self.tp_size)
+        mp_ctx = mp.get_context("spawn")
+        self._procs = []
+        for rank in range(self.tp_size):
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.bind(f"ipc://{self._dir}/plan-{rank}")
+            self._plans.append(sock)
+            spec = WorkerSpec(config, rank, num_blocks, max_model_len, init_method,
+                              f"ipc://{self._dir}/plan-{rank}", f"ipc://{self._dir}/results", threads, os.getpid())
+            proc = mp_ctx.Process(target=worker_main, args=(msgspec.json.encode(spec),),
+                                  name=f"pdserve-worker-{rank}", daemon=True)
+            proc.start()
+            self._procs.append(proc)
+        self._closed = False
+        try:
+            ready = set()
+            while len(ready) < self.tp_size:
+                message = self._recv(start_timeout)
+                if isinstance(message, WorkerReady):
+                    ready.add(message.rank)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _recv(self, timeout: float) -> ForwardOutput | WorkerReady:
+        deadline = time.monotonic() + timeout
+        while not self._results.poll(200):
+            for rank, proc in enumerate(self._procs):
+                if not proc.is_alive():
+                    raise WorkerFailed(f"worker rank {rank} exited with code {proc.exitcode}")
+            if time.monotonic() > deadline:
+                raise WorkerFailed(f"no answer from the workers in {timeout:.0f}s")
+        message = decode_from_worker(self._results.recv())
+        if isinstance(message, WorkerError):
+            raise WorkerFailed(f"worker rank {message.rank} failed:\n{message.error}")
+        return message
+
+    def execute(self, plan: StepPlan) -> ForwardOutput:
+        data = encode(plan)
+        for sock in self._plans:
+            sock.send(data)
+        while True:
+            message = self._recv(timeout=3600)
+            if isinstance(message, ForwardOutput) and message.step_id == plan.step_id:
+                return message
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        data = encode(Shutdown())
+        for sock in self._plans:
+            sock.send(data, zmq.NOBLOCK)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+        for sock in [*self._plans, self._results]:
+            sock.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""Executes one step plan on this rank: builds the flat batch, runs the model, samples.
+
+Owns this rank's KV cache: one allocation
+[num_layers, 2, num_blocks, block_size, num_kv_heads / tp, head_dim].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.layers.attention import BatchLayout
+from pdserve.layers.parallel import get_tp_group
+from pdserve.layers.sampler import Sampler
+from pdserve.messages import ForwardOutput, StepPlan
+from pdserve.models import build_model
+from pdserve.models.arch import ModelArch
+from pdserve.models.loader import ModelSource
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
+                 max_model_len: int) -> None:
+        self.device = torch.device(config.parallel.resolved_device())
+        self.dtype = TORCH_DTYPES[config.model.dtype]
+        self.block_size = config.cache.block_size
+        self.model = build_model(arch, source, self.dtype, self.device, max_position=max_model_len,
+                                 seed=config.model.seed)
+        tp = get_tp_group()
+        self.kv_cache = torch.zeros(
+            arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads // tp.size, arch.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.sampler = Sampler(self.device, seed=config.model.seed)
+        self.backend = self.model.attention_backend
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> ForwardOutput:
+        self.sampler.forget(plan.finished_req_ids)
+        if not plan.seqs:
+            return ForwardOutput(step_id=plan.step_id, req_ids=[], token_ids=[])
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        bs = self.block_size
+        for seq in plan.seqs:
+            token_ids += seq.token_ids
+            span = range(seq.start_pos, seq.start_pos + len(seq.token_ids))
+            positions += span
+            slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
+            if seq.sample:
+                sample_rows.append(len(token_ids) - 1)
+        layout = BatchLayout(
+            q_lens=[len(s.token_ids) for s in plan.seqs],
+            seq_lens=[s.start_pos + len(s.token_ids) for s in plan.seqs],
+            block_tables=[s.block_ids for s in plan.seqs],
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_size=bs,
+        )
+        meta = self.backend.prepare(layout, self.device)
+        hidden = self.model(
+            torch.tensor(token_ids, device=self.device), torch.tensor(positions, device=self.device),
+            self.kv_cache, meta,
+        )
+        sampled = [s for s in plan.seqs if s.sample]
+        if not sampled:
+            return ForwardOutput(step_id=plan.step_id, req_ids=[], token_ids=[])
+        logits = self.model.compute_logits(hidden[sample_rows])
+        req_ids = [s.req_id for s in sampled]
+        tokens, logprobs = self.sampler(logits, req_ids, [s.sampling for s in sampled])
+        return ForwardOutput(step_id=plan.step_id, req_ids=req_ids, token_ids=tokens, logprobs=logprobs)
