@@ -1,0 +1,37 @@
+"""PNG charts for benchmark results (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+_COLORS = ("#1f77b4", "#7f7f7f", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
+              value_fmt: str = "{:.1f}") -> Path:
+    """One bar per label, each annotated with its value; writes `path` and returns it."""
+    if len(labels) != len(values):
+        raise ValueError(f"bar_chart got {len(labels)} labels but {len(values)} values; give one value per label")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
+    try:
+        colors = [_COLORS[i % len(_COLORS)] for i in range(len(labels))]
+        bars = ax.bar(list(labels), list(values), color=colors, width=0.6)
+        for bar, value in zip(bars, values):
+            ax.annotate(value_fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, max(values, default=1.0) * 1.15 or 1.0)
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,90 @@
+"""pdserve command line: generate, bench (serve, router, launch come with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from pdserve.config import DTYPES, LOAD_FORMATS, parse_size
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF model directory, .gguf file, or a dummy shape name (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                   help="'dummy' gives random weights in a named real shape (llama3-8b, qwen2.5-7b, tiny, ...)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank (overrides --kv-cache-memory)")
+    g.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV cache bytes per rank, e.g. 2GiB")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="running requests per step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk budget)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        model=args.model, dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
+        block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size, device=args.device, seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pdserve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.sampling_seed)
+    with LLM(**engine_kwargs(args)) as llm:
+        if args.chat:
+            outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+        else:
+            outputs = llm.generate([args.prompt], params, use_tqdm=False)
+    print(outputs[0].outputs[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
+    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from pdserve.bench import offline
+
+    offline.add_parser(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
