@@ -36,6 +36,8 @@ class OfflineConfig:
     result_dir: Path = Path("bench/results")
     skip_hf: bool = False
     use_tqdm: bool = True
+    torch_threads: int = 0  # 0: leave torch's default
+
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -44,6 +46,8 @@ class OfflineConfig:
         check_len_range("output-len", *self.output_len)
         if self.hf_batch_size < 1:
             raise ValueError(f"--hf-batch-size must be at least 1, got {self.hf_batch_size}")
+        if self.torch_threads < 0:
+            raise ValueError(f"--torch-threads must be 0 (torch's default) or more, got {self.torch_threads}")
 
 
 @dataclass
@@ -224,8 +228,12 @@ def summary(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
 
 def run_offline(config: OfflineConfig, engine: dict[str, Any]) -> dict[str, Any]:
     """Run both systems on one seeded workload, write the JSON and PNG, return the result dict."""
+    import torch
+
     from pdserve import LLM
 
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     llm = LLM(**engine)
     try:
         max_len = config.input_len[1] + config.output_len[1]
@@ -275,6 +283,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     g.add_argument("--dataset-seed", type=int, default=0, help="seed of the random prompts and lengths")
     g.add_argument("--result-dir", type=Path, default=Path("bench/results"))
     g.add_argument("--skip-hf", action="store_true", help="time pdserve only")
+    g.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads for both systems (default 0: torch's own choice)")
     g.add_argument("--no-tqdm", dest="use_tqdm", action="store_false", help="no progress bars")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -285,6 +295,7 @@ def config_from_args(args: argparse.Namespace) -> OfflineConfig:
         num_prompts=args.num_prompts, input_len=(args.input_len_min, args.input_len_max),
         output_len=(args.output_len_min, args.output_len_max), hf_batch_size=args.hf_batch_size,
         dataset_seed=args.dataset_seed, result_dir=args.result_dir, skip_hf=args.skip_hf, use_tqdm=args.use_tqdm,
+        torch_threads=args.torch_threads,
     )
 
 

@@ -61,11 +61,15 @@ class LLM:
             if not prompt:
                 raise ValueError(f"prompt {index} is empty; give at least one character")
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError(f"prompt {index} is a dict without 'prompt_token_ids'")
-            return None, list(prompt["prompt_token_ids"])
-        return None, list(prompt)
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+        if isinstance(prompt, dict) and ids is None:
+            raise ValueError(f"prompt {index} is a dict without 'prompt_token_ids'")
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(
+                f"prompt {index} is {type(prompt).__name__}; a prompt is a string, a list of token ids, "
+                "or {'prompt_token_ids': [...]}"
+            )
+        return None, list(ids)
 
     def generate(
         self,
@@ -73,8 +77,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):  # type: ignore[index]
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string, a dict or a list of them, got {type(prompts).__name__}")
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -121,8 +129,11 @@ class LLM:
                             logprobs[req_id] += update.new_logprobs
                         if detok.stop_reason is not None and not update.finished:
                             self.engine.finish(req_id, FinishReason.STOP)
-                        if update.finished or detok.stop_reason is not None:
+                        if detok.stop_reason is not None:
+                            reasons[req_id] = FinishReason.STOP  # a stop string wins over a length limit
+                        elif update.finished:
                             reasons[req_id] = update.request.finish_reason
+                        if req_id in reasons:
                             bar.update(1)
         except BaseException:
             for req_id in req_ids:

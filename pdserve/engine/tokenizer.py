@@ -28,7 +28,10 @@ class Detokenizer:
     """Turns one request's output token ids into text, a delta at a time.
 
     Holds back bytes of an incomplete UTF-8 character. With stop strings, it
-    truncates the text before the first match and reports which one matched.
+    truncates the text before the first match and reports which one matched,
+    and holds back the last (longest stop - 1) characters from the deltas it
+    returns, so a streamed delta never shows part of a stop string; `flush`
+    returns what was held back once the request ends.
     """
 
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
@@ -36,15 +39,17 @@ class Detokenizer:
         self.stop = stop
         self.token_ids: list[int] = []
         self.text = ""
+        self.stop_reason: str | None = None
         self._prefix_offset = 0
         self._read_offset = 0
-        self.stop_reason: str | None = None
+        self._emitted = 0
+        self._holdback = max((len(s) for s in stop), default=1) - 1
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def append(self, token_ids: list[int]) -> str:
-        """Add tokens; return the new text. After a stop string matched, returns ''."""
+        """Add tokens; return the new text that is safe to show. After a stop string matched, returns ''."""
         if self.stop_reason is not None:
             return ""
         self.token_ids.extend(token_ids)
@@ -60,7 +65,19 @@ class Detokenizer:
         self.text += delta
         if self.stop:
             self._match_stop(start)
-        return self.text[start:]
+        if self.stop_reason is not None:
+            return self.flush()
+        return self._emit(len(self.text) - self._holdback)
+
+    def flush(self) -> str:
+        """The text not yet returned (call when the request has finished)."""
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        if end <= self._emitted:
+            return ""
+        delta, self._emitted = self.text[self._emitted : end], end
+        return delta
 
     def _match_stop(self, delta_start: int) -> None:
         longest = max(len(s) for s in self.stop)

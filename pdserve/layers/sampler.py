@@ -48,30 +48,36 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]) -> torch.Tensor:
         temps = torch.tensor([s.temperature for s in specs], device=logits.device)
         logits = logits / temps[:, None]
-        needs_filter = any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in specs)
-        if needs_filter:
-            logits, order = logits.sort(dim=-1, descending=True)
-            probs = logits.softmax(dim=-1)
-            ranks = torch.arange(logits.shape[-1], device=logits.device)
-            top_k = torch.tensor([s.top_k if s.top_k > 0 else logits.shape[-1] for s in specs], device=logits.device)
-            top_p = torch.tensor([s.top_p for s in specs], device=logits.device)
-            min_p = torch.tensor([s.min_p for s in specs], device=logits.device)
-            drop = ranks[None, :] >= top_k[:, None]
-            drop |= probs < min_p[:, None] * probs[:, :1]
-            kept = probs.masked_fill(drop, 0.0)
-            kept = kept / kept.sum(dim=-1, keepdim=True)
-            cumulative = kept.cumsum(dim=-1)
-            drop |= (cumulative - kept) >= top_p[:, None]  # the top token is always kept
-            logits = logits.masked_fill(drop, float("-inf"))
+        if any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in specs):
+            logits = self._filter(logits, specs)
         probs = logits.softmax(dim=-1)
-        # exponential race: argmax(p / q), q ~ Exp(1), draws index i with probability p_i
+        # exponential race: argmax(p / q), q ~ Exp(1), draws index i with probability p_i.
+        # Noise is drawn in vocabulary order per request, so a seeded row never depends on its neighbours.
         noise = torch.empty_like(probs)
         for row, (req_id, spec) in enumerate(zip(req_ids, specs)):
             noise[row].exponential_(generator=self._generator(req_id, spec.seed))
-        choice = (probs / noise).argmax(dim=-1)
-        if needs_filter:
-            choice = order.gather(1, choice[:, None]).squeeze(1)
-        return choice
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+        """Mask tokens outside top-k, top-p and min-p with -inf (in vocabulary order)."""
+        vocab = logits.shape[-1]
+        device = logits.device
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        ranks = torch.arange(vocab, device=device)
+        top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs], device=device)
+        min_p = torch.tensor([s.min_p for s in specs], device=device)
+        drop = ranks[None, :] >= top_k[:, None]
+        drop |= probs < min_p[:, None] * probs[:, :1]
+        uses_top_p = [i for i, s in enumerate(specs) if s.top_p < 1]
+        if uses_top_p:
+            top_p = torch.tensor([specs[i].top_p for i in uses_top_p], device=device)
+            kept = probs[uses_top_p].masked_fill(drop[uses_top_p], 0.0)
+            kept = kept / kept.sum(dim=-1, keepdim=True)
+            drop[uses_top_p] |= (kept.cumsum(dim=-1) - kept) >= top_p[:, None]  # the top token always stays
+        drop_in_vocab_order = torch.empty_like(drop).scatter_(1, order, drop)
+        return logits.masked_fill(drop_in_vocab_order, float("-inf"))
 
     def _logprobs(
         self, logits: torch.Tensor, token_ids: torch.Tensor, specs: list[SamplingSpec]

@@ -45,7 +45,8 @@ class ModelArch:
             if count % tp_size:
                 raise ValueError(
                     f"this model has {count} {what}, which tensor_parallel_size={tp_size} does not divide; "
-                    f"pick a tensor parallel size that divides {self.num_heads} heads and {self.num_kv_heads} KV heads"
+                    f"pick a tensor parallel size that divides {self.num_heads} attention heads, "
+                    f"{self.num_kv_heads} KV heads and the intermediate size {self.intermediate_size}"
                 )
 
     def kv_bytes_per_token(self, dtype_size: int, tp_size: int = 1) -> int:
@@ -131,6 +132,7 @@ def arch_to_hf_config(arch: ModelArch) -> dict[str, Any]:
         "tie_word_embeddings": arch.tie_word_embeddings,
         "attention_bias": arch.qkv_bias,
         "mlp_bias": arch.mlp_bias,
+        "sliding_window": arch.sliding_window,
         "bos_token_id": arch.bos_token_id,
         "eos_token_id": list(arch.eos_token_ids) if len(arch.eos_token_ids) != 1 else arch.eos_token_ids[0],
         "hidden_act": "silu",
@@ -170,6 +172,7 @@ def arch_from_gguf(fields: dict[str, Any], has_output_weight: bool) -> ModelArch
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings=not has_output_weight,
         qkv_bias=family == "qwen2",
+        sliding_window=get("attention.sliding_window") if family == "mistral" else None,
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_ids(eos),
     )
