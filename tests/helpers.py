@@ -14,7 +14,14 @@ NEAR_TIE = 2e-3
 
 def make_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
     """Save a tiny random-weight HF checkpoint (safetensors + config.json) under `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -165,7 +165,8 @@ def build_result(config: OfflineConfig, engine: dict[str, Any], model_name: str,
                  pd: RunResult, hf: RunResult | None, num_preemptions: int) -> dict[str, Any]:
     input_tokens = sum(r.input_len for r in requests)
     output_tokens = sum(r.output_len for r in requests)
-    figures = dict(output_tokens=output_tokens, total_tokens=input_tokens + output_tokens, num_requests=len(requests))
+    figures = {"output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
+               "num_requests": len(requests)}
     pd_figs = _system_figures(pd, **figures) | {"num_preemptions": num_preemptions}
     hf_figs = None if hf is None else _system_figures(hf, **figures) | {"batch_size": config.hf_batch_size}
     ratio = None if hf_figs is None else round(pd_figs["output_tokens_per_s"] / hf_figs["output_tokens_per_s"], 3)

@@ -113,7 +113,7 @@ class LLM:
         from tqdm import tqdm
 
         req_ids = [f"offline-{next(_counter)}" for _ in encoded]
-        detoks = {r: Detokenizer(self.tokenizer, p.stop) for r, p in zip(req_ids, params)}
+        detoks = {r: Detokenizer(self.tokenizer, list(p.stop or [])) for r, p in zip(req_ids, params)}
         logprobs: dict[str, list[dict[int, float]]] = {r: [] for r in req_ids}
         reasons: dict[str, FinishReason | None] = {}
         try:

@@ -86,10 +86,9 @@ class Sampler:
         k = max(s.num_logprobs for s in specs)
         top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
-        top_values, top_ids, tokens = top_values.tolist(), top_ids.tolist(), token_ids.tolist()
+        values, ids, tokens = top_values.tolist(), top_ids.tolist(), token_ids.tolist()
         out = []
         for row, spec in enumerate(specs):
-            entries = [(tokens[row], chosen[row])]
-            entries += list(zip(top_ids[row][: max(spec.num_logprobs, 0)], top_values[row][: max(spec.num_logprobs, 0)]))
-            out.append(entries)
+            k_row = max(spec.num_logprobs, 0)
+            out.append([(tokens[row], chosen[row]), *zip(ids[row][:k_row], values[row][:k_row])])
         return out

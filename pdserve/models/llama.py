@@ -98,7 +98,8 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def attention_backend(self) -> AttentionBackend:
-        return self.layers[0].self_attn.attn
+        layer: LlamaDecoderLayer = self.layers[0]  # type: ignore[assignment]
+        return layer.self_attn.attn
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> torch.Tensor:
         """token_ids, positions: [num_tokens]; kv_cache: [num_layers, 2, ...] -> hidden [num_tokens, hidden]."""

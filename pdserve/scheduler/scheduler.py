@@ -216,7 +216,7 @@ class Scheduler:
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         sp = request.sampling
-        if token_id in sp.stop_token_ids:
+        if sp.stop_token_ids and token_id in sp.stop_token_ids:
             return FinishReason.STOP
         if not sp.ignore_eos and token_id == request.eos_token_id:
             return FinishReason.STOP

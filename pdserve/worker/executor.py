@@ -30,6 +30,7 @@ class Executor(ABC):
     def execute(self, plan: StepPlan) -> ForwardOutput:
         """Run `plan` on every rank; blocks until rank 0's output is back. Raises if a rank failed."""
 
+    @abstractmethod
     def shutdown(self) -> None:
         """Release workers and memory; safe to call twice."""
 
@@ -43,6 +44,9 @@ class UniProcExecutor(Executor):
 
     def execute(self, plan: StepPlan) -> ForwardOutput:
         return self.runner.execute(plan)
+
+    def shutdown(self) -> None:
+        pass  # the runner's memory goes with this object
 
 
 def _free_port() -> int:
@@ -81,7 +85,7 @@ class MultiProcExecutor(Executor):
             self._procs.append(proc)
         self._closed = False
         try:
-            ready = set()
+            ready: set[int] = set()
             while len(ready) < self.tp_size:
                 message = self._recv(start_timeout)
                 if isinstance(message, WorkerReady):

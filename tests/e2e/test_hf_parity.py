@@ -41,8 +41,9 @@ def test_tiny_models_match_hf(tiny_models, kind):
 
 def test_qwen2_biases_are_used(tiny_models):
     """The qkv biases change the output: a model without them would not match HF."""
-    from pdserve.models.arch import arch_from_hf_config
     import json
+
+    from pdserve.models.arch import arch_from_hf_config
 
     cfg = json.loads((tiny_models["qwen2"] / "config.json").read_text())
     arch = arch_from_hf_config(cfg)

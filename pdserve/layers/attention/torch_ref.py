@@ -1,7 +1,9 @@
 """Reference attention in plain PyTorch (CPU and CUDA).
 
 Decode tokens (one query per sequence) are batched: their blocks are
-gathered into a padded [num_decode, max_len] view and masked. Prefill chunks
+gathered (one index_select of whole blocks) into a padded [num_decode,
+max_len] view and masked; the query heads that share a KV head are folded
+into the query-length axis, so no KV head is repeated. Prefill chunks
 run one sequence at a time; a chunk with no cached prefix attends to its own
 K/V directly, a chunk over a cached prefix gathers the prefix from its blocks.
 """
@@ -28,7 +30,7 @@ class _Prefill:
 class TorchMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
     decode_token_ids: torch.Tensor | None  # [num_decode] indices into the flat batch
-    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks]
+    decode_block_ids: torch.Tensor | None  # [num_decode * max_blocks], row-major, padded with block 0
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size]
     prefills: list[_Prefill]
 
@@ -51,11 +53,11 @@ class TorchAttention(AttentionBackend):
         meta = TorchMetadata(layout.slot_mapping.to(device, non_blocking=True), None, None, None, prefills)
         if decode_tokens:
             width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=device)
+            flat = [b for t in decode_tables for b in t + [0] * (width - len(t))]
             lens = torch.tensor(decode_lens, device=device)
             positions = torch.arange(width * layout.block_size, device=device)
             meta.decode_token_ids = torch.tensor(decode_tokens, device=device)
-            meta.decode_block_tables = tables
+            meta.decode_block_ids = torch.tensor(flat, device=device)
             meta.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
         return meta
 
@@ -72,20 +74,22 @@ class TorchAttention(AttentionBackend):
                 vs = v[p.token_start : p.token_start + p.q_len].transpose(0, 1)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
-                ks = k_cache[p.block_ids].flatten(0, 1)[: p.seq_len].transpose(0, 1)
-                vs = v_cache[p.block_ids].flatten(0, 1)[: p.seq_len].transpose(0, 1)
+                ks = k_cache.index_select(0, p.block_ids).flatten(0, 1)[: p.seq_len].transpose(0, 1)
+                vs = v_cache.index_select(0, p.block_ids).flatten(0, 1)[: p.seq_len].transpose(0, 1)
                 offset = p.seq_len - p.q_len
                 rows = torch.arange(p.q_len, device=q.device)[:, None] + offset
                 mask = torch.arange(p.seq_len, device=q.device)[None, :] <= rows
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[p.token_start : p.token_start + p.q_len] = o.transpose(0, 1)
         if metadata.decode_token_ids is not None:
-            tables = metadata.decode_block_tables
-            qs = q[metadata.decode_token_ids].unsqueeze(2)  # [n, heads, 1, dim]
-            ks = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [n, kv_heads, len, dim]
-            vs = v_cache[tables].flatten(1, 2).transpose(1, 2)
+            n = metadata.decode_token_ids.shape[0]
+            group = self.num_heads // self.num_kv_heads
+            ks = k_cache.index_select(0, metadata.decode_block_ids).view(n, -1, self.num_kv_heads, self.head_dim)
+            vs = v_cache.index_select(0, metadata.decode_block_ids).view(n, -1, self.num_kv_heads, self.head_dim)
+            # [n, kv_heads, group, dim] x [n, kv_heads, len, dim]: head h reads KV head h // group
+            qs = q[metadata.decode_token_ids].view(n, self.num_kv_heads, group, self.head_dim)
             o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=metadata.decode_mask, scale=self.scale, enable_gqa=True
+                qs, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=metadata.decode_mask, scale=self.scale
             )
-            out[metadata.decode_token_ids] = o.squeeze(2)
+            out[metadata.decode_token_ids] = o.reshape(n, self.num_heads, self.head_dim)
         return out.view(num_tokens, self.num_heads * self.head_dim)
