@@ -9,6 +9,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,41 @@ class BenchRequest:
     @property
     def input_len(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass
+class Stopwatch:
+    """Wall and process CPU seconds of a `with` block, and the 1-minute load average at both ends.
+
+    A load well above the torch thread count means other processes shared the CPUs
+    during the block, so its wall time is inflated.
+    """
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    load_avg_before: float | None = None
+    load_avg_after: float | None = None
+
+    def __enter__(self) -> Stopwatch:
+        self.load_avg_before = _load_avg()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.cpu_s = time.process_time() - self._cpu
+        self.load_avg_after = _load_avg()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"wall_s": round(self.wall_s, 3), "cpu_s": round(self.cpu_s, 3),
+                "load_avg_before": self.load_avg_before, "load_avg_after": self.load_avg_after}
+
+
+def _load_avg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def check_len_range(name: str, low: int, high: int) -> None:
@@ -89,6 +126,22 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def code_version() -> dict[str, Any]:
+    """The pdserve git commit the figures were taken at, and whether tracked files differed from it."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
 def now_iso() -> str:

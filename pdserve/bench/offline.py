@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.common import BenchRequest, check_len_range, machine_info, now_iso, random_requests, write_json
+from pdserve.bench.common import (
+    BenchRequest,
+    Stopwatch,
+    check_len_range,
+    code_version,
+    machine_info,
+    now_iso,
+    random_requests,
+    write_json,
+)
 from pdserve.bench.plot import bar_chart
 
 TARGET_RATIO = 2.0  # pdserve output tok/s over HF's, from the issue
@@ -54,7 +62,7 @@ class OfflineConfig:
 class RunResult:
     """One system's timed pass over all requests."""
 
-    wall_s: float
+    timing: Stopwatch
     output_token_ids: list[list[int]]  # per request, at least its requested length
     computed_tokens: int  # output tokens the system actually computed, wasted ones included
 
@@ -70,16 +78,15 @@ def run_pdserve(llm: Any, requests: list[BenchRequest], use_tqdm: bool) -> RunRe
     llm.generate([{"prompt_token_ids": requests[0].prompt_token_ids[:8]}], [_sampling(4)], use_tqdm=False)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [_sampling(r.output_len) for r in requests]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
-    wall = time.perf_counter() - start
+    with Stopwatch() as timing:
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     short = [(i, len(t), r.output_len) for i, (t, r) in enumerate(zip(token_ids, requests)) if len(t) != r.output_len]
     if short:
         i, got, want = short[0]
         raise RuntimeError(f"pdserve returned {got} tokens for request {i}, asked for {want} "
                            f"({len(short)} requests differ); ignore_eos/max_tokens is not honoured by the engine")
-    return RunResult(wall, token_ids, sum(len(t) for t in token_ids))
+    return RunResult(timing, token_ids, sum(len(t) for t in token_ids))
 
 
 def load_hf_model(hf_dir: Path, dtype: str) -> Any:
@@ -126,14 +133,14 @@ def run_hf(model: Any, requests: list[BenchRequest], batch_size: int, pad_token_
     token_ids: list[list[int]] = []
     computed = 0
     num_batches = -(-len(requests) // batch_size)
-    start = time.perf_counter()
-    for input_ids, mask, n in tqdm(hf_batches(requests, batch_size, pad_token_id), total=num_batches,
-                                   desc="HF generate", unit="batch", disable=not use_tqdm):
-        new = _hf_generate(model, input_ids, mask, n, pad_token_id)
-        token_ids += new.tolist()
-        computed += new.numel()
-    wall = time.perf_counter() - start
-    return RunResult(wall, token_ids, computed)
+    batches = tqdm(hf_batches(requests, batch_size, pad_token_id), total=num_batches, desc="HF generate",
+                   unit="batch", disable=not use_tqdm)
+    with Stopwatch() as timing:
+        for input_ids, mask, n in batches:
+            new = _hf_generate(model, input_ids, mask, n, pad_token_id)
+            token_ids += new.tolist()
+            computed += new.numel()
+    return RunResult(timing, token_ids, computed)
 
 
 def greedy_agreement(requests: list[BenchRequest], pd: RunResult, hf: RunResult) -> dict[str, Any]:
@@ -152,12 +159,17 @@ def greedy_agreement(requests: list[BenchRequest], pd: RunResult, hf: RunResult)
 
 
 def _system_figures(run: RunResult, output_tokens: int, total_tokens: int, num_requests: int) -> dict[str, Any]:
+    import torch
+
+    wall = run.timing.wall_s
     return {
-        "wall_s": round(run.wall_s, 3),
-        "output_tokens_per_s": round(output_tokens / run.wall_s, 2),
-        "total_tokens_per_s": round(total_tokens / run.wall_s, 2),
-        "requests_per_s": round(num_requests / run.wall_s, 4),
+        "output_tokens_per_s": round(output_tokens / wall, 2),
+        "total_tokens_per_s": round(total_tokens / wall, 2),
+        "requests_per_s": round(num_requests / wall, 4),
         "computed_output_tokens": run.computed_tokens,
+        **run.timing.as_dict(),
+        # ~1 when this process had its threads' CPUs to itself; well below 1: the CPUs were shared
+        "cpu_utilization": round(run.timing.cpu_s / (wall * torch.get_num_threads()), 3),
     }
 
 
@@ -175,6 +187,7 @@ def build_result(config: OfflineConfig, engine: dict[str, Any], model_name: str,
     return {
         "benchmark": "offline",
         "date": now_iso(),
+        "pdserve_version": code_version(),
         "model": model_name,
         "dtype": engine["dtype"],
         "workload": workload,
@@ -208,6 +221,9 @@ def write_outputs(result: dict[str, Any], result_dir: Path) -> tuple[Path, Path]
     return json_path, png_path
 
 
+CONTENDED_UTILIZATION = 0.8
+
+
 def summary(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
     ds, pd, hf = result["dataset"], result["pdserve"], result["hf"]
     text = (f"pdserve bench offline ({result['model']}, {result['dtype']}, {result['machine']['torch_num_threads']} "
@@ -224,6 +240,12 @@ def summary(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
                  f"pdserve/HF = {result['ratio_pdserve_over_hf']:.2f}x, target {TARGET_RATIO:g}x "
                  f"{'met' if result['meets_target'] else 'NOT met'}. Greedy outputs identical for "
                  f"{agree['requests_identical']}/{agree['num_requests']} requests. ")
+    shared = [name for name, figs in (("pdserve", pd), ("HF", hf))
+              if figs is not None and figs["cpu_utilization"] < CONTENDED_UTILIZATION]
+    if shared:
+        text += (f"WARNING: {' and '.join(shared)} got less than {CONTENDED_UTILIZATION:.0%} of "
+                 f"{result['machine']['torch_num_threads']} CPUs (cpu_utilization in the JSON): other processes "
+                 "shared the machine, so these figures are not comparable; rerun on a quiet machine. ")
     return text + f"Results: {json_path}, {png_path}."
 
 
