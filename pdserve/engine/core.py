@@ -93,7 +93,8 @@ class EngineCore:
         self.validate_prompt(prompt_token_ids)
         request = Request(req_id, tuple(prompt_token_ids), sampling, self.eos_token_id, time.time())
         self.scheduler.add_request(request)
-        logger.debug("request %s added (%d prompt tokens)", req_id, len(prompt_token_ids))
+        logger.info("request %s added: %d prompt tokens, max_tokens %d", req_id, len(prompt_token_ids),
+                    sampling.max_tokens)
         return request
 
     def abort(self, req_id: str) -> None:
@@ -111,7 +112,14 @@ class EngineCore:
         if not sched.plan.seqs:
             return []
         output = self.executor.execute(sched.plan)
-        return self.scheduler.update(sched, output)
+        updates = self.scheduler.update(sched, output)
+        for update in updates:
+            if update.finished:
+                r = update.request
+                logger.info("request %s finished (%s): %d output tokens, %d preemptions", r.req_id,
+                            r.finish_reason.value if r.finish_reason else None, len(r.output_token_ids),
+                            r.num_preemptions)
+        return updates
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

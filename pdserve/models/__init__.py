@@ -22,7 +22,7 @@ def build_model(
         _init_dummy(model, seed)
     else:
         assert source.hf_dir is not None
-        model.load_weights(iter_safetensors(source.hf_dir))
+        model.load_weights(iter_safetensors(source.hf_dir, progress=True))
     return model.eval()
 
 

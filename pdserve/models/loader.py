@@ -100,13 +100,14 @@ def load_arch(source: ModelSource) -> ModelArch:
     return arch_from_hf_config(cfg)
 
 
-def iter_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(directory: Path, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
+    from tqdm import tqdm
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory} has no *.safetensors weights")
-    for file in files:
+    for file in tqdm(files, desc=f"loading {directory.name}", unit="file", disable=not progress, leave=False):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():

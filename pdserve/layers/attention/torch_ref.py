@@ -1,9 +1,10 @@
 """Reference attention in plain PyTorch (CPU and CUDA).
 
-Decode tokens (one query per sequence) are batched: their blocks are
-gathered (one index_select of whole blocks) into a padded [num_decode,
-max_len] view and masked; the query heads that share a KV head are folded
-into the query-length axis, so no KV head is repeated. Prefill chunks
+Decode tokens (one query per sequence) are batched in groups of similar
+length (sorted, at most DECODE_GROUP per group, so padding stays small): a
+group's blocks are gathered (one index_select of whole blocks) into a padded
+[group, max_len] view and masked; the query heads that share a KV head are
+folded into the query-length axis, so no KV head is repeated. Prefill chunks
 run one sequence at a time; a chunk with no cached prefix attends to its own
 K/V directly, a chunk over a cached prefix gathers the prefix from its blocks.
 """
@@ -26,12 +27,20 @@ class _Prefill:
     block_ids: torch.Tensor | None  # [num_blocks] when the chunk has a cached prefix
 
 
+DECODE_GROUP = 16
+
+
+@dataclass
+class _DecodeGroup:
+    token_ids: torch.Tensor  # [n] indices into the flat batch
+    block_ids: torch.Tensor  # [n * max_blocks], row-major, padded with block 0
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size]
+
+
 @dataclass
 class TorchMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
-    decode_token_ids: torch.Tensor | None  # [num_decode] indices into the flat batch
-    decode_block_ids: torch.Tensor | None  # [num_decode * max_blocks], row-major, padded with block 0
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size]
+    decodes: list[_DecodeGroup]
     prefills: list[_Prefill]
 
 
@@ -50,16 +59,23 @@ class TorchAttention(AttentionBackend):
                 ids = torch.tensor(table[:num_blocks], device=device) if cached else None
                 prefills.append(_Prefill(start, q_len, seq_len, ids))
             start += q_len
-        meta = TorchMetadata(layout.slot_mapping.to(device, non_blocking=True), None, None, None, prefills)
-        if decode_tokens:
-            width = max(len(t) for t in decode_tables)
-            flat = [b for t in decode_tables for b in t + [0] * (width - len(t))]
-            lens = torch.tensor(decode_lens, device=device)
-            positions = torch.arange(width * layout.block_size, device=device)
-            meta.decode_token_ids = torch.tensor(decode_tokens, device=device)
-            meta.decode_block_ids = torch.tensor(flat, device=device)
-            meta.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
-        return meta
+        order = sorted(range(len(decode_tokens)), key=lambda i: decode_lens[i])
+        decodes = [
+            self._decode_group([decode_tokens[i] for i in part], [decode_tables[i] for i in part],
+                               [decode_lens[i] for i in part], layout.block_size, device)
+            for part in (order[j : j + DECODE_GROUP] for j in range(0, len(order), DECODE_GROUP))
+        ]
+        return TorchMetadata(layout.slot_mapping.to(device, non_blocking=True), decodes, prefills)
+
+    @staticmethod
+    def _decode_group(tokens: list[int], tables: list[list[int]], lens: list[int], block_size: int,
+                      device: torch.device) -> _DecodeGroup:
+        width = max(len(t) for t in tables)
+        flat = [b for t in tables for b in t + [0] * (width - len(t))]
+        positions = torch.arange(width * block_size, device=device)
+        mask = positions[None, :] < torch.tensor(lens, device=device)[:, None]
+        return _DecodeGroup(torch.tensor(tokens, device=device), torch.tensor(flat, device=device),
+                            mask[:, None, None, :])
 
     def forward(self, q, k, v, kv_cache, metadata: TorchMetadata):  # type: ignore[no-untyped-def, override]
         num_tokens = q.shape[0]
@@ -81,15 +97,14 @@ class TorchAttention(AttentionBackend):
                 mask = torch.arange(p.seq_len, device=q.device)[None, :] <= rows
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[p.token_start : p.token_start + p.q_len] = o.transpose(0, 1)
-        if metadata.decode_token_ids is not None:
-            n = metadata.decode_token_ids.shape[0]
-            group = self.num_heads // self.num_kv_heads
-            ks = k_cache.index_select(0, metadata.decode_block_ids).view(n, -1, self.num_kv_heads, self.head_dim)
-            vs = v_cache.index_select(0, metadata.decode_block_ids).view(n, -1, self.num_kv_heads, self.head_dim)
+        group = self.num_heads // self.num_kv_heads
+        for d in metadata.decodes:
+            n = d.token_ids.shape[0]
+            ks = k_cache.index_select(0, d.block_ids).view(n, -1, self.num_kv_heads, self.head_dim)
+            vs = v_cache.index_select(0, d.block_ids).view(n, -1, self.num_kv_heads, self.head_dim)
             # [n, kv_heads, group, dim] x [n, kv_heads, len, dim]: head h reads KV head h // group
-            qs = q[metadata.decode_token_ids].view(n, self.num_kv_heads, group, self.head_dim)
-            o = F.scaled_dot_product_attention(
-                qs, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=metadata.decode_mask, scale=self.scale
-            )
-            out[metadata.decode_token_ids] = o.reshape(n, self.num_heads, self.head_dim)
+            qs = q[d.token_ids].view(n, self.num_kv_heads, group, self.head_dim)
+            o = F.scaled_dot_product_attention(qs, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=d.mask,
+                                               scale=self.scale)
+            out[d.token_ids] = o.reshape(n, self.num_heads, self.head_dim)
         return out.view(num_tokens, self.num_heads * self.head_dim)
