@@ -1,4 +1,4 @@
-"""pdserve command line: generate, bench (serve, router, launch come with their issues)."""
+"""pdserve command line: generate, serve, bench (router and launch come with their issues)."""
 
 from __future__ import annotations
 
@@ -52,9 +52,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def engine_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pdserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=ModelConfig(args.model, args.load_format, args.dtype, args.max_model_len, args.seed),
+        cache=CacheConfig(args.block_size, args.num_blocks, args.kv_cache_memory),
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
+        parallel=ParallelConfig(args.tensor_parallel_size, args.device),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pdserve.engine.async_client import AsyncEngineClient
+    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.models.loader import load_arch, resolve_model
+    from pdserve.server.api import ServerSettings, build_app
+
+    if args.role != "mixed":
+        raise ValueError(f"--role {args.role} is not available yet; this release serves --role mixed")
+    if args.max_queue_len < 0:
+        raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
+    config = engine_config(args)
+    source = resolve_model(config.model)
+    load_arch(source)  # converts a GGUF once, before the engine process starts
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one")
+    api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
+    settings = ServerSettings(args.served_model_name or source.name, api_key, args.max_queue_len, args.role)
+    app = build_app(AsyncEngineClient(config, args.log_level.upper()), tokenizer, settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
-    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
@@ -66,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (API process + engine core process)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or PDSERVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    serve.add_argument("--max-queue-len", type=int, default=256,
+                       help="requests that may wait beyond --max-num-seqs before new ones get 503")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -77,12 +77,81 @@ class Shutdown(Message):
     pass
 
 
+# ---- API server <-> engine core -------------------------------------------------
+
+
+class WireSamplingParams(msgspec.Struct, frozen=True):
+    """SamplingParams on the wire; the engine core rebuilds (and re-validates) them."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+class AddRequest(Message):
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling: WireSamplingParams
+
+
+class AbortRequest(Message):
+    req_id: str
+    finish_reason: str = "abort"  # "stop" when the API server matched a stop string
+
+
+class RequestDelta(msgspec.Struct, frozen=True):
+    """New tokens of one request since the last delta; `error` set means it was rejected."""
+
+    req_id: str
+    token_ids: list[int]
+    logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_blocks_total: int = 0
+    num_blocks_free: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+
+
+class EngineOutputs(Message):
+    deltas: list[RequestDelta]
+    stats: EngineStats
+
+
+class EngineReady(Message):
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+
+
+class EngineFailed(Message):
+    error: str
+
+
 WorkerToEngine = Union[ForwardOutput, WorkerReady, WorkerError]
 EngineToWorker = Union[StepPlan, Shutdown]
+ApiToEngine = Union[AddRequest, AbortRequest, Shutdown]
+EngineToApi = Union[EngineOutputs, EngineReady, EngineFailed]
 
 _encoder = msgspec.msgpack.Encoder()
 _worker_decoder = msgspec.msgpack.Decoder(WorkerToEngine)
 _engine_decoder = msgspec.msgpack.Decoder(EngineToWorker)
+_api_decoder = msgspec.msgpack.Decoder(ApiToEngine)
+_core_decoder = msgspec.msgpack.Decoder(EngineToApi)
 
 
 def encode(message: Message) -> bytes:
@@ -95,3 +164,11 @@ def decode_from_worker(data: bytes) -> WorkerToEngine:
 
 def decode_from_engine(data: bytes) -> EngineToWorker:
     return _engine_decoder.decode(data)
+
+
+def decode_from_api(data: bytes) -> ApiToEngine:
+    return _api_decoder.decode(data)
+
+
+def decode_from_core(data: bytes) -> EngineToApi:
+    return _core_decoder.decode(data)

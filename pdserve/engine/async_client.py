@@ -1,0 +1,169 @@
+"""The API server's handle on its engine core process.
+
+Starts the process, sends requests and aborts, routes token deltas to one
+asyncio queue per request, and keeps the latest engine stats. If the engine
+process dies, every open request fails at once and `is_healthy` turns False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.config import EngineConfig
+from pdserve.engine.core_proc import CoreProcSpec, core_main
+from pdserve.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineFailed,
+    EngineOutputs,
+    EngineReady,
+    EngineStats,
+    RequestDelta,
+    Shutdown,
+    WireSamplingParams,
+    decode_from_core,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class RequestRejected(ValueError):
+    """The engine core refused the request (bad input); the message says why."""
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue[RequestDelta | Exception]
+
+
+class AsyncEngineClient:
+    def __init__(self, config: EngineConfig, log_level: str = "INFO") -> None:
+        self.config = config
+        self.log_level = log_level
+        self.info: EngineReady | None = None
+        self.failure: str | None = None
+        self.stats = EngineStats()
+        self._streams: dict[str, _Stream] = {}
+        self._dir = tempfile.mkdtemp(prefix="pdserve-api-")
+        self._ctx = zmq.asyncio.Context()
+        self._to_core = self._ctx.socket(zmq.PUSH)
+        self._to_core.bind(f"ipc://{self._dir}/to-core")
+        self._from_core = self._ctx.socket(zmq.PULL)
+        self._from_core.bind(f"ipc://{self._dir}/from-core")
+        self._proc: mp.process.BaseProcess | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the engine core (it loads the model in the background) and start listening."""
+        spec = CoreProcSpec(self.config, f"ipc://{self._dir}/to-core", f"ipc://{self._dir}/from-core",
+                            os.getpid(), self.log_level)
+        # not a daemon: the engine core starts tensor-parallel workers of its own
+        self._proc = mp.get_context("spawn").Process(target=core_main, args=(msgspec.json.encode(spec),),
+                                                     name="pdserve-engine-core")
+        self._proc.start()
+        self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_process())]
+
+    async def shutdown(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self._to_core.send(encode(Shutdown()))
+        if self._proc is not None:
+            await asyncio.to_thread(self._proc.join, 15)
+            if self._proc.is_alive():
+                self._proc.kill()
+        for task in self._tasks:
+            task.cancel()
+        self._to_core.close(linger=0)
+        self._from_core.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.info is not None and self.failure is None
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.is_ready and self._proc is not None and self._proc.is_alive()
+
+    def _fail_all(self, error: str) -> None:
+        self.failure = error
+        for stream in self._streams.values():
+            stream.queue.put_nowait(EngineDeadError(error))
+
+    async def _watch_process(self) -> None:
+        while self._proc is not None and self._proc.is_alive():
+            await asyncio.sleep(0.5)
+        if self._proc is not None and self.failure is None:
+            logger.error("engine core process exited with code %s", self._proc.exitcode)
+            self._fail_all(f"the engine core process exited (code {self._proc.exitcode})")
+
+    async def _read_outputs(self) -> None:
+        while True:
+            message = decode_from_core(await self._from_core.recv())
+            if isinstance(message, EngineReady):
+                self.info = message
+                logger.info("engine ready: %s, max_model_len %d, %d KV blocks", message.model_name,
+                            message.max_model_len, message.num_blocks)
+            elif isinstance(message, EngineFailed):
+                logger.error("engine core failed: %s", message.error)
+                self._fail_all(message.error)
+            elif isinstance(message, EngineOutputs):
+                self.stats = message.stats
+                for delta in message.deltas:
+                    stream = self._streams.get(delta.req_id)
+                    if stream is not None:
+                        stream.queue.put_nowait(delta)
+
+    # ---- requests ----------------------------------------------------------------
+
+    @property
+    def num_open_requests(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, req_id: str, prompt_token_ids: list[int],
+                       sampling: WireSamplingParams) -> AsyncIterator[RequestDelta]:
+        """Yield deltas until the request finishes. Leaving the loop early aborts the request."""
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
+        stream = _Stream(asyncio.Queue())
+        self._streams[req_id] = stream
+        finished = False
+        try:
+            await self._to_core.send(encode(AddRequest(req_id=req_id, prompt_token_ids=prompt_token_ids,
+                                                       sampling=sampling)))
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestRejected(item.error)
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            del self._streams[req_id]
+            if not finished and self.failure is None:
+                await self.abort(req_id)
+
+    async def abort(self, req_id: str, finish_reason: str = "abort") -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await self._to_core.send(encode(AbortRequest(req_id=req_id, finish_reason=finish_reason)))

@@ -1,0 +1,133 @@
+"""The engine core in its own process, driven by the API server over ZMQ.
+
+Inputs (AddRequest, AbortRequest, Shutdown) arrive on a PULL socket; after
+every step the process pushes one EngineOutputs (token deltas of the requests
+that advanced, plus engine stats). It never sees text and shares no GIL with
+HTTP handling. If the API server goes away, the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import msgspec
+import zmq
+
+from pdserve.config import EngineConfig
+from pdserve.engine.core import EngineCore
+from pdserve.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineFailed,
+    EngineOutputs,
+    EngineReady,
+    EngineStats,
+    RequestDelta,
+    Shutdown,
+    decode_from_api,
+    encode,
+)
+from pdserve.request import FinishReason, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class CoreProcSpec(msgspec.Struct, frozen=True):
+    config: EngineConfig
+    input_address: str
+    output_address: str
+    parent_pid: int
+    log_level: str = "INFO"
+
+
+def engine_stats(core: EngineCore) -> EngineStats:
+    s = core.scheduler
+    return EngineStats(
+        num_running=len(s.running),
+        num_waiting=len(s.waiting),
+        num_blocks_total=core.kv.num_blocks,
+        num_blocks_free=core.kv.num_free_blocks,
+        num_preemptions=s.stats.num_preemptions,
+        num_prompt_tokens=s.stats.num_prompt_tokens,
+        num_generation_tokens=s.stats.num_generation_tokens,
+    )
+
+
+class CoreLoop:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
+        self.core = core
+        self.inputs = inputs
+        self.outputs = outputs
+        self.parent_pid = parent_pid
+        self.pending: list[RequestDelta] = []  # rejections and aborts to report with the next output
+
+    def handle(self, message: AddRequest | AbortRequest) -> None:
+        if isinstance(message, AddRequest):
+            try:
+                params = SamplingParams(**msgspec.structs.asdict(message.sampling))
+                self.core.add_request(message.req_id, message.prompt_token_ids, params)
+            except ValueError as e:
+                self.pending.append(RequestDelta(message.req_id, [], finish_reason="abort", error=str(e)))
+        else:
+            reason = FinishReason(message.finish_reason)
+            if self.core.scheduler.requests.get(message.req_id) is not None:
+                self.core.finish(message.req_id, reason)
+                self.pending.append(RequestDelta(message.req_id, [], finish_reason=reason.value))
+
+    def run(self) -> None:
+        dirty = True
+        while True:
+            busy = self.core.has_unfinished
+            if self.inputs.poll(0 if busy else 1000):
+                while True:  # drain everything that arrived
+                    message = decode_from_api(self.inputs.recv())
+                    if isinstance(message, Shutdown):
+                        return
+                    self.handle(message)
+                    dirty = True
+                    if not self.inputs.poll(0):
+                        break
+            elif not busy and os.getppid() != self.parent_pid:
+                return  # the API server is gone
+            deltas = self.pending
+            self.pending = []
+            if self.core.has_unfinished:
+                for update in self.core.step():
+                    r = update.request
+                    deltas.append(RequestDelta(
+                        r.req_id, update.new_token_ids, update.new_logprobs and [list(d.items()) for d in update.new_logprobs],
+                        finish_reason=r.finish_reason.value if update.finished and r.finish_reason else None,
+                    ))
+                dirty = True
+            if deltas or dirty:
+                self.outputs.send(encode(EngineOutputs(deltas=deltas, stats=engine_stats(self.core))))
+                dirty = False
+
+
+def core_main(spec_json: bytes) -> None:
+    spec = msgspec.json.decode(spec_json, type=CoreProcSpec)
+    logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s engine: %(message)s")
+    ctx = zmq.Context()
+    inputs = ctx.socket(zmq.PULL)
+    inputs.connect(spec.input_address)
+    outputs = ctx.socket(zmq.PUSH)
+    outputs.connect(spec.output_address)
+    core = None
+    try:
+        core = EngineCore(spec.config)
+        outputs.send(encode(EngineReady(
+            model_name=core.source.name, max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
+            num_blocks=core.num_blocks, block_size=spec.config.cache.block_size,
+        )))
+        CoreLoop(core, inputs, outputs, spec.parent_pid).run()
+    except Exception as e:  # noqa: BLE001 - reported to the API server, which reports unhealthy
+        logger.error("engine core failed: %s", traceback.format_exc())
+        outputs.send(encode(EngineFailed(error=f"{type(e).__name__}: {e}")))
+    finally:
+        if core is not None:
+            core.shutdown()
+        outputs.close(linger=1000)
+        inputs.close(linger=0)
+        ctx.term()

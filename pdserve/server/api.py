@@ -1,0 +1,179 @@
+"""The FastAPI app: OpenAI endpoints, /health, /metrics, auth and error handling."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pdserve.engine.async_client import AsyncEngineClient, EngineDeadError, RequestRejected
+from pdserve.server.errors import ApiError, error_response
+from pdserve.server.metrics import Metrics
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.serving import Event, Prepared, Serving, sse, usage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_queue_len: int = 256
+    role: str = "mixed"
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSettings) -> FastAPI:
+    metrics = Metrics()
+    max_open = client.config.scheduler.max_num_seqs + settings.max_queue_len
+    serving = Serving(client, tokenizer, metrics, settings.model_name, max_open)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client.start()
+        yield
+        await client.shutdown()
+
+    app = FastAPI(title="pdserve", version="0.1.0", lifespan=lifespan)
+
+    async def check_auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), settings.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, _describe_validation(exc), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), None)
+
+    @app.exception_handler(RequestRejected)
+    async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
+        return error_response(400, str(exc), "invalid_request")
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, f"the engine failed: {exc}", "engine_dead", "server_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "internal_error",
+                              "server_error")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if client.is_healthy:
+            return JSONResponse({"status": "ok"})
+        status = "failed: " + client.failure if client.failure else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(client.stats), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(check_auth)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "pdserve", "max_model_len": client.info and
+                                            client.info.max_model_len}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_auth)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        p = serving.prepare_completion(body)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return _stream(p, include_usage, _completion_chunk(p, settings.model_name))
+        events = await serving.collect(p, request)
+        text = "".join(e.text for e in events)
+        num_out = sum(len(e.token_ids) for e in events)
+        return JSONResponse({
+            "id": p.req_id, "object": "text_completion", "created": int(time.time()), "model": settings.model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": events[-1].finish_reason if events else "abort",
+                         "logprobs": serving.logprobs_completion(events)}],
+            "usage": usage(p, num_out),
+        })
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)])
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        p = serving.prepare_chat(body)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            return _stream(p, include_usage, _chat_chunk(p, settings.model_name))
+        events = await serving.collect(p, request)
+        num_out = sum(len(e.token_ids) for e in events)
+        return JSONResponse({
+            "id": p.req_id, "object": "chat.completion", "created": int(time.time()), "model": settings.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
+                         "finish_reason": events[-1].finish_reason if events else "abort",
+                         "logprobs": serving.logprobs_chat(events)}],
+            "usage": usage(p, num_out),
+        })
+
+    def _completion_chunk(p: Prepared, model: str):  # type: ignore[no-untyped-def]
+        created = int(time.time())
+
+        def chunk(e: Event) -> dict[str, Any]:
+            return {"id": p.req_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": e.text, "finish_reason": e.finish_reason,
+                                 "logprobs": serving.logprobs_completion([e])}]}
+        return chunk
+
+    def _chat_chunk(p: Prepared, model: str):  # type: ignore[no-untyped-def]
+        created = int(time.time())
+
+        def chunk(e: Event) -> dict[str, Any]:
+            return {"id": p.req_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": e.text} if e.text else {},
+                                 "finish_reason": e.finish_reason, "logprobs": serving.logprobs_chat([e])}]}
+        return chunk
+
+    def _stream(p: Prepared, include_usage: bool, chunk) -> StreamingResponse:  # type: ignore[no-untyped-def]
+        async def body() -> AsyncIterator[str]:
+            num_out = 0
+            if p.req_id.startswith("chatcmpl"):
+                first = chunk(Event("", []))
+                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                yield sse(first)
+            try:
+                async for e in serving.events(p):
+                    num_out += len(e.token_ids)
+                    if e.text or e.finish_reason or e.logprobs:
+                        yield sse(chunk(e))
+            except (RequestRejected, EngineDeadError) as exc:
+                yield sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed"}})
+            if include_usage:
+                yield sse({"id": p.req_id, "object": "chat.completion.chunk" if p.req_id.startswith("chat")
+                           else "text_completion", "created": int(time.time()), "model": settings.model_name,
+                           "choices": [], "usage": usage(p, num_out)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return app

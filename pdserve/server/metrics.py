@@ -1,0 +1,55 @@
+"""Prometheus metrics. The names are part of pdserve's contract (docs/server.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdserve.messages import EngineStats
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("pdserve_num_requests_running", "Requests running in the engine", registry=r)
+        self.waiting = Gauge("pdserve_num_requests_waiting", "Requests waiting for admission", registry=r)
+        self.blocks_total = Gauge("pdserve_kv_blocks_total", "KV cache blocks (device tier, per rank)", registry=r)
+        self.blocks_free = Gauge("pdserve_kv_blocks_free", "Free KV cache blocks", registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens computed", registry=r)
+        self.generation_tokens = Counter("pdserve_generation_tokens", "Tokens generated", registry=r)
+        self.preemptions = Counter("pdserve_preemptions", "Requests preempted", registry=r)
+        self.ttft = Histogram("pdserve_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.tpot = Histogram("pdserve_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=r, buckets=_TPOT_BUCKETS)
+        self.latency = Histogram("pdserve_request_latency_seconds", "End-to-end request latency", registry=r,
+                                 buckets=_LATENCY_BUCKETS)
+        self.requests = Counter("pdserve_requests", "Finished requests by finish reason", ["finish_reason"],
+                                registry=r)
+        self._last = EngineStats()
+
+    def update_engine(self, stats: EngineStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.blocks_total.set(stats.num_blocks_total)
+        self.blocks_free.set(stats.num_blocks_free)
+        last = self._last
+        self.prompt_tokens.inc(max(0, stats.num_prompt_tokens - last.num_prompt_tokens))
+        self.generation_tokens.inc(max(0, stats.num_generation_tokens - last.num_generation_tokens))
+        self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self._last = stats
+
+    def observe_request(self, ttft: float | None, latency: float, num_output_tokens: int, finish_reason: str) -> None:
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if num_output_tokens > 1:
+                self.tpot.observe((latency - ttft) / (num_output_tokens - 1))
+        self.latency.observe(latency)
+        self.requests.labels(finish_reason=finish_reason).inc()
+
+    def render(self, stats: EngineStats) -> bytes:
+        self.update_engine(stats)
+        return generate_latest(self.registry)

@@ -1,0 +1,193 @@
+"""Completions and chat completions: tokenize, validate, generate, detokenize, format.
+
+Text lives here (the engine core sees token ids only): stop strings are
+matched by the detokenizer and end the request with finish_reason "stop".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from pdserve.engine.async_client import AsyncEngineClient
+from pdserve.engine.tokenizer import Detokenizer
+from pdserve.messages import WireSamplingParams
+from pdserve.server.errors import ApiError
+from pdserve.server.metrics import Metrics
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling: WireSamplingParams
+    stop: list[str]
+    num_logprobs: int | None
+
+
+@dataclass
+class Event:
+    text: str
+    token_ids: list[int]
+    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Serving:
+    def __init__(self, client: AsyncEngineClient, tokenizer: Any, metrics: Metrics, model_name: str,
+                 max_open_requests: int) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.model_name = model_name
+        self.max_open_requests = max_open_requests
+
+    # ---- validation ----------------------------------------------------------------
+
+    def check_ready(self, body: SamplingFields) -> None:
+        if self.client.failure is not None:
+            raise ApiError(503, f"the engine failed: {self.client.failure}", "engine_dead", "server_error")
+        if not self.client.is_ready:
+            raise ApiError(503, "the model is still loading; retry when /health answers 200", "model_loading",
+                           "server_error")
+        if body.model is not None and body.model != self.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model_not_found")
+        if self.client.num_open_requests >= self.max_open_requests:
+            raise ApiError(503, f"the server is at its queue limit ({self.max_open_requests} open requests); "
+                           "retry later or raise --max-queue-len", "queue_full", "server_error")
+
+    def prepare(self, body: SamplingFields, prompt_token_ids: list[int], default_max_tokens: int | None,
+                num_logprobs: int | None, prefix: str) -> Prepared:
+        info = self.client.info
+        assert info is not None
+        n = len(prompt_token_ids)
+        bad = next((t for t in prompt_token_ids if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {info.vocab_size})")
+        if n >= info.max_model_len:
+            raise ApiError(400, f"the prompt has {n} tokens; this model's maximum context length is "
+                           f"{info.max_model_len} tokens, so the prompt may have at most {info.max_model_len - 1}; "
+                           "shorten it", "context_length_exceeded")
+        max_tokens = body.max_tokens or default_max_tokens or info.max_model_len - n
+        if n + max_tokens > info.max_model_len:
+            raise ApiError(400, f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} in "
+                           f"all, more than this model's maximum context length of {info.max_model_len}; "
+                           f"lower max_tokens to at most {info.max_model_len - n}", "context_length_exceeded")
+        sampling = WireSamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            min_p=body.min_p, seed=body.seed, stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos, logprobs=num_logprobs,
+        )
+        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids, sampling, list(body.stop or []), num_logprobs)
+
+    def prepare_completion(self, body: CompletionRequest) -> Prepared:
+        self.check_ready(body)
+        prompt = body.prompt
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+        if not ids:
+            raise ApiError(400, "the prompt encodes to no tokens; send some text")
+        return self.prepare(body, ids, 16, body.logprobs, "cmpl")
+
+    def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
+        self.check_ready(body)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - template errors come as jinja exceptions
+            raise ApiError(400, f"the chat template rejected these messages: {e}") from None
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        top = body.top_logprobs if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true")
+        return self.prepare(body, list(ids), None, (top or 0) if body.logprobs else None, "chatcmpl")
+
+    # ---- generation ----------------------------------------------------------------
+
+    async def events(self, p: Prepared) -> AsyncIterator[Event]:
+        """Text deltas of one request; records metrics; a stop string ends it as 'stop'."""
+        detok = Detokenizer(self.tokenizer, p.stop)
+        start = time.monotonic()
+        first: float | None = None
+        reason = "abort"
+        try:
+            async with contextlib.aclosing(self.client.generate(p.req_id, p.prompt_token_ids, p.sampling)) as deltas:
+                async for delta in deltas:
+                    if first is None and delta.token_ids:
+                        first = time.monotonic() - start
+                    text = detok.append(delta.token_ids)
+                    if detok.stop_reason is not None:
+                        await self.client.abort(p.req_id, "stop")
+                        reason = "stop"
+                        yield Event(text + detok.flush(), delta.token_ids, delta.logprobs or [], "stop")
+                        return
+                    if delta.finish_reason is not None:
+                        reason = delta.finish_reason
+                        text += detok.flush()
+                    yield Event(text, delta.token_ids, delta.logprobs or [], delta.finish_reason)
+        finally:
+            self.metrics.observe_request(first, time.monotonic() - start, len(detok.token_ids), reason)
+
+    def logprobs_completion(self, events: list[Event]) -> dict[str, Any] | None:
+        entries = [e for ev in events for e in ev.logprobs]
+        if not entries:
+            return None
+        decode = self._token_text
+        return {
+            "tokens": [decode(e[0][0]) for e in entries],
+            "token_logprobs": [e[0][1] for e in entries],
+            "top_logprobs": [{decode(t): lp for t, lp in e[1:]} for e in entries],
+            "text_offset": [],
+        }
+
+    def logprobs_chat(self, events: list[Event]) -> dict[str, Any] | None:
+        entries = [e for ev in events for e in ev.logprobs]
+        if not entries:
+            return None
+        decode = self._token_text
+        return {"content": [{
+            "token": decode(e[0][0]), "logprob": e[0][1], "bytes": list(decode(e[0][0]).encode()),
+            "top_logprobs": [{"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode())} for t, lp in e[1:]],
+        } for e in entries]}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    async def collect(self, p: Prepared, request: Request) -> list[Event]:
+        """All events of a non-streaming request; a client that disconnects aborts it."""
+        task = asyncio.ensure_future(self._collect(p))
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ApiError(499, "client disconnected", "client_disconnected")
+        return task.result()
+
+    async def _collect(self, p: Prepared) -> list[Event]:
+        return [e async for e in self.events(p)]
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage(p: Prepared, num_output: int) -> dict[str, int]:
+    n = len(p.prompt_token_ids)
+    return {"prompt_tokens": n, "completion_tokens": num_output, "total_tokens": n + num_output}
