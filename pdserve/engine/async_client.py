@@ -24,6 +24,7 @@ import zmq.asyncio
 from pdserve.config import EngineConfig
 from pdserve.engine.core_proc import CoreProcSpec, core_main
 from pdserve.messages import (
+    PROTOCOL_VERSION,
     AbortRequest,
     AddRequest,
     EngineFailed,
@@ -117,10 +118,25 @@ class AsyncEngineClient:
             self._fail_all(f"the engine core process exited (code {self._proc.exitcode})")
 
     async def _read_outputs(self) -> None:
+        incarnation: str | None = None  # of the engine core that said it is ready
         while True:
-            message = decode_from_core(await self._from_core.recv())
+            data = await self._from_core.recv()
+            try:
+                message = decode_from_core(data)
+            except msgspec.DecodeError as e:
+                logger.error("dropping an undecodable message from the engine core: %s", e)
+                continue
+            if message.version != PROTOCOL_VERSION:
+                logger.error("dropping a message of protocol version %d (this server speaks %d)",
+                             message.version, PROTOCOL_VERSION)
+                continue
             if isinstance(message, EngineReady):
+                incarnation = message.incarnation
                 self.info = message
+            elif incarnation is not None and message.incarnation != incarnation:
+                logger.warning("dropping a message from a stale engine core (%s)", message.incarnation)
+                continue
+            if isinstance(message, EngineReady):
                 logger.info("engine ready: %s, max_model_len %d, %d KV blocks", message.model_name,
                             message.max_model_len, message.num_blocks)
             elif isinstance(message, EngineFailed):
