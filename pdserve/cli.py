@@ -117,14 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from pdserve.bench import offline
+    from pdserve.bench import serve as bench_serve
 
     offline.add_parser(bench_sub)
+    bench_serve.add_parser(bench_sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "bench_command", None) == "serve" and not args.api_key:
+        args.api_key = os.environ.get("OPENAI_API_KEY")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

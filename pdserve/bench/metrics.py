@@ -82,7 +82,10 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slos: dict[st
     """Throughput, latency statistics and goodput over one benchmark run of `duration_s` seconds."""
     done = [r for r in results if r.success]
     input_tokens, output_tokens = sum(r.input_len for r in done), sum(r.output_len for r in done)
-    per_s = (lambda n: round(n / duration_s, 4)) if duration_s > 0 else (lambda n: 0.0)
+
+    def per_s(n: int) -> float:
+        return round(n / duration_s, 4) if duration_s > 0 else 0.0
+
     num_good = sum(meets_slos(r, slos) for r in done) if slos else None
     return {
         "duration_s": round(duration_s, 4),

@@ -1,0 +1,460 @@
+"""`pdserve bench serve`: an online serving benchmark client for any OpenAI-compatible server.
+
+Sends text prompts (see datasets.py) to /v1/completions or /v1/chat/completions
+of pdserve, vLLM or SGLang with `stream: true`, Poisson arrivals and an optional
+concurrency cap, and measures TTFT, TPOT, ITL and end-to-end latency from the
+SSE stream on the client side. Writes serve-<dataset>-<endpoint>-<label>.json
+and a .png of latency CDFs under --result-dir and prints a summary table.
+It knows nothing about the server's internals: only HTTP and the OpenAI schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pdserve.bench.common import code_version, machine_info, now_iso, write_json
+from pdserve.bench.datasets import (
+    DATASETS,
+    Conversation,
+    DatasetConfig,
+    Turn,
+    build_dataset,
+    dataset_stats,
+    load_tokenizer,
+)
+from pdserve.bench.metrics import RequestResult, format_table, parse_goodput, plot_latency_cdfs, summarize
+
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+MAX_ERRORS_RECORDED = 10
+_LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class BenchServeError(RuntimeError):
+    """The benchmark cannot run against this server as configured (unreachable, wrong endpoint or model)."""
+
+
+@dataclass(frozen=True)
+class ServeBenchConfig:
+    base_url: str
+    endpoint: str = "completions"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    request_rate: float = math.inf  # requests/s of the Poisson arrivals; inf: all at once
+    max_concurrency: int | None = None  # requests in flight at most; None: unbounded
+    goodput_slos: dict[str, float] = field(default_factory=dict)  # name -> ms, see metrics.parse_goodput
+    model: str | None = None  # None: the first id of GET /v1/models
+    tokenizer: str | None = None  # None: pdserve's default model's
+    api_key: str | None = None
+    timeout_s: float = 300.0
+    result_dir: Path = Path("bench/results")
+    label: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    use_tqdm: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}")
+        if not self.request_rate > 0:
+            raise ValueError(f"--request-rate must be above 0 (or inf), got {self.request_rate}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"--timeout must be above 0 seconds, got {self.timeout_s}")
+        if self.label is not None and not _LABEL.match(self.label):
+            raise ValueError(f"--label {self.label!r} may hold only letters, digits, '.', '_' and '-'")
+
+    @property
+    def api_root(self) -> str:
+        """The base URL without a trailing '/' or '/v1': both spellings are accepted."""
+        root = self.base_url.rstrip("/")
+        return root[: -len("/v1")] if root.endswith("/v1") else root
+
+    @property
+    def url(self) -> str:
+        return self.api_root + ENDPOINTS[self.endpoint]
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+class SSEDecoder:
+    """Incremental text/event-stream decoder: feed bytes as they arrive, get each complete event's data."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes) -> list[str]:
+        lines = (self._buf + raw).split(b"\n")
+        self._buf = lines.pop()  # an unfinished line waits for more bytes
+        events: list[str] = []
+        for line in lines:
+            self._line(line.rstrip(b"\r").decode("utf-8"), events)
+        return events
+
+    def close(self) -> list[str]:
+        """The events left when the stream ends without a final blank line."""
+        events: list[str] = []
+        if self._buf:
+            self._line(self._buf.rstrip(b"\r").decode("utf-8"), events)
+            self._buf = b""
+        self._line("", events)
+        return events
+
+    def _line(self, line: str, events: list[str]) -> None:
+        if not line:  # a blank line ends the event
+            if self._data:
+                events.append("\n".join(self._data))
+                self._data = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        # comments (':...') and the event/id/retry fields carry nothing we measure
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One parsed SSE data payload of an OpenAI streaming response."""
+
+    text: str = ""  # generated text in this chunk
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    is_done: bool = False
+
+
+def parse_chunk(data: str, endpoint: str) -> StreamChunk:
+    """Completions: choices[0].text; chat: choices[0].delta.content (+ reasoning_content). '[DONE]' ends."""
+    if data.strip() == "[DONE]":
+        return StreamChunk(is_done=True)
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError:
+        return StreamChunk(error=f"stream chunk is not JSON: {data[:200]!r}")
+    if not isinstance(chunk, dict):
+        return StreamChunk(error=f"stream chunk is not a JSON object: {data[:200]!r}")
+    if chunk.get("error"):
+        err = chunk["error"]
+        return StreamChunk(error=str(err.get("message", err) if isinstance(err, dict) else err))
+    text = ""
+    choices = chunk.get("choices") or []
+    if choices:
+        if endpoint == "chat":
+            delta = choices[0].get("delta") or {}
+            text = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
+        else:
+            text = choices[0].get("text") or ""
+    usage = chunk.get("usage")
+    return StreamChunk(text=text, usage=usage if isinstance(usage, dict) else None)
+
+
+def build_payload(endpoint: str, model: str, conversation: Conversation, turn_index: int, answers: list[str],
+                  extra_body: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of turn `turn_index`, carrying the earlier turns and their `answers`."""
+    turns = conversation.turns[: turn_index + 1]
+    if endpoint == "chat":
+        messages: list[dict[str, str]] = []
+        for turn, answer in zip(turns, answers):
+            messages += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": answer}]
+        body: dict[str, Any] = {"messages": [*messages, {"role": "user", "content": turns[-1].text}]}
+    elif conversation.is_multi_turn:
+        history = "".join(f"User:{t.text}\nAssistant:{a}\n" for t, a in zip(turns, answers))
+        body = {"prompt": f"{history}User:{turns[-1].text}\nAssistant:"}
+    else:
+        body = {"prompt": turns[-1].text}
+    return {"model": model, **body, "max_tokens": turns[-1].output_len, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, **extra_body}
+
+
+def arrival_offsets(num_arrivals: int, rate: float, seed: int) -> list[float]:
+    """Seconds after the start of each arrival: a Poisson process of `rate`/s starting at 0; inf: all at 0."""
+    if math.isinf(rate):
+        return [0.0] * num_arrivals
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=num_arrivals)
+    return np.concatenate([[0.0], np.cumsum(gaps[1:])]).tolist()[:num_arrivals]
+
+
+async def send_request(session: Any, config: ServeBenchConfig, payload: dict[str, Any], input_len: int,
+                       bench_start: float) -> RequestResult:
+    """POST one streaming request and time it; never raises for server or network failures."""
+    import aiohttp
+
+    sent = time.perf_counter()
+    result = RequestResult(False, input_len, 0, payload["max_tokens"], start=sent - bench_start)
+    try:
+        async with session.post(config.url, json=payload, headers=config.headers()) as resp:
+            result.status = resp.status
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {_error_message(await resp.text())}"
+                return result
+            await _read_stream(resp, config.endpoint, sent, result)
+    except asyncio.TimeoutError:
+        result.error = f"no complete response within --timeout {config.timeout_s:g} s"
+    except (aiohttp.ClientError, OSError, UnicodeDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    if not result.success:
+        result.latency = time.perf_counter() - sent
+    return result
+
+
+async def _read_stream(resp: Any, endpoint: str, sent: float, result: RequestResult) -> None:
+    """Fill `result` from the SSE stream; result.success stays False on an in-stream error or no text."""
+    decoder, texts, usage = SSEDecoder(), [], None
+    last: float | None = None
+    stream = resp.content.iter_any()
+    is_done = False
+    while not is_done:
+        raw = await anext(stream, None)
+        now = time.perf_counter()
+        for data in decoder.feed(raw) if raw is not None else decoder.close():
+            chunk = parse_chunk(data, endpoint)
+            if chunk.error is not None:
+                result.error = f"error in stream: {chunk.error}"
+                return
+            usage = chunk.usage or usage
+            if chunk.text:
+                if last is None:
+                    result.ttft = now - sent
+                else:
+                    result.itl.append(now - last)
+                last = now
+                texts.append(chunk.text)
+            is_done = is_done or chunk.is_done
+        is_done = is_done or raw is None
+    result.latency = time.perf_counter() - sent
+    if not texts:
+        result.error = "stream ended without generated text (no chunk with non-empty text)"
+        return
+    result.text = "".join(texts)
+    result.output_len = int(usage.get("completion_tokens") or len(texts)) if usage else len(texts)
+    if usage and usage.get("prompt_tokens"):
+        result.input_len, result.usage_reported = int(usage["prompt_tokens"]), True
+    result.success = True
+
+
+def _error_message(body: str) -> str:
+    """The 'message' of an OpenAI error body, else the body's start."""
+    try:
+        err = json.loads(body)
+        err = err.get("error", err) if isinstance(err, dict) else err
+        message = err.get("message") or err.get("detail") if isinstance(err, dict) else err
+        return str(message)[:300]
+    except (json.JSONDecodeError, AttributeError):
+        return body[:300]
+
+
+async def discover_model(session: Any, config: ServeBenchConfig) -> str:
+    """The first model id of GET /v1/models."""
+    import aiohttp
+
+    url = config.api_root + "/v1/models"
+    try:
+        async with session.get(url, headers=config.headers()) as resp:
+            body = await resp.text()
+            if resp.status != 200:
+                raise BenchServeError(f"GET {url} returned HTTP {resp.status}: {_error_message(body)}; "
+                                      "check --base-url and --api-key, or pass --model")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        raise BenchServeError(f"cannot reach {url} ({type(e).__name__}: {e}); is the server running at "
+                              "--base-url?") from e
+    try:
+        return str(json.loads(body)["data"][0]["id"])
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+        raise BenchServeError(f"GET {url} listed no model ({body[:200]!r}); pass --model NAME") from None
+
+
+@dataclass
+class _Run:
+    """Shared state of one benchmark run."""
+
+    session: Any
+    config: ServeBenchConfig
+    model: str
+    start: float
+    semaphore: asyncio.Semaphore
+    progress: Any
+
+
+async def _run_conversation(run: _Run, conversation: Conversation, offset: float) -> list[RequestResult]:
+    """Wait for the arrival time, then send the turns one after another; later turns fail if one fails."""
+    await asyncio.sleep(max(0.0, run.start + offset - time.perf_counter()))
+    results: list[RequestResult] = []
+    answers: list[str] = []
+    history_len = 0
+    for i, turn in enumerate(conversation.turns):
+        payload = build_payload(run.config.endpoint, run.model, conversation, i, answers, run.config.extra_body)
+        async with run.semaphore:
+            result = await send_request(run.session, run.config, payload, history_len + turn.input_len, run.start)
+        results.append(result)
+        run.progress.update(1)
+        if not result.success:
+            break
+        answers.append(result.text)
+        history_len += turn.input_len + result.output_len
+    for turn in conversation.turns[len(results):]:
+        results.append(RequestResult(False, turn.input_len, 0, turn.output_len,
+                                     error=f"not sent: turn {len(answers) + 1} of its conversation failed"))
+        run.progress.update(1)
+    return results
+
+
+async def _benchmark(config: ServeBenchConfig, conversations: list[Conversation]
+                     ) -> tuple[str, list[list[RequestResult]], float]:
+    """(model, results per conversation, duration_s) after a test request that must succeed."""
+    import aiohttp
+    from tqdm import tqdm
+
+    connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        model = config.model or await discover_model(session, config)
+        probe = Conversation((Turn(" Hello", 1, 2),))
+        test = await send_request(session, config, build_payload(config.endpoint, model, probe, 0, [],
+                                                                 config.extra_body), 1, time.perf_counter())
+        if not test.success:
+            raise BenchServeError(f"the test request to {config.url} failed: {test.error}; check --base-url, "
+                                  f"--endpoint ({config.endpoint}) and --model ({model})")
+        num_requests = sum(len(c.turns) for c in conversations)
+        offsets = arrival_offsets(len(conversations), config.request_rate, config.dataset.seed)
+        with tqdm(total=num_requests, desc="bench serve", unit="req", disable=not config.use_tqdm) as progress:
+            run = _Run(session, config, model, time.perf_counter(),
+                       asyncio.Semaphore(config.max_concurrency or num_requests), progress)
+            results = await asyncio.gather(*(_run_conversation(run, c, t) for c, t in zip(conversations, offsets)))
+            duration = time.perf_counter() - run.start
+    return model, list(results), duration
+
+
+def run_benchmark(config: ServeBenchConfig, conversations: list[Conversation]) -> dict[str, Any]:
+    """Run the workload against the server, write the JSON and PNG, return the result dict."""
+    model, per_conversation, duration = asyncio.run(_benchmark(config, conversations))
+    flat = [(c, t, r) for c, results in enumerate(per_conversation) for t, r in enumerate(results)]
+    results = [r for _, _, r in flat]
+    metrics = summarize(results, duration, config.goodput_slos)
+    workload = asdict(config.dataset) | {"prefix_len": config.dataset.shared_prefix_len
+                                         if config.dataset.name == "shared-prefix" else None}
+    result: dict[str, Any] = {
+        "benchmark": "serve", "date": now_iso(), "label": config.label, "pdserve_version": code_version(),
+        "server": {"base_url": config.api_root, "url": config.url, "endpoint": config.endpoint, "model": model},
+        "config": {"request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
+                   "max_concurrency": config.max_concurrency, "timeout_s": config.timeout_s,
+                   "tokenizer": config.tokenizer, "extra_body": config.extra_body, "dataset": workload},
+        "client_machine": machine_info(),
+        "dataset": dataset_stats(conversations),
+        "metrics": metrics,
+        "errors": [{"conversation": c, "turn": t, "status": r.status, "error": r.error}
+                   for c, t, r in flat if not r.success][:MAX_ERRORS_RECORDED],
+        "requests": [_request_record(c, t, r) for c, t, r in flat],
+    }
+    write_outputs(result, results, config)
+    return result
+
+
+def _request_record(conversation: int, turn: int, r: RequestResult) -> dict[str, Any]:
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None or not r.success else round(seconds * 1000.0, 3)
+
+    return {"conversation": conversation, "turn": turn, "success": r.success, "status": r.status,
+            "start_s": round(r.start, 4), "input_len": r.input_len, "output_len": r.output_len,
+            "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot), "latency_ms": ms(r.latency)}
+
+
+def write_outputs(result: dict[str, Any], results: list[RequestResult], config: ServeBenchConfig
+                  ) -> tuple[Path, Path]:
+    """serve-<dataset>-<endpoint>-<label or timestamp>.json and .png; records both paths in result['files']."""
+    label = config.label or time.strftime("%Y%m%d-%H%M%S")
+    stem = f"serve-{config.dataset.name}-{config.endpoint}-{label}"
+    json_path = config.result_dir / f"{stem}.json"
+    png_path = config.result_dir / f"{stem}.png"
+    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    write_json(json_path, result)
+    m, cfg = result["metrics"], result["config"]
+    title = (f"{result['server']['model']} at {config.api_root} ({config.endpoint}), {config.dataset.name}, "
+             f"rate {cfg['request_rate']}/s, max concurrency {config.max_concurrency or 'none'}\n"
+             f"{m['completed']}/{m['num_requests']} ok, {m['request_throughput']:.2f} req/s, "
+             f"{m['output_throughput']:.1f} output tok/s")
+    plot_latency_cdfs(png_path, title, results)
+    return json_path, png_path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="online serving benchmark against any OpenAI-compatible server",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_argument_group("server")
+    s.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
+    s.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
+    s.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
+    s.add_argument("--api-key", default=None,
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
+    s.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per request before it counts as failed (default 300)")
+    s.add_argument("--extra-body", type=_json_object, default={},
+                   help="JSON object merged into every request body, e.g. '{\"top_k\": 1}'")
+    w = p.add_argument_group("workload")
+    w.add_argument("--dataset", choices=DATASETS, default="random")
+    w.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer dir/name sizing the prompts (default: pdserve's default model's)")
+    w.add_argument("--num-prompts", type=int, default=100, help="requests; conversations for multi-turn")
+    w.add_argument("--input-len", type=int, default=256, help="prompt tokens (per user message for multi-turn)")
+    w.add_argument("--output-len", type=int, default=128, help="tokens to generate per request (max_tokens)")
+    w.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: fixed)")
+    w.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: common prefix tokens "
+                   "(default input-len/2)")
+    w.add_argument("--num-turns", type=int, default=3, help="multi-turn: turns per conversation")
+    w.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals/s (default inf: all "
+                   "at once); conversation starts for multi-turn")
+    w.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    w.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs in ms, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
+    w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    o = p.add_argument_group("output")
+    o.add_argument("--result-dir", type=Path, default=Path("bench/results"))
+    o.add_argument("--label", default=None, help="file name suffix instead of the timestamp")
+    o.add_argument("--no-tqdm", dest="use_tqdm", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"top_k\": 1}}', got {text!r}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
+    dataset = DatasetConfig(name=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, range_ratio=args.random_range_ratio,
+                            prefix_len=args.prefix_len, num_turns=args.num_turns, seed=args.seed)
+    return ServeBenchConfig(
+        base_url=args.base_url, endpoint=args.endpoint, dataset=dataset, request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency, goodput_slos=parse_goodput(args.goodput), model=args.model,
+        tokenizer=args.tokenizer, api_key=args.api_key, timeout_s=args.timeout, result_dir=args.result_dir,
+        label=args.label, extra_body=args.extra_body, use_tqdm=args.use_tqdm)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    config = config_from_args(args)
+    conversations = build_dataset(config.dataset, load_tokenizer(config.tokenizer))
+    try:
+        result = run_benchmark(config, conversations)
+    except BenchServeError as e:
+        print(f"pdserve bench serve: error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(result["metrics"]))
+    print(f"Results: {result['files']['json']}, {result['files']['png']}")
+    return 0
