@@ -84,8 +84,9 @@ class AsyncEngineClient:
         self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_process())]
 
     async def shutdown(self) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            await self._to_core.send(encode(Shutdown()))
+        if self._proc is not None and self._proc.is_alive():
+            with contextlib.suppress(zmq.ZMQError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._to_core.send(encode(Shutdown())), timeout=2)
         if self._proc is not None:
             await asyncio.to_thread(self._proc.join, 15)
             if self._proc.is_alive():
@@ -181,5 +182,8 @@ class AsyncEngineClient:
                 await self.abort(req_id)
 
     async def abort(self, req_id: str, finish_reason: str = "abort") -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            await self._to_core.send(encode(AbortRequest(req_id=req_id, finish_reason=finish_reason)))
+        if self.failure is not None:
+            return
+        with contextlib.suppress(zmq.ZMQError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._to_core.send(encode(AbortRequest(req_id=req_id, finish_reason=finish_reason))),
+                                   timeout=2)

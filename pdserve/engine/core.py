@@ -98,10 +98,16 @@ class EngineCore:
         return request
 
     def abort(self, req_id: str) -> None:
-        self.scheduler.abort(req_id)
+        self.finish(req_id, FinishReason.ABORT)
 
     def finish(self, req_id: str, reason: FinishReason) -> None:
+        """End a request from outside (abort, a stop string matched by the API server); frees its blocks."""
+        request = self.scheduler.requests.get(req_id)
+        if request is None:
+            return
         self.scheduler.finish(req_id, reason)
+        logger.info("request %s finished (%s): %d output tokens, %d preemptions", req_id, reason.value,
+                    len(request.output_token_ids), request.num_preemptions)
 
     @property
     def has_unfinished(self) -> bool:

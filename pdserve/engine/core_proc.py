@@ -97,7 +97,7 @@ class CoreLoop:
                 for update in self.core.step():
                     r = update.request
                     deltas.append(RequestDelta(
-                        r.req_id, update.new_token_ids, update.new_logprobs and [list(d.items()) for d in update.new_logprobs],
+                        r.req_id, update.new_token_ids, update.new_logprobs,
                         finish_reason=r.finish_reason.value if update.finished and r.finish_reason else None,
                     ))
                 dirty = True

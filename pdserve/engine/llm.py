@@ -126,7 +126,7 @@ class LLM:
                         detok = detoks[req_id]
                         detok.append(update.new_token_ids)
                         if update.new_logprobs:
-                            logprobs[req_id] += update.new_logprobs
+                            logprobs[req_id] += [dict(entry) for entry in update.new_logprobs]
                         if detok.stop_reason is not None and not update.finished:
                             self.engine.finish(req_id, FinishReason.STOP)
                         if detok.stop_reason is not None:

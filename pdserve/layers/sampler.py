@@ -11,6 +11,8 @@ import torch
 
 from pdserve.messages import SamplingSpec
 
+MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows float32: sample greedily
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
@@ -35,7 +37,7 @@ class Sampler:
     ) -> tuple[list[int], list[list[tuple[int, float]]] | None]:
         """logits: [num_seqs, vocab] float32 -> one token id per row (and logprobs if asked)."""
         token_ids = logits.argmax(dim=-1)
-        random_rows = [i for i, s in enumerate(specs) if s.temperature > 0]
+        random_rows = [i for i, s in enumerate(specs) if s.temperature >= MIN_TEMPERATURE]
         if random_rows:
             sampled = self._sample(logits[random_rows], [req_ids[i] for i in random_rows],
                                    [specs[i] for i in random_rows])
@@ -72,7 +74,7 @@ class Sampler:
         drop |= probs < min_p[:, None] * probs[:, :1]
         uses_top_p = [i for i, s in enumerate(specs) if s.top_p < 1]
         if uses_top_p:
-            top_p = torch.tensor([specs[i].top_p for i in uses_top_p], device=device)
+            top_p = torch.tensor([max(specs[i].top_p, 1e-6) for i in uses_top_p], device=device)
             kept = probs[uses_top_p].masked_fill(drop[uses_top_p], 0.0)
             kept = kept / kept.sum(dim=-1, keepdim=True)
             drop[uses_top_p] |= (kept.cumsum(dim=-1) - kept) >= top_p[:, None]  # the top token always stays

@@ -35,7 +35,8 @@ class RequestUpdate:
 
     request: Request
     new_token_ids: list[int]
-    new_logprobs: list[dict[int, float]] | None = None
+    # per new token: [(token_id, logprob)], the sampled token first, then the top k
+    new_logprobs: list[list[tuple[int, float]]] | None = None
     finished: bool = False
 
 
@@ -207,7 +208,7 @@ class Scheduler:
             self.stats.num_generation_tokens += 1
             logprobs = None
             if output.logprobs is not None:
-                logprobs = [dict(output.logprobs[index])]
+                logprobs = [list(output.logprobs[index])]
             reason = self._stop_reason(request, token_id)
             if reason is not None:
                 self._finish(request, reason)

@@ -76,7 +76,9 @@ class ChatMessage(BaseModel):
             parts = [p.get("text") for p in self.content if p.get("type") == "text"]
             if len(parts) != len(self.content):
                 raise ValueError("only text content parts are supported")
-            return "".join(str(p) for p in parts)
+            if not all(isinstance(p, str) for p in parts):
+                raise ValueError('every text content part needs a string "text"')
+            return "".join(parts)
         return self.content or ""
 
 

@@ -95,6 +95,8 @@ class Serving:
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         self.check_ready(body)
         prompt = body.prompt
+        if isinstance(prompt, str):
+            _check_utf8(prompt, "the prompt")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text")
@@ -104,8 +106,12 @@ class Serving:
         self.check_ready(body)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            for i, m in enumerate(messages):
+                _check_utf8(m["content"], f"message {i}")
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
+        except ApiError:
+            raise
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         except Exception as e:  # noqa: BLE001 - template errors come as jinja exceptions
@@ -148,11 +154,15 @@ class Serving:
         if not entries:
             return None
         decode = self._token_text
+        tokens = [decode(e[0][0]) for e in entries]
+        offsets = [0]
+        for token in tokens[:-1]:
+            offsets.append(offsets[-1] + len(token))
         return {
-            "tokens": [decode(e[0][0]) for e in entries],
+            "tokens": tokens,
             "token_logprobs": [e[0][1] for e in entries],
             "top_logprobs": [{decode(t): lp for t, lp in e[1:]} for e in entries],
-            "text_offset": [],
+            "text_offset": offsets,
         }
 
     def logprobs_chat(self, events: list[Event]) -> dict[str, Any] | None:
@@ -191,3 +201,11 @@ def sse(payload: dict[str, Any]) -> str:
 def usage(p: Prepared, num_output: int) -> dict[str, int]:
     n = len(p.prompt_token_ids)
     return {"prompt_tokens": n, "completion_tokens": num_output, "total_tokens": n + num_output}
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{what} is not valid Unicode text ({e.reason} at character {e.start}); "
+                       "send well-formed UTF-8") from None

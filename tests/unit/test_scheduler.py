@@ -395,7 +395,7 @@ def test_logprobs_from_the_forward_output_reach_the_update() -> None:
     assert sched.plan.seqs[0].sampling.num_logprobs == 1
     out = ForwardOutput(step_id=sched.plan.step_id, req_ids=["a"], token_ids=[5], logprobs=[[(5, -0.5), (6, -0.1)]])
     (update,) = s.update(sched, out)
-    assert update.new_logprobs == [{5: -0.5, 6: -0.1}]
+    assert update.new_logprobs == [[(5, -0.5), (6, -0.1)]]  # the sampled token first, order kept
     assert_all_free(s)
 
 
