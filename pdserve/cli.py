@@ -90,10 +90,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
-    parser.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"))
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (PDSERVE_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen = sub.add_parser("generate", help="generate text for one prompt", parents=[common])
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -103,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (API process + engine core process)")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (API process + engine core process)",
+                           parents=[common])
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed")
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
+    bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     from pdserve.bench import offline
     from pdserve.bench import serve as bench_serve
