@@ -1,0 +1,39 @@
+"""The engine on an NVIDIA GPU (run through the device tool: pytest -m gpu tests/gpu)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers import assert_greedy_equal, hf_greedy
+
+from pdserve import LLM, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tiny_model_on_cuda_matches_hf(tiny_models, kind):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models[kind]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 512) for _ in range(n)] for n in (3, 20, 70)]
+    with LLM(str(path), device="cuda", num_blocks=64, max_model_len=512) as llm:
+        assert llm.engine.executor.runner.kv_cache.is_cuda
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=32, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+    for p, o in zip(prompts, outs):
+        assert_greedy_equal(o.outputs[0].token_ids, hf_greedy(hf, p, 32), p, hf, f"{kind} cuda")
+
+
+def test_llama3_8b_shape_bf16_on_cuda():
+    with LLM("llama3-8b", load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
+             kv_cache_memory="4GiB") as llm:
+        prompts = [{"prompt_token_ids": list(range(1000, 1000 + n))} for n in (5, 300, 1500)]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [16, 16, 16]
+        assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
