@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pdserve.bench.plot import pyplot, save_figure
+
 PERCENTILES = (50, 90, 99)
 SLO_NAMES = ("ttft", "tpot", "e2el")  # time to first token, time per output token, end-to-end latency
 
@@ -141,15 +143,10 @@ def format_table(metrics: dict[str, Any], title: str = "Serving Benchmark Result
 
 def plot_latency_cdfs(path: Path, title: str, results: Sequence[RequestResult]) -> Path:
     """CDFs of TTFT, TPOT and ITL of the successful requests (p50/p90/p99 marked); writes `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in results if r.success]
     series = (("TTFT", [r.ttft for r in done]), ("TPOT", [t for r in done if (t := r.tpot) is not None]),
               ("ITL", [g for r in done for g in r.itl]))
-    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.8), dpi=110)
+    fig, axes = pyplot().subplots(1, 3, figsize=(12.0, 3.8), dpi=110)
     try:
         for ax, (name, values) in zip(axes, series):
             ms = np.sort(np.asarray(values, dtype=np.float64) * 1000.0)
@@ -166,9 +163,7 @@ def plot_latency_cdfs(path: Path, title: str, results: Sequence[RequestResult]) 
             ax.set_ylim(0, 1.02)
             ax.spines[["top", "right"]].set_visible(False)
         fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    except BaseException:
+        pyplot().close(fig)
+        raise
+    return save_figure(fig, path)

@@ -8,17 +8,34 @@ from pathlib import Path
 _COLORS = ("#1f77b4", "#7f7f7f", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
-def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
-              value_fmt: str = "{:.1f}") -> Path:
-    """One bar per label, each annotated with its value; writes `path` and returns it."""
-    if len(labels) != len(values):
-        raise ValueError(f"bar_chart got {len(labels)} labels but {len(values)} values; give one value per label")
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib.pyplot on the headless Agg backend (imported on first use: it is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Lay out, write `path` (creating its folder) and close the figure."""
+    try:
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        fig.clear()
+        pyplot().close(fig)
+    return path
+
+
+def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
+              value_fmt: str = "{:.1f}") -> Path:
+    """One bar per label, each annotated with its value; writes `path` and returns it."""
+    if len(labels) != len(values):
+        raise ValueError(f"bar_chart got {len(labels)} labels but {len(values)} values; give one value per label")
+    fig, ax = pyplot().subplots(figsize=(5.5, 4.0), dpi=120)
     try:
         colors = [_COLORS[i % len(_COLORS)] for i in range(len(labels))]
         bars = ax.bar(list(labels), list(values), color=colors, width=0.6)
@@ -29,9 +46,7 @@ def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[fl
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, max(values, default=1.0) * 1.15 or 1.0)
         ax.spines[["top", "right"]].set_visible(False)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    except BaseException:
+        pyplot().close(fig)
+        raise
+    return save_figure(fig, path)

@@ -85,17 +85,15 @@ class Scheduler:
 
     def abort(self, req_id: str) -> Request | None:
         """Finish `req_id` with reason 'abort' and free its blocks. Unknown ids are ignored."""
+        return self.finish(req_id, FinishReason.ABORT)
+
+    def finish(self, req_id: str, reason: FinishReason) -> Request | None:
+        """Finish from outside (abort, a stop string matched by the detokenizer); returns the request."""
         request = self.requests.get(req_id)
         if request is None or request.is_finished:
             return None
-        self._finish(request, FinishReason.ABORT)
+        self._finish(request, reason)
         return request
-
-    def finish(self, req_id: str, reason: FinishReason) -> None:
-        """Finish from outside (e.g. a stop string matched by the detokenizer)."""
-        request = self.requests.get(req_id)
-        if request is not None and not request.is_finished:
-            self._finish(request, reason)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:

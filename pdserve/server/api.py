@@ -106,74 +106,57 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
 
     @app.post("/v1/completions", dependencies=[Depends(check_auth)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        p = serving.prepare_completion(body)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            return _stream(p, include_usage, _completion_chunk(p, settings.model_name))
-        events = await serving.collect(p, request)
-        text = "".join(e.text for e in events)
-        num_out = sum(len(e.token_ids) for e in events)
-        return JSONResponse({
-            "id": p.req_id, "object": "text_completion", "created": int(time.time()), "model": settings.model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": events[-1].finish_reason if events else "abort",
-                         "logprobs": serving.logprobs_completion(events)}],
-            "usage": usage(p, num_out),
-        })
+        return await _respond(serving.prepare_completion(body), body, request, is_chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)])
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        p = serving.prepare_chat(body)
+        return await _respond(serving.prepare_chat(body), body, request, is_chat=True)
+
+    async def _respond(p: Prepared, body: CompletionRequest | ChatCompletionRequest, request: Request,
+                       is_chat: bool) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return _stream(p, include_usage, _chat_chunk(p, settings.model_name))
+            return StreamingResponse(_stream(p, include_usage, is_chat), media_type="text/event-stream")
         events = await serving.collect(p, request)
-        num_out = sum(len(e.token_ids) for e in events)
+        text = "".join(e.text for e in events)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": events[-1].finish_reason if events else "abort"}
+        if is_chat:
+            choice.update(message={"role": "assistant", "content": text}, logprobs=serving.logprobs_chat(events))
+        else:
+            choice.update(text=text, logprobs=serving.logprobs_completion(events))
         return JSONResponse({
-            "id": p.req_id, "object": "chat.completion", "created": int(time.time()), "model": settings.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
-                         "finish_reason": events[-1].finish_reason if events else "abort",
-                         "logprobs": serving.logprobs_chat(events)}],
-            "usage": usage(p, num_out),
+            "id": p.req_id, "object": "chat.completion" if is_chat else "text_completion",
+            "created": int(time.time()), "model": settings.model_name, "choices": [choice],
+            "usage": usage(p, sum(len(e.token_ids) for e in events)),
         })
 
-    def _completion_chunk(p: Prepared, model: str):  # type: ignore[no-untyped-def]
+    async def _stream(p: Prepared, include_usage: bool, is_chat: bool) -> AsyncIterator[str]:
         created = int(time.time())
+        head = {"id": p.req_id, "object": "chat.completion.chunk" if is_chat else "text_completion",
+                "created": created, "model": settings.model_name}
 
         def chunk(e: Event) -> dict[str, Any]:
-            return {"id": p.req_id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": e.text, "finish_reason": e.finish_reason,
-                                 "logprobs": serving.logprobs_completion([e])}]}
-        return chunk
+            if is_chat:
+                choice = {"index": 0, "delta": {"content": e.text} if e.text else {},
+                          "finish_reason": e.finish_reason, "logprobs": serving.logprobs_chat([e])}
+            else:
+                choice = {"index": 0, "text": e.text, "finish_reason": e.finish_reason,
+                          "logprobs": serving.logprobs_completion([e])}
+            return {**head, "choices": [choice]}
 
-    def _chat_chunk(p: Prepared, model: str):  # type: ignore[no-untyped-def]
-        created = int(time.time())
-
-        def chunk(e: Event) -> dict[str, Any]:
-            return {"id": p.req_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": {"content": e.text} if e.text else {},
-                                 "finish_reason": e.finish_reason, "logprobs": serving.logprobs_chat([e])}]}
-        return chunk
-
-    def _stream(p: Prepared, include_usage: bool, chunk) -> StreamingResponse:  # type: ignore[no-untyped-def]
-        async def body() -> AsyncIterator[str]:
-            num_out = 0
-            if p.req_id.startswith("chatcmpl"):
-                first = chunk(Event("", []))
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                yield sse(first)
-            try:
-                async for e in serving.events(p):
-                    num_out += len(e.token_ids)
-                    if e.text or e.finish_reason or e.logprobs:
-                        yield sse(chunk(e))
-            except (RequestRejected, EngineDeadError) as exc:
-                yield sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed"}})
-            if include_usage:
-                yield sse({"id": p.req_id, "object": "chat.completion.chunk" if p.req_id.startswith("chat")
-                           else "text_completion", "created": int(time.time()), "model": settings.model_name,
-                           "choices": [], "usage": usage(p, num_out)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(body(), media_type="text/event-stream")
+        num_out = 0
+        if is_chat:
+            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None, "logprobs": None}]})
+        try:
+            async for e in serving.events(p):
+                num_out += len(e.token_ids)
+                if e.text or e.finish_reason or e.logprobs:
+                    yield sse(chunk(e))
+        except (RequestRejected, EngineDeadError) as exc:
+            yield sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed"}})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(p, num_out)})
+        yield "data: [DONE]\n\n"
 
     return app

@@ -68,8 +68,9 @@ class Serving:
             raise ApiError(503, f"the server is at its queue limit ({self.max_open_requests} open requests); "
                            "retry later or raise --max-queue-len", "queue_full", "server_error")
 
-    def prepare(self, body: SamplingFields, prompt_token_ids: list[int], default_max_tokens: int | None,
+    def prepare(self, body: SamplingFields, prompt_token_ids: list[int], max_tokens: int | None,
                 num_logprobs: int | None, prefix: str) -> Prepared:
+        """`max_tokens` None means: the rest of the context."""
         info = self.client.info
         assert info is not None
         n = len(prompt_token_ids)
@@ -80,7 +81,7 @@ class Serving:
             raise ApiError(400, f"the prompt has {n} tokens; this model's maximum context length is "
                            f"{info.max_model_len} tokens, so the prompt may have at most {info.max_model_len - 1}; "
                            "shorten it", "context_length_exceeded")
-        max_tokens = body.max_tokens or default_max_tokens or info.max_model_len - n
+        max_tokens = max_tokens or info.max_model_len - n
         if n + max_tokens > info.max_model_len:
             raise ApiError(400, f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} in "
                            f"all, more than this model's maximum context length of {info.max_model_len}; "
@@ -100,7 +101,7 @@ class Serving:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text")
-        return self.prepare(body, ids, 16, body.logprobs, "cmpl")
+        return self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl")
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         self.check_ready(body)
@@ -116,12 +117,11 @@ class Serving:
             raise ApiError(400, str(e)) from None
         except Exception as e:  # noqa: BLE001 - template errors come as jinja exceptions
             raise ApiError(400, f"the chat template rejected these messages: {e}") from None
-        if body.max_completion_tokens is not None and body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
         top = body.top_logprobs if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true")
-        return self.prepare(body, list(ids), None, (top or 0) if body.logprobs else None, "chatcmpl")
+        max_tokens = body.max_tokens or body.max_completion_tokens
+        return self.prepare(body, list(ids), max_tokens, (top or 0) if body.logprobs else None, "chatcmpl")
 
     # ---- generation ----------------------------------------------------------------
 
