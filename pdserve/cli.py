@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from pdserve.config import DTYPES, LOAD_FORMATS, parse_size
+from pdserve.config import DTYPES, LOAD_FORMATS, STORE_KINDS, parse_size
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--seed", type=int, default=0)
+    c = parser.add_argument_group("KV cache tiers (docs/kv-cache.md)")
+    c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse cached prefixes (preempted requests still reuse their own saved blocks)")
+    c.add_argument("--host-kv-cache-memory", type=parse_size, default=None,
+                   help="host tier bytes per rank, e.g. 8GiB (default: none; 256MiB when --kv-store is set)")
+    c.add_argument("--num-host-blocks", type=int, default=None, help="host tier blocks per rank (overrides memory)")
+    c.add_argument("--kv-store", choices=STORE_KINDS, default=None, help="pool tier behind the host tier")
+    c.add_argument("--kv-store-config", default=None,
+                   help="pool options as JSON or a JSON file, e.g. '{\"master\": \"127.0.0.1:50051\"}'")
+    c.add_argument("--no-preempt-save", dest="preempt_save", action="store_false",
+                   help="recompute preempted requests instead of saving their blocks to the host tier")
+    c.add_argument("--cache-output", action="store_true",
+                   help="also write generated tokens' full blocks to the pool at finish (for multi-turn reuse)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,6 +48,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size, device=args.device, seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
+        num_host_blocks=args.num_host_blocks, kv_store=args.kv_store, kv_store_config=args.kv_store_config,
+        preempt_save=args.preempt_save, cache_output=args.cache_output,
     )
 
 
@@ -53,14 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def engine_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from pdserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+    from pdserve.config import make_engine_config
 
-    return EngineConfig(
-        model=ModelConfig(args.model, args.load_format, args.dtype, args.max_model_len, args.seed),
-        cache=CacheConfig(args.block_size, args.num_blocks, args.kv_cache_memory),
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
-        parallel=ParallelConfig(args.tensor_parallel_size, args.device),
-    )
+    return make_engine_config(**engine_kwargs(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

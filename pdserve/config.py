@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -56,13 +57,30 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 
 
+STORE_KINDS = ("mooncake", "file", "memory")
+DEFAULT_STAGING_HOST_MEMORY = 256 << 20  # host tier given to a pool when --host-kv-cache-memory is not set
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """KV cache size: `num_blocks` wins over `kv_cache_memory` (bytes per rank)."""
+    """The KV cache tiers. Sizes are per rank; a block count wins over a memory size.
+
+    device: num_blocks | kv_cache_memory; host: num_host_blocks | host_kv_cache_memory
+    (0 = no host tier); pool: kv_store ("mooncake", "file", "memory") with its options.
+    A pool reads and writes through host blocks, so it gets a host tier of
+    DEFAULT_STAGING_HOST_MEMORY when none is configured.
+    """
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    num_host_blocks: int | None = None
+    host_kv_cache_memory: int | None = None
+    kv_store: str | None = None
+    kv_store_options: dict[str, Any] = field(default_factory=dict)
+    preempt_save: bool = True
+    cache_output: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -71,6 +89,28 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.num_host_blocks is not None and self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be 0 or more, got {self.num_host_blocks}")
+        if self.host_kv_cache_memory is not None and self.host_kv_cache_memory < 0:
+            raise ValueError(f"host_kv_cache_memory must be 0 or more, got {self.host_kv_cache_memory}")
+        if self.kv_store is not None and self.kv_store not in STORE_KINDS:
+            raise ValueError(f"kv_store {self.kv_store!r} is not one of {', '.join(STORE_KINDS)}")
+        if self.kv_store is not None and self.num_host_blocks == 0:
+            raise ValueError("a KV store reads and writes through host blocks; give num_host_blocks > 0")
+        if self.kv_store_options and self.kv_store is None:
+            raise ValueError("kv_store_options given without kv_store; add --kv-store mooncake|file|memory")
+
+    def host_blocks(self, bytes_per_block: int) -> int:
+        """Host tier blocks per rank for blocks of `bytes_per_block` bytes."""
+        if self.num_host_blocks is not None:
+            return self.num_host_blocks
+        memory = self.host_kv_cache_memory
+        if memory is None:
+            memory = DEFAULT_STAGING_HOST_MEMORY if self.kv_store else 0
+        num_blocks = memory // bytes_per_block
+        if memory and num_blocks < 1:
+            raise ValueError(f"host_kv_cache_memory {memory} bytes holds no block of {bytes_per_block} bytes")
+        return num_blocks
 
 
 @dataclass(frozen=True)
@@ -115,3 +155,50 @@ class EngineConfig:
 
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
+
+
+def parse_store_options(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """--kv-store-config: a JSON object, or the path of a file holding one."""
+    import json
+
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    source = text
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--kv-store-config {text!r} is neither a JSON object nor a file")
+        source = path.read_text()
+    try:
+        options = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--kv-store-config is not valid JSON ({e}); write it like "
+                         '\'{"master": "127.0.0.1:50051"}\'') from e
+    if not isinstance(options, dict):
+        raise ValueError("--kv-store-config must be a JSON object")
+    return options
+
+
+def make_engine_config(
+    model: str | None = None, *, dtype: str = "float32", load_format: str = "auto", tensor_parallel_size: int = 1,
+    max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
+    kv_cache_memory: str | int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+    seed: int = 0, device: str = "auto", enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
+    host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
+    kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
+) -> EngineConfig:
+    """The one place keyword arguments (LLM, the command line) become an EngineConfig."""
+    return EngineConfig(
+        model=ModelConfig(model, load_format, dtype, max_model_len, seed),
+        cache=CacheConfig(
+            block_size, num_blocks, None if kv_cache_memory is None else parse_size(kv_cache_memory),
+            enable_prefix_caching=enable_prefix_caching, num_host_blocks=num_host_blocks,
+            host_kv_cache_memory=None if host_kv_cache_memory is None else parse_size(host_kv_cache_memory),
+            kv_store=kv_store, kv_store_options=parse_store_options(kv_store_config), preempt_save=preempt_save,
+            cache_output=cache_output,
+        ),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+        parallel=ParallelConfig(tensor_parallel_size, device),
+    )

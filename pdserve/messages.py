@@ -46,12 +46,51 @@ class ScheduledSeq(msgspec.Struct, frozen=True):
     sampling: SamplingSpec
 
 
+class CacheOps(msgspec.Struct, frozen=True):
+    """Block copies between tiers, run by every rank before the step's forward pass (in field order),
+    and pool writes, run after it. Keys are hex block keys; each rank adds its own rank to the object name."""
+
+    swap_out: list[tuple[int, int]] = []  # (device block, host block): save before the device block is reused
+    swap_in: list[tuple[int, int]] = []  # (host block, device block)
+    pool_put: list[tuple[int, str]] = []  # (host block, key): write through to the pool
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.swap_out or self.swap_in or self.pool_put)
+
+
 class StepPlan(Message):
     """The one decision per step, broadcast to every rank; all ranks execute it."""
 
     step_id: int
     seqs: list[ScheduledSeq]
     finished_req_ids: list[str] = []
+    cache_ops: CacheOps = CacheOps()
+
+
+class LoadFromPool(Message):
+    """Read blocks `keys` from the pool into host blocks `host_block_ids`; every rank answers."""
+
+    load_id: int
+    keys: list[str]
+    host_block_ids: list[int]
+
+
+class StoreCounters(msgspec.Struct, frozen=True):
+    """Pool traffic of one rank since its start (monotonic)."""
+
+    num_errors: int = 0
+    bytes_put: int = 0
+    bytes_get: int = 0
+
+
+class PoolLoaded(Message):
+    """How many leading blocks of a LoadFromPool this rank read completely."""
+
+    load_id: int
+    rank: int
+    num_loaded: int
+    store: StoreCounters = StoreCounters()
 
 
 class ForwardOutput(Message):
@@ -62,6 +101,7 @@ class ForwardOutput(Message):
     token_ids: list[int]
     # per sampled token: [[token_id, logprob], ...], the sampled token first
     logprobs: list[list[tuple[int, float]]] | None = None
+    store: StoreCounters = StoreCounters()
 
 
 class WorkerReady(Message):
@@ -123,6 +163,13 @@ class EngineStats(msgspec.Struct, frozen=True):
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    num_recomputed_tokens: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens_device: int = 0
+    prefix_hit_tokens_host: int = 0
+    prefix_hit_tokens_pool: int = 0
+    num_blocks_saved_on_preemption: int = 0
+    store: StoreCounters = StoreCounters()
 
 
 class EngineOutputs(Message):
@@ -142,8 +189,8 @@ class EngineFailed(Message):
     error: str
 
 
-WorkerToEngine = Union[ForwardOutput, WorkerReady, WorkerError]
-EngineToWorker = Union[StepPlan, Shutdown]
+WorkerToEngine = Union[ForwardOutput, PoolLoaded, WorkerReady, WorkerError]
+EngineToWorker = Union[StepPlan, LoadFromPool, Shutdown]
 ApiToEngine = Union[AddRequest, AbortRequest, Shutdown]
 EngineToApi = Union[EngineOutputs, EngineReady, EngineFailed]
 

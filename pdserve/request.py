@@ -81,6 +81,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # chained keys of the full blocks of prompt + output computed so far (kvcache.keys)
+    block_keys: list[bytes] = field(default_factory=list)
+    # the most tokens ever computed: work below it after a preemption is recompute
+    num_computed_high: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

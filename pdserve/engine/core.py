@@ -12,8 +12,10 @@ import time
 
 from pdserve.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pdserve.kvcache import KVCacheManager
+from pdserve.kvcache.keys import ModelFingerprint
+from pdserve.messages import EngineStats, StoreCounters
 from pdserve.models.arch import ModelArch
-from pdserve.models.loader import ModelSource, load_arch, resolve_model
+from pdserve.models.loader import ModelSource, load_arch, resolve_model, weights_id
 from pdserve.request import FinishReason, Request, SamplingParams
 from pdserve.scheduler.scheduler import RequestUpdate, Scheduler
 from pdserve.worker.executor import Executor, MultiProcExecutor, UniProcExecutor
@@ -35,15 +37,30 @@ def resolve_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
     return wanted
 
 
+def bytes_per_block(config: EngineConfig, arch: ModelArch) -> int:
+    """Bytes of one KV block (all layers, K and V) on one rank."""
+    tp = config.parallel.tensor_parallel_size
+    return arch.kv_bytes_per_token(DTYPE_SIZES[config.model.dtype], tp) * config.cache.block_size
+
+
+def fingerprint(config: EngineConfig, source: ModelSource, arch: ModelArch) -> ModelFingerprint:
+    tp = config.parallel.tensor_parallel_size
+    return ModelFingerprint(
+        weights_id=weights_id(source, config.model.seed), dtype=config.model.dtype,
+        block_size=config.cache.block_size,
+        layout=f"block-major:L{arch.num_layers}x2xT{config.cache.block_size}xH{arch.num_kv_heads // tp}"
+               f"xD{arch.head_dim}",
+        tp_size=tp,
+    )
+
+
 def resolve_num_blocks(config: EngineConfig, arch: ModelArch, max_model_len: int) -> int:
     cache = config.cache
-    tp = config.parallel.tensor_parallel_size
-    bytes_per_block = arch.kv_bytes_per_token(DTYPE_SIZES[config.model.dtype], tp) * cache.block_size
     if cache.num_blocks is not None:
         num_blocks = cache.num_blocks
     else:
         memory = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
-        num_blocks = memory // bytes_per_block
+        num_blocks = memory // bytes_per_block(config, arch)
     capacity = num_blocks * cache.block_size
     if capacity < max_model_len:
         raise ValueError(
@@ -61,16 +78,26 @@ class EngineCore:
         self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
         self.max_model_len = resolve_max_model_len(config, self.arch)
         self.num_blocks = resolve_num_blocks(config, self.arch, self.max_model_len)
+        self.num_host_blocks = config.cache.host_blocks(bytes_per_block(config, self.arch))
         started = time.monotonic()
         self.executor: Executor
         if config.parallel.tensor_parallel_size == 1:
-            self.executor = UniProcExecutor(config, self.source, self.arch, self.num_blocks, self.max_model_len)
+            self.executor = UniProcExecutor(config, self.source, self.arch, self.num_blocks, self.num_host_blocks,
+                                            self.max_model_len)
         else:
-            self.executor = MultiProcExecutor(config, self.num_blocks, self.max_model_len)
-        logger.info("model %s loaded in %.1fs; KV cache %d blocks of %d tokens; max_model_len %d",
-                    self.source.name, time.monotonic() - started, self.num_blocks,
-                    config.cache.block_size, self.max_model_len)
-        self.kv = KVCacheManager(self.num_blocks, config.cache.block_size)
+            self.executor = MultiProcExecutor(config, self.num_blocks, self.num_host_blocks, self.max_model_len)
+        cache = config.cache
+        logger.info("model %s loaded in %.1fs; KV cache %d device blocks of %d tokens, %d host blocks, pool %s, "
+                    "prefix caching %s; max_model_len %d", self.source.name, time.monotonic() - started,
+                    self.num_blocks, cache.block_size, self.num_host_blocks, cache.kv_store or "none",
+                    "on" if cache.enable_prefix_caching else "off", self.max_model_len)
+        self.kv = KVCacheManager(
+            self.num_blocks, cache.block_size, root=fingerprint(config, self.source, self.arch).root(),
+            num_host_blocks=self.num_host_blocks, has_pool=cache.kv_store is not None,
+            enable_prefix_caching=cache.enable_prefix_caching, preempt_save=cache.preempt_save,
+            cache_output=cache.cache_output,
+        )
+        self.store_counters = StoreCounters()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.eos_token_id = self.arch.eos_token_ids[0] if self.arch.eos_token_ids else None
 
@@ -113,11 +140,21 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    @property
+    def has_work(self) -> bool:
+        """Requests to run, or cache writes still to send to the workers."""
+        return self.scheduler.has_work
+
     def step(self) -> list[RequestUpdate]:
+        loads = self.scheduler.plan_pool_loads()
+        if loads:
+            num_loaded, self.store_counters = self.executor.load_from_pool(loads)
+            self.scheduler.finish_pool_loads(loads, num_loaded)
         sched = self.scheduler.schedule()
-        if not sched.plan.seqs:
+        if not sched.plan.seqs and sched.plan.cache_ops.is_empty:
             return []
         output = self.executor.execute(sched.plan)
+        self.store_counters = output.store
         updates = self.scheduler.update(sched, output)
         for update in updates:
             if update.finished:
@@ -126,6 +163,19 @@ class EngineCore:
                             r.finish_reason.value if r.finish_reason else None, len(r.output_token_ids),
                             r.num_preemptions)
         return updates
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats
+        c = self.kv.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocks_total=self.kv.num_blocks, num_blocks_free=self.kv.num_free_blocks,
+            num_preemptions=s.num_preemptions, num_prompt_tokens=s.num_prompt_tokens,
+            num_generation_tokens=s.num_generation_tokens, num_recomputed_tokens=s.num_recomputed_tokens,
+            prefix_query_tokens=c.query_tokens, prefix_hit_tokens_device=c.hit_tokens_device,
+            prefix_hit_tokens_host=c.hit_tokens_host, prefix_hit_tokens_pool=c.hit_tokens_pool,
+            num_blocks_saved_on_preemption=c.blocks_saved_on_preemption, store=self.store_counters,
+        )
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()

@@ -23,7 +23,6 @@ from pdserve.messages import (
     EngineFailed,
     EngineOutputs,
     EngineReady,
-    EngineStats,
     RequestDelta,
     Shutdown,
     decode_from_api,
@@ -40,19 +39,6 @@ class CoreProcSpec(msgspec.Struct, frozen=True):
     output_address: str
     parent_pid: int
     log_level: str = "INFO"
-
-
-def engine_stats(core: EngineCore) -> EngineStats:
-    s = core.scheduler
-    return EngineStats(
-        num_running=len(s.running),
-        num_waiting=len(s.waiting),
-        num_blocks_total=core.kv.num_blocks,
-        num_blocks_free=core.kv.num_free_blocks,
-        num_preemptions=s.stats.num_preemptions,
-        num_prompt_tokens=s.stats.num_prompt_tokens,
-        num_generation_tokens=s.stats.num_generation_tokens,
-    )
 
 
 class CoreLoop:
@@ -79,7 +65,7 @@ class CoreLoop:
     def run(self) -> None:
         dirty = True
         while True:
-            busy = self.core.has_unfinished
+            busy = self.core.has_work
             if self.inputs.poll(0 if busy else 1000):
                 while True:  # drain everything that arrived
                     message = decode_from_api(self.inputs.recv())
@@ -93,7 +79,7 @@ class CoreLoop:
                 return  # the API server is gone
             deltas = self.pending
             self.pending = []
-            if self.core.has_unfinished:
+            if self.core.has_work:
                 for update in self.core.step():
                     r = update.request
                     deltas.append(RequestDelta(
@@ -102,7 +88,7 @@ class CoreLoop:
                     ))
                 dirty = True
             if deltas or dirty:
-                self.outputs.send(encode(EngineOutputs(deltas=deltas, stats=engine_stats(self.core))))
+                self.outputs.send(encode(EngineOutputs(deltas=deltas, stats=self.core.stats())))
                 dirty = False
 
 

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, Union
 
-from pdserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_size
+from pdserve.config import make_engine_config
 from pdserve.engine.core import EngineCore
 from pdserve.engine.tokenizer import Detokenizer, load_tokenizer
 from pdserve.request import CompletionOutput, FinishReason, RequestOutput, SamplingParams
@@ -18,28 +18,10 @@ _counter = itertools.count()
 class LLM:
     """An engine in this process (tensor-parallel ranks in worker processes)."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "float32",
-        load_format: str = "auto",
-        tensor_parallel_size: int = 1,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_memory: str | int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        seed: int = 0,
-        device: str = "auto",
-    ) -> None:
-        self.config = EngineConfig(
-            model=ModelConfig(model, load_format, dtype, max_model_len, seed),
-            cache=CacheConfig(block_size, num_blocks, None if kv_cache_memory is None else parse_size(kv_cache_memory)),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-            parallel=ParallelConfig(tensor_parallel_size, device),
-        )
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """Keyword arguments are those of config.make_engine_config (dtype, num_blocks,
+        host_kv_cache_memory, kv_store, ...), named like the command-line flags."""
+        self.config = make_engine_config(model, **kwargs)
         self.engine = EngineCore(self.config)
         try:
             self.tokenizer = load_tokenizer(self.engine.source)
@@ -135,6 +117,8 @@ class LLM:
                             reasons[req_id] = update.request.finish_reason
                         if req_id in reasons:
                             bar.update(1)
+            while self.engine.has_work:  # send the last cache writes (pool write-through) to the workers
+                self.engine.step()
         except BaseException:
             for req_id in req_ids:
                 self.engine.abort(req_id)

@@ -225,3 +225,30 @@ def ensure_converted(source: ModelSource) -> None:
         return
     logger.info("converting %s to %s (once; later starts reuse it)", source.path, source.converted_dir)
     convert_gguf(source.path, source.converted_dir)
+
+
+def _file_digest(path: Path, sample: int = 1 << 16) -> str:
+    """Name, size and the first and last `sample` bytes of a file: cheap, and equal on every host."""
+    h = hashlib.blake2b(digest_size=16)
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(sample))
+        f.seek(max(0, size - sample))
+        h.update(f.read(sample))
+    return h.hexdigest()
+
+
+def weights_id(source: ModelSource, seed: int) -> str:
+    """A stable id of the weights, the root of every KV block key: equal files give equal ids on any host."""
+    if source.kind == "dummy":
+        config = (source.path / "config.json").read_bytes() if source.path is not None else source.name.encode()
+        return f"dummy-{hashlib.blake2b(config, digest_size=8).hexdigest()}-seed{seed}"
+    assert source.path is not None
+    if source.kind == "gguf":
+        return f"gguf-{_file_digest(source.path)}"
+    h = hashlib.blake2b(digest_size=16)
+    h.update((source.path / "config.json").read_bytes())
+    for path in sorted(source.path.glob("*.safetensors")):
+        h.update(_file_digest(path).encode())
+    return f"hf-{h.hexdigest()}"

@@ -1,10 +1,12 @@
-"""Continuous batching with chunked prefill and preemption by recompute.
+"""Continuous batching with chunked prefill, prefix reuse and preemption.
 
 Each step gives every running request some tokens (1 when caught up, a chunk
 otherwise) within max_num_batched_tokens and max_num_seqs, then admits
-waiting requests FIFO. When blocks run out, the most recently admitted running
-request is preempted: its blocks are freed and it goes back to the front of
-the queue, to recompute prompt + output on readmission.
+waiting requests FIFO, each starting from its longest cached prefix (device,
+host, pool). When blocks run out, the most recently admitted running request
+is preempted: its computed blocks are saved (with a host tier or pool) and it
+goes back to the front of the queue; on readmission it matches what was saved
+and recomputes only the rest.
 
 The scheduler knows nothing about tensors or models.
 """
@@ -16,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
-from pdserve.kvcache.manager import KVCacheManager
-from pdserve.messages import ForwardOutput, SamplingSpec, ScheduledSeq, StepPlan
+from pdserve.kvcache.manager import KVCacheManager, PoolLoad
+from pdserve.messages import CacheOps, ForwardOutput, SamplingSpec, ScheduledSeq, StepPlan
 from pdserve.request import FinishReason, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    num_recomputed_tokens: int = 0  # tokens computed again after a preemption
     num_steps: int = 0
     finished_req_ids: list[str] = field(default_factory=list)
 
@@ -72,6 +75,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._step_id = 0
         self._finished_since_last_plan: list[str] = []
+        self._pool_probed: set[str] = set()  # waiting requests whose pool blocks were already looked up
         # Keep a sliver of blocks free at admission so running requests can grow.
         self._admission_reserve = max(1, kv.num_blocks // 100) if kv.num_blocks > 8 else 0
 
@@ -102,13 +106,38 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        self.kv.free(request.req_id)
+        self.kv.free(request)
+        self._pool_probed.discard(request.req_id)
         del self.requests[request.req_id]
         self._finished_since_last_plan.append(request.req_id)
 
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def has_work(self) -> bool:
+        """Requests to run, or cache ops (e.g. pool writes of finished requests) still to send."""
+        return bool(self.requests) or self.kv.has_pending_ops
+
+    # ---- pool reads, before a step -----------------------------------------------
+
+    def plan_pool_loads(self) -> list[PoolLoad]:
+        """Pool reads for the requests next in line, each looked up once per wait."""
+        loads = []
+        room = self.config.max_num_seqs - len(self.running)
+        for request in list(self.waiting)[:max(0, room)]:
+            if request.req_id in self._pool_probed:
+                continue
+            self._pool_probed.add(request.req_id)
+            load = self.kv.plan_pool_load(request)
+            if load is not None:
+                loads.append(load)
+        return loads
+
+    def finish_pool_loads(self, loads: list[PoolLoad], num_loaded: list[int]) -> None:
+        for load, n in zip(loads, num_loaded):
+            self.kv.finish_pool_load(load, n)
 
     # ---- one step ------------------------------------------------------------
 
@@ -134,7 +163,7 @@ class Scheduler:
 
         Returns False if `request` itself had to be preempted.
         """
-        while not self.kv.allocate_slots(request.req_id, num_tokens):
+        while not self.kv.allocate_slots(request, num_tokens):
             victim = self.running.pop()
             self._preempt(victim)
             if victim is request:
@@ -142,22 +171,30 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request.req_id)
+        self.kv.free(request, preempted=True)
+        self._pool_probed.discard(request.req_id)
+        request.num_computed_high = max(request.num_computed_high, request.num_computed_tokens)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
         self.stats.num_preemptions += 1
-        logger.info("request %s preempted (recompute %d tokens)", request.req_id, request.num_tokens)
+        logger.info("request %s preempted after %d computed tokens", request.req_id, request.num_computed_high)
 
     def _admit(self, budget: int, num_new: dict[str, int]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            match = self.kv.match(request)
+            num_cached = match.num_blocks * self.kv.block_size
+            n = min(request.num_tokens - num_cached, budget)
             reserve = self._admission_reserve if self.running else 0
-            if not self.kv.allocate_slots(request.req_id, n, reserve=reserve):
+            if not self.kv.allocate_slots(request, num_cached + n, reserve=reserve, match=match):
                 break
             self.waiting.popleft()
+            self._pool_probed.discard(request.req_id)
+            request.num_computed_tokens = num_cached
+            if num_cached:
+                logger.debug("request %s reuses %d cached tokens", request.req_id, num_cached)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_new[request.req_id] = n
@@ -181,23 +218,30 @@ class Scheduler:
                 )
             )
         self._step_id += 1
-        plan = StepPlan(step_id=self._step_id, seqs=seqs, finished_req_ids=self._finished_since_last_plan)
-        if seqs:  # an empty plan is not executed; its finished ids ride on the next one
+        is_executed = bool(seqs) or self.kv.has_pending_ops  # else its finished ids ride on the next plan
+        plan = StepPlan(step_id=self._step_id, seqs=seqs, finished_req_ids=self._finished_since_last_plan,
+                        cache_ops=self.kv.take_ops() if is_executed else CacheOps())
+        if is_executed:
             self._finished_since_last_plan = []
         return SchedulerOutput(plan=plan, num_new_tokens=num_new)
 
     def update(self, sched: SchedulerOutput, output: ForwardOutput) -> list[RequestUpdate]:
         """Advance computed tokens, append sampled tokens, finish what is done."""
         self.stats.num_steps += 1
+        self.kv.end_step()
         sampled = dict(zip(output.req_ids, range(len(output.req_ids))))
         updates = []
         for req_id, n in sched.num_new_tokens.items():
             request = self.requests.get(req_id)
             if request is None:  # aborted while the step ran
                 continue
-            if request.num_computed_tokens < request.num_prompt_tokens:
-                self.stats.num_prompt_tokens += min(n, request.num_prompt_tokens - request.num_computed_tokens)
+            start = request.num_computed_tokens
+            if start < request.num_prompt_tokens:
+                self.stats.num_prompt_tokens += min(n, request.num_prompt_tokens - start)
+            if start < request.num_computed_high:
+                self.stats.num_recomputed_tokens += min(n, request.num_computed_high - start)
             request.num_computed_tokens += n
+            self.kv.cache_computed(request)
             index = sampled.get(req_id)
             if index is None:
                 continue
@@ -225,6 +269,8 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+        if self.kv.has_pending_ops:
+            raise AssertionError("cache ops recorded but never sent to the workers")
         for request in self.running:
             held = len(self.kv.block_ids(request.req_id))
             if held * self.kv.block_size < request.num_computed_tokens:

@@ -29,6 +29,23 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS)
         self.requests = Counter("pdserve_requests", "Finished requests by finish reason", ["finish_reason"],
                                 registry=r)
+        self.recomputed_tokens = Counter("pdserve_recomputed_tokens", "Tokens computed again after a preemption",
+                                         registry=r)
+        self.prefix_query_tokens = Counter("pdserve_prefix_cache_query_tokens",
+                                           "Tokens of admitted requests looked up in the prefix cache", registry=r)
+        self.prefix_hit_tokens = Counter("pdserve_prefix_cache_hit_tokens", "Prompt tokens reused, by the tier found in",
+                                         ["tier"], registry=r)
+        self.store_errors = Counter("pdserve_kv_store_errors", "KV pool calls that failed (each read as a miss)",
+                                    registry=r)
+        self.store_bytes = Counter("pdserve_kv_store_bytes", "Bytes written to and read from the KV pool (rank 0)",
+                                   ["op"], registry=r)
+        self.saved_on_preemption = Counter("pdserve_kv_blocks_saved_on_preemption",
+                                           "Blocks saved to the host tier when their request was preempted",
+                                           registry=r)
+        for tier in ("device", "host", "pool"):
+            self.prefix_hit_tokens.labels(tier=tier)
+        for op in ("put", "get"):
+            self.store_bytes.labels(op=op)
         self._last = EngineStats()
 
     def update_engine(self, stats: EngineStats) -> None:
@@ -40,6 +57,19 @@ class Metrics:
         self.prompt_tokens.inc(max(0, stats.num_prompt_tokens - last.num_prompt_tokens))
         self.generation_tokens.inc(max(0, stats.num_generation_tokens - last.num_generation_tokens))
         self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self.recomputed_tokens.inc(max(0, stats.num_recomputed_tokens - last.num_recomputed_tokens))
+        self.prefix_query_tokens.inc(max(0, stats.prefix_query_tokens - last.prefix_query_tokens))
+        for tier, now, before in (
+            ("device", stats.prefix_hit_tokens_device, last.prefix_hit_tokens_device),
+            ("host", stats.prefix_hit_tokens_host, last.prefix_hit_tokens_host),
+            ("pool", stats.prefix_hit_tokens_pool, last.prefix_hit_tokens_pool),
+        ):
+            self.prefix_hit_tokens.labels(tier=tier).inc(max(0, now - before))
+        self.store_errors.inc(max(0, stats.store.num_errors - last.store.num_errors))
+        self.store_bytes.labels(op="put").inc(max(0, stats.store.bytes_put - last.store.bytes_put))
+        self.store_bytes.labels(op="get").inc(max(0, stats.store.bytes_get - last.store.bytes_get))
+        self.saved_on_preemption.inc(
+            max(0, stats.num_blocks_saved_on_preemption - last.num_blocks_saved_on_preemption))
         self._last = stats
 
     def observe_request(self, ttft: float | None, latency: float, num_output_tokens: int, finish_reason: str) -> None:

@@ -20,7 +20,19 @@ import msgspec
 import zmq
 
 from pdserve.config import EngineConfig
-from pdserve.messages import ForwardOutput, Shutdown, StepPlan, WorkerError, WorkerReady, decode_from_worker, encode
+from pdserve.kvcache.manager import PoolLoad
+from pdserve.messages import (
+    ForwardOutput,
+    LoadFromPool,
+    PoolLoaded,
+    Shutdown,
+    StepPlan,
+    StoreCounters,
+    WorkerError,
+    WorkerReady,
+    decode_from_worker,
+    encode,
+)
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource
 
@@ -31,22 +43,33 @@ class Executor(ABC):
         """Run `plan` on every rank; blocks until rank 0's output is back. Raises if a rank failed."""
 
     @abstractmethod
+    def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
+        """Read each load's blocks from the pool into host blocks on every rank; blocks until done.
+
+        Returns, per load, how many leading blocks every rank read, and rank 0's store counters.
+        """
+
+    @abstractmethod
     def shutdown(self) -> None:
         """Release workers and memory; safe to call twice."""
 
 
 class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
-                 max_model_len: int) -> None:
+                 num_host_blocks: int, max_model_len: int) -> None:
         from pdserve.worker.model_runner import ModelRunner
 
-        self.runner = ModelRunner(config, source, arch, num_blocks, max_model_len)
+        self.runner = ModelRunner(config, source, arch, num_blocks, num_host_blocks, max_model_len)
 
     def execute(self, plan: StepPlan) -> ForwardOutput:
         return self.runner.execute(plan)
 
+    def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
+        num_loaded = [self.runner.load_from_pool([k.hex() for k in load.keys], load.host_block_ids) for load in loads]
+        return num_loaded, self.runner.store_counters()
+
     def shutdown(self) -> None:
-        pass  # the runner's memory goes with this object
+        self.runner.close()
 
 
 def _free_port() -> int:
@@ -60,7 +83,8 @@ class WorkerFailed(RuntimeError):
 
 
 class MultiProcExecutor(Executor):
-    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, start_timeout: float = 600) -> None:
+    def __init__(self, config: EngineConfig, num_blocks: int, num_host_blocks: int, max_model_len: int,
+                 start_timeout: float = 600) -> None:
         from pdserve.worker.worker import WorkerSpec, worker_main
 
         self.tp_size = config.parallel.tensor_parallel_size
@@ -77,13 +101,14 @@ class MultiProcExecutor(Executor):
             sock = self._ctx.socket(zmq.PUSH)
             sock.bind(f"ipc://{self._dir}/plan-{rank}")
             self._plans.append(sock)
-            spec = WorkerSpec(config, rank, num_blocks, max_model_len, init_method,
+            spec = WorkerSpec(config, rank, num_blocks, num_host_blocks, max_model_len, init_method,
                               f"ipc://{self._dir}/plan-{rank}", f"ipc://{self._dir}/results", threads, os.getpid())
             proc = mp_ctx.Process(target=worker_main, args=(msgspec.json.encode(spec),),
                                   name=f"pdserve-worker-{rank}", daemon=True)
             proc.start()
             self._procs.append(proc)
         self._closed = False
+        self._load_id = 0
         try:
             ready: set[int] = set()
             while len(ready) < self.tp_size:
@@ -94,7 +119,7 @@ class MultiProcExecutor(Executor):
             self.shutdown()
             raise
 
-    def _recv(self, timeout: float) -> ForwardOutput | WorkerReady:
+    def _recv(self, timeout: float) -> ForwardOutput | PoolLoaded | WorkerReady:
         deadline = time.monotonic() + timeout
         while not self._results.poll(200):
             for rank, proc in enumerate(self._procs):
@@ -115,6 +140,25 @@ class MultiProcExecutor(Executor):
             message = self._recv(timeout=3600)
             if isinstance(message, ForwardOutput) and message.step_id == plan.step_id:
                 return message
+
+    def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
+        num_loaded = []
+        counters = StoreCounters()
+        for load in loads:
+            self._load_id += 1
+            data = encode(LoadFromPool(load_id=self._load_id, keys=[k.hex() for k in load.keys],
+                                       host_block_ids=load.host_block_ids))
+            for sock in self._plans:
+                sock.send(data)
+            answers: dict[int, int] = {}
+            while len(answers) < self.tp_size:
+                message = self._recv(timeout=600)
+                if isinstance(message, PoolLoaded) and message.load_id == self._load_id:
+                    answers[message.rank] = message.num_loaded
+                    if message.rank == 0:
+                        counters = message.store
+            num_loaded.append(min(answers.values()))  # a block counts only if every rank has its shard
+        return num_loaded, counters
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):

@@ -1,7 +1,8 @@
 """Executes one step plan on this rank: builds the flat batch, runs the model, samples.
 
 Owns this rank's KV cache: one allocation
-[num_layers, 2, num_blocks, block_size, num_kv_heads / tp, head_dim].
+[num_layers, 2, num_blocks, block_size, num_kv_heads / tp, head_dim], and its
+host tier and pool client (worker.kv_tiers), whose copies run around the forward.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from pdserve.config import EngineConfig
 from pdserve.layers.attention import BatchLayout
 from pdserve.layers.parallel import get_tp_group
 from pdserve.layers.sampler import Sampler
-from pdserve.messages import ForwardOutput, StepPlan
+from pdserve.messages import ForwardOutput, StepPlan, StoreCounters
 from pdserve.models import build_model
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource
+from pdserve.worker.kv_tiers import KVTiers
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
-                 max_model_len: int) -> None:
+                 num_host_blocks: int, max_model_len: int) -> None:
         self.device = torch.device(config.parallel.resolved_device())
         self.dtype = TORCH_DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
@@ -35,9 +37,31 @@ class ModelRunner:
         )
         self.sampler = Sampler(self.device, seed=config.model.seed)
         self.backend = self.model.attention_backend
+        self.tiers = KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store,
+                             config.cache.kv_store_options) if num_host_blocks else None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ForwardOutput:
+        if self.tiers is not None:
+            self.tiers.copy(plan.cache_ops)
+        output = self._forward(plan)
+        if self.tiers is not None:
+            self.tiers.put(plan.cache_ops)
+            output.store = self.tiers.counters
+        return output
+
+    def load_from_pool(self, keys: list[str], host_block_ids: list[int]) -> int:
+        """Read blocks from the pool into the host tier; how many leading blocks were read."""
+        return self.tiers.load(keys, host_block_ids) if self.tiers is not None else 0
+
+    def store_counters(self) -> StoreCounters:
+        return self.tiers.counters if self.tiers is not None else StoreCounters()
+
+    def close(self) -> None:
+        if self.tiers is not None:
+            self.tiers.close()
+
+    def _forward(self, plan: StepPlan) -> ForwardOutput:
         self.sampler.forget(plan.finished_req_ids)
         if not plan.seqs:
             return ForwardOutput(step_id=plan.step_id, req_ids=[], token_ids=[])

@@ -13,7 +13,7 @@ import zmq
 
 from pdserve.config import EngineConfig
 from pdserve.layers.parallel import init_tp_group
-from pdserve.messages import Shutdown, WorkerError, WorkerReady, decode_from_engine, encode
+from pdserve.messages import LoadFromPool, PoolLoaded, Shutdown, WorkerError, WorkerReady, decode_from_engine, encode
 from pdserve.models.loader import load_arch, resolve_model
 from pdserve.worker.model_runner import ModelRunner
 
@@ -22,6 +22,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     config: EngineConfig
     rank: int
     num_blocks: int
+    num_host_blocks: int
     max_model_len: int
     dist_init_method: str
     plan_address: str
@@ -46,7 +47,8 @@ def worker_main(spec_json: bytes) -> None:
         init_tp_group(spec.rank, config.parallel.tensor_parallel_size,
                       "nccl" if device == "cuda" else "gloo", spec.dist_init_method)
         source = resolve_model(config.model)
-        runner = ModelRunner(config, source, load_arch(source), spec.num_blocks, spec.max_model_len)
+        runner = ModelRunner(config, source, load_arch(source), spec.num_blocks, spec.num_host_blocks,
+                             spec.max_model_len)
         results.send(encode(WorkerReady(rank=spec.rank)))
         while True:
             if not plans.poll(1000):
@@ -55,7 +57,13 @@ def worker_main(spec_json: bytes) -> None:
                 continue
             message = decode_from_engine(plans.recv())
             if isinstance(message, Shutdown):
+                runner.close()
                 return
+            if isinstance(message, LoadFromPool):
+                num_loaded = runner.load_from_pool(message.keys, message.host_block_ids)
+                results.send(encode(PoolLoaded(load_id=message.load_id, rank=spec.rank, num_loaded=num_loaded,
+                                               store=runner.store_counters())))
+                continue
             output = runner.execute(message)
             if spec.rank == 0:
                 results.send(encode(output))

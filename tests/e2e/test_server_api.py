@@ -340,6 +340,12 @@ CONTRACT_METRICS = {
     "pdserve_prompt_tokens_total": "counter", "pdserve_generation_tokens_total": "counter",
     "pdserve_preemptions_total": "counter", "pdserve_time_to_first_token_seconds": "histogram",
     "pdserve_time_per_output_token_seconds": "histogram", "pdserve_request_latency_seconds": "histogram",
+    "pdserve_recomputed_tokens_total": "counter", "pdserve_prefix_cache_query_tokens_total": "counter",
+    "pdserve_kv_store_errors_total": "counter", "pdserve_kv_blocks_saved_on_preemption_total": "counter",
+}
+LABELLED_COUNTERS = {
+    "pdserve_prefix_cache_hit_tokens_total": ('tier="device"', 'tier="host"', 'tier="pool"'),
+    "pdserve_kv_store_bytes_total": ('op="put"', 'op="get"'),
 }
 
 
@@ -351,6 +357,10 @@ def test_metrics_contract_and_counters(server: ServerProcess) -> None:
         assert f"\n{sample} " in text, name
     for name in ("pdserve_time_to_first_token_seconds", "pdserve_request_latency_seconds"):
         assert f'{name}_bucket{{le="+Inf"}}' in text
+    for name, labels in LABELLED_COUNTERS.items():
+        assert f"# TYPE {name} counter\n" in text, name
+        for label in labels:
+            assert f"\n{name}{{{label}}} " in text, (name, label)
 
     before = wait_idle(server.url)
     assert before["pdserve_kv_blocks_total"] > 0
@@ -365,6 +375,8 @@ def test_metrics_contract_and_counters(server: ServerProcess) -> None:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     assert delta("pdserve_prompt_tokens_total") == 21
+    assert delta("pdserve_prefix_cache_query_tokens_total") == 21
+    assert delta('pdserve_prefix_cache_hit_tokens_total{tier="device"}') == 0
     assert delta("pdserve_generation_tokens_total") == 6
     assert delta("pdserve_preemptions_total") == 0
     assert delta("pdserve_time_to_first_token_seconds_count") == 1
@@ -373,3 +385,12 @@ def test_metrics_contract_and_counters(server: ServerProcess) -> None:
     assert delta("pdserve_request_latency_seconds_sum") > 0
     assert delta('pdserve_requests_total{finish_reason="length"}') == 1
     assert after["pdserve_kv_blocks_free"] == after["pdserve_kv_blocks_total"] == before["pdserve_kv_blocks_total"]
+
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                   json={"prompt": prompt_ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    again = wait_idle(server.url)
+    # the same prompt again: its first full block (16 tokens) comes from the device prefix cache
+    assert again['pdserve_prefix_cache_hit_tokens_total{tier="device"}'] - after.get(
+        'pdserve_prefix_cache_hit_tokens_total{tier="device"}', 0.0) == 16
+    assert again["pdserve_prompt_tokens_total"] - after["pdserve_prompt_tokens_total"] == 5

@@ -15,9 +15,11 @@ from pdserve.scheduler.scheduler import RequestUpdate, Scheduler, SchedulerOutpu
 
 def make_scheduler(
     num_blocks: int, block_size: int = 4, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-    max_model_len: int = 1024,
+    max_model_len: int = 1024, **kv_options: object,
 ) -> Scheduler:
-    kv = KVCacheManager(num_blocks, block_size)
+    """Prefix caching is off unless asked for: these prompts share prefixes (range(n))."""
+    kv_options.setdefault("enable_prefix_caching", False)
+    kv = KVCacheManager(num_blocks, block_size, **kv_options)  # type: ignore[arg-type]
     return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), kv, max_model_len)
 
 
@@ -193,7 +195,7 @@ def test_admission_is_head_of_line_fifo() -> None:
     assert [q.req_id for q in sched.plan.seqs] == ["a"]
     assert [r.req_id for r in s.waiting] == ["big", "small"]
     sched, _ = run_step(s)
-    assert {q.req_id: q.block_ids for q in sched.plan.seqs} == {"big": [2, 3, 0], "small": [1]}
+    assert {q.req_id: q.block_ids for q in sched.plan.seqs} == {"big": [2, 3, 1], "small": [0]}  # a freed tail first
     assert [q.req_id for q in sched.plan.seqs] == ["big", "small"]
     assert_all_free(s)
 
@@ -230,7 +232,7 @@ def test_preemption_picks_most_recent_and_recomputes_prompt_plus_output() -> Non
     sched, _ = run_step(s)
     assert s.stats.num_preemptions == 1
     assert [q.req_id for q in sched.plan.seqs] == ["a", "b"]
-    assert seqs_of(sched.plan)["a"].block_ids == [0, 1, 4]
+    assert seqs_of(sched.plan)["a"].block_ids == [0, 1, 5]  # c freed its blocks tail first
     assert [r.req_id for r in s.running] == ["a", "b"]
     assert list(s.waiting) == [c]
     assert c.status is RequestStatus.WAITING
@@ -240,8 +242,8 @@ def test_preemption_picks_most_recent_and_recomputes_prompt_plus_output() -> Non
     assert s.kv.block_ids("c") == []
     assert s.kv.num_free_blocks == 1
 
-    sched, _ = run_step(s)  # b grows into block 5; c still does not fit (9 tokens, 3 blocks)
-    assert seqs_of(sched.plan)["b"].block_ids == [2, 3, 5]
+    sched, _ = run_step(s)  # b grows into block 4; c still does not fit (9 tokens, 3 blocks)
+    assert seqs_of(sched.plan)["b"].block_ids == [2, 3, 4]
     assert [q.req_id for q in sched.plan.seqs] == ["a", "b"]
     assert list(s.waiting) == [c]
 
@@ -255,8 +257,8 @@ def test_preemption_picks_most_recent_and_recomputes_prompt_plus_output() -> Non
     assert seq.token_ids == [*range(200, 207), 1000]
     assert (seq.start_pos, seq.sample) == (0, True)
     assert sched.plan.finished_req_ids == ["a", "b"]
-    # free list after: [0, 1, 4] (a) then [2, 3, 5] (b)
-    assert seq.block_ids == [0, 1]
+    # free list after: [5, 1, 0] (a, tail first) then [4, 3, 2] (b)
+    assert seq.block_ids == [5, 1]
     assert [u.new_token_ids for u in updates] == [[1001]]
     assert c.prompt_token_ids == tuple(range(200, 207))  # the prompt is never mutated
 
@@ -311,7 +313,7 @@ def test_request_that_cannot_grow_preempts_itself_when_it_is_the_most_recent() -
     sched, _ = run_step(s)
     (seq,) = sched.plan.seqs
     assert (seq.req_id, seq.token_ids, seq.start_pos, seq.sample) == ("b", [*range(8), 1000], 0, True)
-    assert seq.block_ids == [2, 3, 0]
+    assert seq.block_ids == [3, 2, 1]  # blocks are freed tail first
     assert b.finish_reason is FinishReason.LENGTH
     assert b.output_token_ids == [1000, 1001]
     assert_all_free(s)

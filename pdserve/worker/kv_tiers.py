@@ -1,0 +1,117 @@
+"""This rank's host tier and pool client: runs the block copies the engine core decided.
+
+Device layout [num_layers, 2, num_blocks, block_size, kv_heads, head_dim];
+host layout (block-major) [num_host_blocks, num_layers, 2, block_size, kv_heads, head_dim],
+so one host block is one contiguous object: the unit of a pool put or get.
+Pool objects are named `<key>@<rank>` (kvcache.keys.object_key).
+
+Store failures never escape: they are counted, logged once per kind, and the
+blocks concerned read as misses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pdserve.kvcache.keys import object_key
+from pdserve.messages import CacheOps, StoreCounters
+from pdserve.store import KVStore, StoreError, open_store
+
+logger = logging.getLogger(__name__)
+
+
+def swap_out(kv_cache: torch.Tensor, host: torch.Tensor, device_ids: list[int], host_ids: list[int]) -> None:
+    """host[h] = kv_cache[:, :, d] for each pair (gather on the device, one copy to the host)."""
+    src = kv_cache.index_select(2, torch.tensor(device_ids, device=kv_cache.device))  # [L, 2, n, bs, h, d]
+    host.index_copy_(0, torch.tensor(host_ids), src.permute(2, 0, 1, 3, 4, 5).to(host.device))
+
+
+def swap_in(kv_cache: torch.Tensor, host: torch.Tensor, host_ids: list[int], device_ids: list[int]) -> None:
+    """kv_cache[:, :, d] = host[h] for each pair (one copy to the device, then a scatter)."""
+    src = host.index_select(0, torch.tensor(host_ids)).to(kv_cache.device, non_blocking=True)  # [n, L, 2, bs, h, d]
+    kv_cache.index_copy_(2, torch.tensor(device_ids, device=kv_cache.device), src.permute(1, 2, 0, 3, 4, 5))
+
+
+class KVTiers:
+    def __init__(self, kv_cache: torch.Tensor, num_host_blocks: int, rank: int, store_kind: str | None,
+                 store_options: dict[str, Any]) -> None:
+        self.kv_cache = kv_cache
+        self.rank = rank
+        num_layers, _, _, block_size, num_heads, head_dim = kv_cache.shape
+        self.host = torch.zeros(num_host_blocks, num_layers, 2, block_size, num_heads, head_dim,
+                                dtype=kv_cache.dtype, pin_memory=kv_cache.is_cuda)
+        self.store: KVStore | None = None
+        self._num_errors = 0
+        self._bytes_put = 0
+        self._bytes_get = 0
+        if store_kind is not None:
+            try:
+                self.store = open_store(store_kind, dict(store_options))
+                self.store.register_buffer(self.host)
+            except StoreError as e:
+                raise RuntimeError(f"cannot open the {store_kind} KV store: {e}") from e
+
+    @property
+    def counters(self) -> StoreCounters:
+        return StoreCounters(num_errors=self._num_errors, bytes_put=self._bytes_put, bytes_get=self._bytes_get)
+
+    def copy(self, ops: CacheOps) -> None:
+        """The copies that must precede the forward pass: save first, then restore."""
+        if ops.swap_out:
+            device_ids, host_ids = zip(*ops.swap_out)
+            swap_out(self.kv_cache, self.host, list(device_ids), list(host_ids))
+        if ops.swap_in:
+            host_ids, device_ids = zip(*ops.swap_in)
+            swap_in(self.kv_cache, self.host, list(host_ids), list(device_ids))
+
+    def put(self, ops: CacheOps) -> None:
+        """Write host blocks through to the pool, skipping objects already there."""
+        if self.store is None or not ops.pool_put:
+            return
+        names = [object_key(key, self.rank) for _, key in ops.pool_put]
+        blocks = [self.host[host_id] for host_id, _ in ops.pool_put]
+        try:
+            present = self.store.exists(names)
+            todo = [i for i, p in enumerate(present) if not p]
+            if not todo:
+                return
+            done = self.store.put([names[i] for i in todo], [blocks[i] for i in todo])
+        except StoreError as e:
+            self._fail("put", e, len(names))
+            return
+        failed = done.count(False)
+        if failed:
+            self._fail("put", f"{failed} of {len(done)} objects not written", failed)
+        self._bytes_put += sum(blocks[i].nbytes for i, ok in zip(todo, done) if ok)
+
+    def load(self, keys: list[str], host_ids: list[int]) -> int:
+        """Read the longest leading run of `keys` into `host_ids`; returns how many blocks were read."""
+        if self.store is None or not keys:
+            return 0
+        names = [object_key(key, self.rank) for key in keys]
+        try:
+            present = self.store.exists(names)
+            num = present.index(False) if False in present else len(present)
+            if num == 0:
+                return 0
+            blocks = [self.host[h] for h in host_ids[:num]]
+            done = self.store.get(names[:num], blocks)
+        except StoreError as e:
+            self._fail("get", e, len(names))
+            return 0
+        num_read = done.index(False) if False in done else len(done)
+        if num_read < num:
+            self._fail("get", f"{num - num_read} of {num} objects listed by exists() could not be read", 1)
+        self._bytes_get += sum(b.nbytes for b in blocks[:num_read])
+        return num_read
+
+    def _fail(self, op: str, error: object, count: int) -> None:
+        self._num_errors += 1
+        logger.warning("KV store %s failed (%s); %d blocks treated as misses", op, error, count)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
