@@ -186,12 +186,13 @@ class KVCacheManager:
         match = match or MatchResult()
         if is_admission and req_id in self._tables:
             raise RuntimeError(f"request {req_id} already holds blocks; a match applies only at admission")
-        self.device.ref(match.device_block_ids)
         held = len(self._tables.get(req_id, ())) + len(match.device_block_ids)
         needed = max(0, num_blocks_for(num_tokens, self.block_size) - held)
-        if needed + reserve > self.device.num_free_blocks or needed < len(match.host_block_ids):
-            self.device.free(match.device_block_ids)
+        # matched blocks that are cached now stop being allocatable once taken: count them before taking anything
+        num_matched_cached = sum(1 for b in match.device_block_ids if self.device.ref_count(b) == 0)
+        if needed + reserve > self.device.num_free_blocks - num_matched_cached or needed < len(match.host_block_ids):
             return False
+        self.device.ref(match.device_block_ids)
         if self.host is not None:
             self.host.ref(match.host_block_ids)
         new_ids, evicted = self.device.allocate(needed)

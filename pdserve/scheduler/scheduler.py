@@ -269,8 +269,6 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
-        if self.kv.has_pending_ops:
-            raise AssertionError("cache ops recorded but never sent to the workers")
         for request in self.running:
             held = len(self.kv.block_ids(request.req_id))
             if held * self.kv.block_size < request.num_computed_tokens:

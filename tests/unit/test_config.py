@@ -240,3 +240,64 @@ def test_resolve_hf_directory_and_gguf_file(tmp_path: Path, monkeypatch: pytest.
 def test_model_arch_rejects_uneven_heads() -> None:
     with pytest.raises(ValueError, match="num_heads 9 is not a multiple of num_kv_heads 2"):
         ModelArch("LlamaForCausalLM", 10, 8, 8, 1, num_heads=9, num_kv_heads=2, head_dim=4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_host_blocks": -1}, "num_host_blocks must be 0 or more, got -1"),
+        ({"host_kv_cache_memory": -5}, "host_kv_cache_memory must be 0 or more"),
+        ({"kv_store": "redis"}, "kv_store 'redis' is not one of mooncake, file, memory"),
+        ({"kv_store": "memory", "num_host_blocks": 0}, "reads and writes through host blocks"),
+        ({"kv_store_options": {"path": "/x"}}, "kv_store_options given without kv_store"),
+    ],
+)
+def test_cache_tier_validation(kwargs: dict, message: str) -> None:
+    from pdserve.config import CacheConfig
+
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**kwargs)
+
+
+def test_host_tier_size() -> None:
+    from pdserve.config import DEFAULT_STAGING_HOST_MEMORY, CacheConfig
+
+    assert CacheConfig().host_blocks(1000) == 0  # no host tier unless asked for
+    assert CacheConfig(num_host_blocks=7, host_kv_cache_memory=10**9).host_blocks(1000) == 7  # the count wins
+    assert CacheConfig(host_kv_cache_memory=10_500).host_blocks(1000) == 10
+    assert CacheConfig(kv_store="memory").host_blocks(1 << 20) == DEFAULT_STAGING_HOST_MEMORY >> 20
+    with pytest.raises(ValueError, match="holds no block of 1000 bytes"):
+        CacheConfig(host_kv_cache_memory=999).host_blocks(1000)
+
+
+def test_store_options_from_json_or_file(tmp_path: Path) -> None:
+    from pdserve.config import make_engine_config, parse_store_options
+
+    assert parse_store_options(None) == {}
+    assert parse_store_options('{"master": "127.0.0.1:50051"}') == {"master": "127.0.0.1:50051"}
+    path = tmp_path / "store.json"
+    path.write_text('{"path": "/tmp/kv"}')
+    assert parse_store_options(str(path)) == {"path": "/tmp/kv"}
+    with pytest.raises(ValueError, match="is neither a JSON object nor a file"):
+        parse_store_options(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        parse_store_options("{master: 1}")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        path.write_text("[1, 2]")
+        parse_store_options(str(path))
+    config = make_engine_config(kv_store="file", kv_store_config=f'{{"path": "{tmp_path}"}}', host_kv_cache_memory="1GiB")
+    assert config.cache.kv_store_options == {"path": str(tmp_path)} and config.cache.host_kv_cache_memory == 1 << 30
+
+
+def test_weights_id_is_stable_and_content_based(tmp_path: Path) -> None:
+    from pdserve.models.loader import ModelSource, weights_id
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, byte in ((a, b"\x01"), (b, b"\x02")):
+        d.mkdir()
+        (d / "config.json").write_text('{"x": 1}')
+        (d / "model.safetensors").write_bytes(byte * 1000)
+    id_a = weights_id(ModelSource("hf", "a", a), seed=0)
+    assert id_a == weights_id(ModelSource("hf", "other-name", a), seed=5)  # the files decide, not the name or seed
+    assert id_a != weights_id(ModelSource("hf", "b", b), seed=0)
+    assert weights_id(ModelSource("dummy", "tiny", None), 0) != weights_id(ModelSource("dummy", "tiny", None), 1)
