@@ -1,4 +1,4 @@
-"""pdserve command line: generate, serve, bench (router and launch come with their issues)."""
+"""pdserve command line: generate, serve, bench, store (router and launch come with their issues)."""
 
 from __future__ import annotations
 
@@ -130,11 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from pdserve.bench import offline
+    from pdserve.bench import kv_tiers, offline
     from pdserve.bench import serve as bench_serve
 
     offline.add_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
+    kv_tiers.add_parser(bench_sub)
+
+    from pdserve.store.master import add_store_parser
+
+    add_store_parser(sub)
     return parser
 
 

@@ -44,6 +44,15 @@ class KVStore(ABC):
     @abstractmethod
     def get(self, keys: list[str], blocks: list[torch.Tensor]) -> list[bool]: ...
 
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no call that already raised StoreError can still touch a block view.
+
+        Backends whose calls can overrun their deadline (Mooncake) override this;
+        returns True when idle. A caller must wait before reusing the views of a
+        failed call.
+        """
+        return True
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; idempotent."""
 

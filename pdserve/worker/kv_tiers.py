@@ -22,6 +22,8 @@ from pdserve.store import KVStore, StoreError, open_store
 
 logger = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 60.0  # longest wait for a timed-out store call to let go of its host blocks
+
 
 def swap_out(kv_cache: torch.Tensor, host: torch.Tensor, device_ids: list[int], host_ids: list[int]) -> None:
     """host[h] = kv_cache[:, :, d] for each pair (gather on the device, one copy to the host)."""
@@ -111,6 +113,9 @@ class KVTiers:
     def _fail(self, op: str, error: object, count: int) -> None:
         self._num_errors += 1
         logger.warning("KV store %s failed (%s); %d blocks treated as misses", op, error, count)
+        if isinstance(error, StoreError) and self.store is not None and not self.store.wait_idle(IDLE_WAIT_S):
+            # NOTE: a call still running inside the store may touch these host blocks; they are reused next step
+            logger.error("KV store call still running after %.0fs; host blocks may be overwritten", IDLE_WAIT_S)
 
     def close(self) -> None:
         if self.store is not None:
