@@ -94,8 +94,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one")
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
     settings = ServerSettings(args.served_model_name or source.name, api_key, args.max_queue_len, args.role)
-    app = build_app(AsyncEngineClient(config, args.log_level.upper()), tokenizer, settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    client = AsyncEngineClient(config, args.log_level.upper())
+    app = build_app(client, tokenizer, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                                           timeout_graceful_shutdown=5))
+    client.on_start_failure = lambda _: setattr(server, "should_exit", True)  # a server with no engine is no use
+    server.run()
+    if client.start_failure is not None:
+        print(f"pdserve: error: the engine failed to start: {client.start_failure}", file=sys.stderr)
+        return 1
     return 0
 
 

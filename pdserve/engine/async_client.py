@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -70,6 +70,8 @@ class AsyncEngineClient:
         self._from_core.bind(f"ipc://{self._dir}/from-core")
         self._proc: mp.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.start_failure: str | None = None  # why the engine core failed before it was ever ready
+        self.on_start_failure: Callable[[str], None] | None = None  # e.g. stop the HTTP server
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -143,6 +145,10 @@ class AsyncEngineClient:
             elif isinstance(message, EngineFailed):
                 logger.error("engine core failed: %s", message.error)
                 self._fail_all(message.error)
+                if self.info is None:
+                    self.start_failure = message.error
+                    if self.on_start_failure is not None:
+                        self.on_start_failure(message.error)
             elif isinstance(message, EngineOutputs):
                 self.stats = message.stats
                 for delta in message.deltas:

@@ -88,6 +88,8 @@ class KVCacheManager:
         self._num_named: dict[str, int] = {}  # leading blocks of a table already offered to the index
         self._saved: set[str] = set()  # preempted requests whose blocks were saved
         self._loaded_from_pool: dict[str, set[bytes]] = {}  # keys just read for a waiting request
+        self._held_for_admission: dict[str, list[int]] = {}  # host blocks read for a waiting request, held
+        self._loading: dict[str, list[int]] = {}  # host blocks of planned pool loads not yet finished
         self._pool_keys: OrderedDict[bytes, None] = OrderedDict()  # keys known to be in the pool
         self._ops = _OpsBuilder()
         self._refs_pending: list[int] = []  # host refs of recorded ops not yet in a plan
@@ -158,17 +160,27 @@ class KVCacheManager:
         self.host.free(match.host_block_ids)
         if not host_ids:
             return None
+        self._loading[request.req_id] = host_ids
         return PoolLoad(request.req_id, keys[:num], host_ids)
 
     def finish_pool_load(self, load: PoolLoad, num_loaded: int) -> None:
         """Name the first `num_loaded` blocks (read completely on every rank); free the rest."""
         assert self.host is not None
+        self._loading.pop(load.req_id, None)
         for key, host_id in zip(load.keys[:num_loaded], load.host_block_ids):
             self.host.cache(host_id, key)
             self._remember_pool_key(key)
         self._loaded_from_pool[load.req_id] = set(load.keys[:num_loaded])
         self.host.free(load.host_block_ids[num_loaded:])
-        self.host.free(load.host_block_ids[:num_loaded])  # now cached, most recently used
+        # the blocks read stay held for the request until it is admitted (or freed), so that other
+        # admissions in the meantime cannot evict them
+        self._release_loaded(load.req_id)
+        self._held_for_admission[load.req_id] = load.host_block_ids[:num_loaded]
+
+    def _release_loaded(self, req_id: str) -> None:
+        held = self._held_for_admission.pop(req_id, None)
+        if held and self.host is not None:
+            self.host.free(held)
 
     # ---- allocation ----------------------------------------------------------------
 
@@ -212,12 +224,14 @@ class KVCacheManager:
         if is_admission:
             self._count_hits(request, match)
             self._loaded_from_pool.pop(req_id, None)
+            self._release_loaded(req_id)  # the matched ones are referenced by the swap-ins now
         table.extend(new_ids)
         return True
 
     def _count_hits(self, request: Request, match: MatchResult) -> None:
         bs = self.block_size
-        self.stats.query_tokens += request.num_tokens
+        if self._can_match(request):  # with prefix caching off, only a preempted request looks up (its own blocks)
+            self.stats.query_tokens += request.num_tokens
         self.stats.hit_tokens_device += len(match.device_block_ids) * bs
         self.stats.hit_tokens_pool += match.num_pool_blocks * bs
         self.stats.hit_tokens_host += (len(match.host_block_ids) - match.num_pool_blocks) * bs
@@ -252,6 +266,7 @@ class KVCacheManager:
         self._num_named.pop(req_id, None)
         self._saved.discard(req_id)
         self._loaded_from_pool.pop(req_id, None)
+        self._release_loaded(req_id)
         if not table:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(table))
@@ -335,6 +350,16 @@ class KVCacheManager:
             if self.device.ref_count(block_id) != held.get(block_id, 0):
                 raise AssertionError(f"device block {block_id}: {self.device.ref_count(block_id)} references, "
                                      f"{held.get(block_id, 0)} tables hold it")
+        if self.host is not None:
+            host_held: dict[int, int] = {}
+            for block_id in [*self._refs_pending, *self._refs_in_flight,
+                             *(b for ids in self._held_for_admission.values() for b in ids),
+                             *(b for ids in self._loading.values() for b in ids)]:
+                host_held[block_id] = host_held.get(block_id, 0) + 1
+            for block_id in range(self.host.num_blocks):
+                if self.host.ref_count(block_id) != host_held.get(block_id, 0):
+                    raise AssertionError(f"host block {block_id}: {self.host.ref_count(block_id)} references, "
+                                         f"{host_held.get(block_id, 0)} held by ops or waiting requests")
 
 
 class _OpsBuilder:

@@ -81,7 +81,7 @@ class KVTiers:
             if not todo:
                 return
             done = self.store.put([names[i] for i in todo], [blocks[i] for i in todo])
-        except StoreError as e:
+        except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash (StoreError expected)
             self._fail("put", e, len(names))
             return
         failed = done.count(False)
@@ -101,7 +101,7 @@ class KVTiers:
                 return 0
             blocks = [self.host[h] for h in host_ids[:num]]
             done = self.store.get(names[:num], blocks)
-        except StoreError as e:
+        except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash (StoreError expected)
             self._fail("get", e, len(names))
             return 0
         num_read = done.index(False) if False in done else len(done)
@@ -112,7 +112,8 @@ class KVTiers:
 
     def _fail(self, op: str, error: object, count: int) -> None:
         self._num_errors += 1
-        logger.warning("KV store %s failed (%s); %d blocks treated as misses", op, error, count)
+        logger.warning("KV store %s failed (%s); %d blocks treated as misses", op, error, count,
+                       exc_info=isinstance(error, Exception) and not isinstance(error, StoreError))
         if isinstance(error, StoreError) and self.store is not None and not self.store.wait_idle(IDLE_WAIT_S):
             # NOTE: a call still running inside the store may touch these host blocks; they are reused next step
             logger.error("KV store call still running after %.0fs; host blocks may be overwritten", IDLE_WAIT_S)

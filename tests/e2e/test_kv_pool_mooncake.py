@@ -125,3 +125,20 @@ def test_killing_the_master_mid_run_falls_back_to_recompute(master: MasterProces
         assert r.status_code == 200
     finally:
         assert_clean_exit(server, *server.stop())
+
+
+@pytest.mark.timeout(180)
+def test_unreachable_master_stops_the_server_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = {"master": f"127.0.0.1:{free_port()}", "metadata": f"http://127.0.0.1:{free_port()}/metadata"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(free_port()), *FLAGS,
+         "--kv-store-config", json.dumps(dead)],
+        capture_output=True, text=True, timeout=150,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("pdserve: error: the engine failed to start: "), last
+    assert f"cannot reach the Mooncake master at {dead['master']}" in last and "pdserve store start" in last

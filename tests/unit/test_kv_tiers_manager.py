@@ -390,8 +390,9 @@ def test_pool_load_names_only_the_blocks_read_completely() -> None:
     kv.finish_pool_load(load, 2)  # every rank read the first 2
     kv.check_integrity()
     assert [host(kv).lookup(key) for key in k] == [0, 1, None]
-    assert [host(kv).ref_count(h) for h in range(4)] == [0, 0, 0, 0]
-    assert (host(kv).num_free_blocks, host(kv).num_cached_blocks) == (4, 2)
+    # the blocks read stay held for r until its admission, so no other admission can evict them
+    assert [host(kv).ref_count(h) for h in range(4)] == [1, 1, 0, 0]
+    assert (host(kv).num_free_blocks, host(kv).num_cached_blocks) == (2, 0)
     assert kv.match(r) == MatchResult([], [0, 1], num_pool_blocks=2)
 
     assert admit(kv, r) == MatchResult([], [0, 1], num_pool_blocks=2)
@@ -496,7 +497,8 @@ def test_preemption_saves_computed_full_blocks_and_readmission_swaps_them_in() -
     assert v.num_computed_tokens == 8
     assert [kv.device.key_of(b) for b in (3, 2)] == [None, None]
     assert step(kv) == CacheOps(swap_in=[(0, 3), (1, 2)])
-    assert kv.stats == CacheStats(query_tokens=20, hit_tokens_host=8, blocks_saved_on_preemption=2)
+    # with prefix caching off only the readmission of a preempted request looks anything up
+    assert kv.stats == CacheStats(query_tokens=10, hit_tokens_host=8, blocks_saved_on_preemption=2)
     compute(kv, v)
     kv.free(v)
     assert kv.match(v) == MatchResult()  # finished: no longer saved
@@ -573,4 +575,34 @@ def test_preemption_save_with_a_full_host_loses_blocks_quietly() -> None:
     assert admit(kv, v) == MatchResult([], [0])
     assert step(kv) == CacheOps(swap_in=[(0, 3)])  # device free list [3, 2, 1, 0]
     kv.free(v)
+    assert_all_free(kv)
+
+
+def test_blocks_read_from_the_pool_survive_other_admissions_until_their_own() -> None:
+    """Two waiting requests read their prefixes in one step; the first one's admission evicts device
+    blocks to the host tier, which must not evict the blocks just read for the second."""
+    kv = KVCacheManager(8, BS, num_host_blocks=6, has_pool=True)
+    w = make_request("w", range(1000, 1032))  # 8 blocks: fills the device, then stays cached there
+    admit(kv, w, w.num_tokens)
+    compute(kv, w)
+    kv.free(w)
+    step(kv)
+    a, b = make_request("a", range(100, 116)), make_request("b", range(200, 216))
+    loads = [kv.plan_pool_load(a), kv.plan_pool_load(b)]
+    assert [load.host_block_ids for load in loads if load is not None] == [[0, 1, 2], [3, 4, 5]]
+    for load in loads:
+        assert load is not None
+        kv.finish_pool_load(load, len(load.keys))
+        kv.check_integrity()
+    assert kv.match(b) == MatchResult([], [3, 4, 5], num_pool_blocks=3)
+    assert admit(kv, a, a.num_tokens) == MatchResult([], [0, 1, 2], num_pool_blocks=3)  # evicts device blocks to the host
+    kv.check_integrity()
+    assert kv.match(b) == MatchResult([], [3, 4, 5], num_pool_blocks=3)  # still there
+    assert admit(kv, b, b.num_tokens) == MatchResult([], [3, 4, 5], num_pool_blocks=3)
+    assert kv.stats.hit_tokens_pool == 2 * 3 * BS
+    step(kv)
+    for r in (a, b):
+        compute(kv, r)
+        kv.free(r)
+    step(kv)
     assert_all_free(kv)
