@@ -21,6 +21,7 @@ import pytest
 from helpers import require_module  # noqa: E402
 
 require_module("mooncake.store")
+pytest.register_assert_rewrite("server_fixtures")  # before the import below: its asserts explain failures
 
 from server_fixtures import ServerProcess, assert_clean_exit, free_port, wait_idle  # noqa: E402
 
