@@ -69,7 +69,8 @@ class StepPlan(Message):
 
 
 class LoadFromPool(Message):
-    """Read blocks `keys` from the pool into host blocks `host_block_ids`; every rank answers."""
+    """Read blocks `keys` from the pool into host blocks `host_block_ids`; every rank answers.
+    With no host blocks it only counts how many leading keys the pool holds."""
 
     load_id: int
     keys: list[str]

@@ -146,7 +146,14 @@ class EngineCore:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestUpdate]:
-        loads = self.scheduler.plan_pool_loads()
+        lookups = self.scheduler.pool_lookups()
+        loads = []
+        if lookups and self.kv.has_pending_ops:  # let finished requests' pool writes land before looking up
+            flush = self.scheduler.cache_ops_plan()
+            self.scheduler.update(flush, self.executor.execute(flush.plan))
+        if lookups:  # ask the pool first, so that host blocks are taken only for blocks it holds
+            num_in_pool = self.executor.count_in_pool([keys for _, keys in lookups])
+            loads = self.scheduler.plan_pool_loads(lookups, num_in_pool)
         if loads:
             num_loaded, self.store_counters = self.executor.load_from_pool(loads)
             self.scheduler.finish_pool_loads(loads, num_loaded)

@@ -145,15 +145,25 @@ class KVCacheManager:
         host_keys = keys[len(device_ids):len(device_ids) + len(host_ids)]
         return MatchResult(device_ids, host_ids, sum(1 for key in host_keys if key in loaded))
 
-    def plan_pool_load(self, request: Request) -> PoolLoad | None:
+    def pool_lookup_keys(self, request: Request) -> list[bytes]:
+        """The keys worth looking up in the pool for `request`: those after its device and host hits."""
+        if not self.has_pool or self.host is None or not self._can_match(request):
+            return []
+        return self._matchable_keys(request)[self.match(request).num_blocks:]
+
+    def plan_pool_load(self, request: Request, num_in_pool: int | None = None) -> PoolLoad | None:
         """Host blocks to read the request's next cached blocks into from the pool, or None.
 
-        The target blocks are held (not matchable, not evictable) until finish_pool_load.
+        num_in_pool: how many of pool_lookup_keys the pool holds (None: try them all); only that
+        many host blocks are taken, so a lookup that finds nothing evicts nothing. The target
+        blocks are held (not matchable, not evictable) until finish_pool_load.
         """
-        if not self.has_pool or self.host is None or not self._can_match(request):
+        keys = self.pool_lookup_keys(request)
+        if num_in_pool is not None:
+            keys = keys[:num_in_pool]
+        if not keys or self.host is None:
             return None
         match = self.match(request)
-        keys = self._matchable_keys(request)[match.num_blocks:]
         self.host.ref(match.host_block_ids)  # never evict the host hits we are extending
         num = min(len(keys), self.host.num_free_blocks)
         host_ids, _ = self.host.allocate(num)  # evicted host blocks are dropped: the pool has them

@@ -122,15 +122,28 @@ class Scheduler:
 
     # ---- pool reads, before a step -----------------------------------------------
 
-    def plan_pool_loads(self) -> list[PoolLoad]:
-        """Pool reads for the requests next in line, each looked up once per wait."""
-        loads = []
+    def pool_lookups(self) -> list[tuple[Request, list[bytes]]]:
+        """The requests next in line with the keys to look up in the pool, each request once per wait."""
+        lookups = []
         room = self.config.max_num_seqs - len(self.running)
         for request in list(self.waiting)[:max(0, room)]:
             if request.req_id in self._pool_probed:
                 continue
             self._pool_probed.add(request.req_id)
-            load = self.kv.plan_pool_load(request)
+            keys = self.kv.pool_lookup_keys(request)
+            if keys:
+                lookups.append((request, keys))
+        return lookups
+
+    def plan_pool_loads(self, lookups: list[tuple[Request, list[bytes]]] | None = None,
+                        num_in_pool: list[int] | None = None) -> list[PoolLoad]:
+        """Pool reads for `lookups` (default: pool_lookups()), each limited to the blocks the pool holds."""
+        if lookups is None:
+            lookups = self.pool_lookups()
+        counts: list[int | None] = list(num_in_pool) if num_in_pool is not None else [None] * len(lookups)
+        loads = []
+        for (request, _), count in zip(lookups, counts):
+            load = self.kv.plan_pool_load(request, count)
             if load is not None:
                 loads.append(load)
         return loads
@@ -199,6 +212,11 @@ class Scheduler:
             self.running.append(request)
             num_new[request.req_id] = n
             budget -= n
+
+    def cache_ops_plan(self) -> SchedulerOutput:
+        """A plan that only runs the recorded cache ops (e.g. pool writes of finished requests, before the
+        pool is asked for them); execute it and pass it to update() like any other."""
+        return self._build_plan({})
 
     def _build_plan(self, num_new: dict[str, int]) -> SchedulerOutput:
         seqs = []

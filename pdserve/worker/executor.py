@@ -43,6 +43,10 @@ class Executor(ABC):
         """Run `plan` on every rank; blocks until rank 0's output is back. Raises if a rank failed."""
 
     @abstractmethod
+    def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
+        """Per list, how many leading keys the pool holds for every rank (an existence query; blocks)."""
+
+    @abstractmethod
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
         """Read each load's blocks from the pool into host blocks on every rank; blocks until done.
 
@@ -63,6 +67,9 @@ class UniProcExecutor(Executor):
 
     def execute(self, plan: StepPlan) -> ForwardOutput:
         return self.runner.execute(plan)
+
+    def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
+        return [self.runner.count_in_pool([k.hex() for k in keys]) for keys in key_lists]
 
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
         num_loaded = [self.runner.load_from_pool([k.hex() for k in load.keys], load.host_block_ids) for load in loads]
@@ -141,24 +148,32 @@ class MultiProcExecutor(Executor):
             if isinstance(message, ForwardOutput) and message.step_id == plan.step_id:
                 return message
 
+    def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
+        return [self._pool_call([k.hex() for k in keys], [])[0] for keys in key_lists]
+
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
         num_loaded = []
         counters = StoreCounters()
         for load in loads:
-            self._load_id += 1
-            data = encode(LoadFromPool(load_id=self._load_id, keys=[k.hex() for k in load.keys],
-                                       host_block_ids=load.host_block_ids))
-            for sock in self._plans:
-                sock.send(data)
-            answers: dict[int, int] = {}
-            while len(answers) < self.tp_size:
-                message = self._recv(timeout=600)
-                if isinstance(message, PoolLoaded) and message.load_id == self._load_id:
-                    answers[message.rank] = message.num_loaded
-                    if message.rank == 0:
-                        counters = message.store
-            num_loaded.append(min(answers.values()))  # a block counts only if every rank has its shard
+            n, counters = self._pool_call([k.hex() for k in load.keys], load.host_block_ids)
+            num_loaded.append(n)
         return num_loaded, counters
+
+    def _pool_call(self, keys: list[str], host_block_ids: list[int]) -> tuple[int, StoreCounters]:
+        """LoadFromPool on every rank (no host blocks: count only); the least any rank answered."""
+        self._load_id += 1
+        data = encode(LoadFromPool(load_id=self._load_id, keys=keys, host_block_ids=host_block_ids))
+        for sock in self._plans:
+            sock.send(data)
+        answers: dict[int, int] = {}
+        counters = StoreCounters()
+        while len(answers) < self.tp_size:
+            message = self._recv(timeout=600)
+            if isinstance(message, PoolLoaded) and message.load_id == self._load_id:
+                answers[message.rank] = message.num_loaded
+                if message.rank == 0:
+                    counters = message.store
+        return min(answers.values()), counters  # a block counts only if every rank has its shard
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):

@@ -89,6 +89,17 @@ class KVTiers:
             self._fail("put", f"{failed} of {len(done)} objects not written", failed)
         self._bytes_put += sum(blocks[i].nbytes for i, ok in zip(todo, done) if ok)
 
+    def count_present(self, keys: list[str]) -> int:
+        """How many leading `keys` the pool holds (for this rank); 0 on any store failure."""
+        if self.store is None or not keys:
+            return 0
+        try:
+            present = self.store.exists([object_key(key, self.rank) for key in keys])
+        except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash (StoreError expected)
+            self._fail("exists", e, len(keys))
+            return 0
+        return present.index(False) if False in present else len(present)
+
     def load(self, keys: list[str], host_ids: list[int]) -> int:
         """Read the longest leading run of `keys` into `host_ids`; returns how many blocks were read."""
         if self.store is None or not keys:

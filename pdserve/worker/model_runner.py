@@ -54,6 +54,10 @@ class ModelRunner:
         """Read blocks from the pool into the host tier; how many leading blocks were read."""
         return self.tiers.load(keys, host_block_ids) if self.tiers is not None else 0
 
+    def count_in_pool(self, keys: list[str]) -> int:
+        """How many leading `keys` the pool holds for this rank."""
+        return self.tiers.count_present(keys) if self.tiers is not None else 0
+
     def store_counters(self) -> StoreCounters:
         return self.tiers.counters if self.tiers is not None else StoreCounters()
 

@@ -60,7 +60,8 @@ def worker_main(spec_json: bytes) -> None:
                 runner.close()
                 return
             if isinstance(message, LoadFromPool):
-                num_loaded = runner.load_from_pool(message.keys, message.host_block_ids)
+                num_loaded = (runner.load_from_pool(message.keys, message.host_block_ids) if message.host_block_ids
+                              else runner.count_in_pool(message.keys))
                 results.send(encode(PoolLoaded(load_id=message.load_id, rank=spec.rank, num_loaded=num_loaded,
                                                store=runner.store_counters())))
                 continue

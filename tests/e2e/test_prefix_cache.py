@@ -116,3 +116,25 @@ def test_preempted_request_resumes_from_saved_blocks(default_hf_model):
                                                                    params, use_tqdm=False)]
     _assert_same(saved_out, reference, prompts, default_hf_model, "preempted with saving")
     _assert_same(plain_out, reference, prompts, default_hf_model, "preempted, recomputed")
+
+
+def test_tensor_parallel_ranks_share_one_pool_by_rank(tmp_path):
+    """TP=2: each rank writes and reads its own shard (`<key>@<rank>`); a block counts when both have it."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(0, 500) for _ in range(70)] for _ in range(4)]  # 4 full blocks each
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    common = dict(load_format="dummy", max_model_len=128, tensor_parallel_size=2, max_num_seqs=1)
+    with LLM("tiny", **common) as llm:
+        reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                  params, use_tqdm=False)]
+    # 8 device blocks and 2 host blocks: the second round finds most blocks only in the pool
+    with LLM("tiny", **common, num_blocks=8, num_host_blocks=2, kv_store="file",
+             kv_store_config={"path": str(tmp_path / "pool")}) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts], params, use_tqdm=False)
+        stats = llm.engine.stats()
+        llm.engine.check_integrity()
+    assert [o.outputs[0].token_ids for o in outs] == reference + reference
+    # each repeat reads the 2 blocks the host tier can stage: 4 repeats x 2 blocks x 16 tokens
+    assert stats.prefix_hit_tokens_pool == 4 * 2 * 16, stats
+    names = sorted(p.name for p in (tmp_path / "pool").rglob("*") if p.is_file())
+    assert len(names) == 2 * 16  # 16 blocks, one object per rank

@@ -606,3 +606,24 @@ def test_blocks_read_from_the_pool_survive_other_admissions_until_their_own() ->
         kv.free(r)
     step(kv)
     assert_all_free(kv)
+
+
+def test_a_pool_lookup_that_finds_nothing_evicts_nothing_from_the_host() -> None:
+    kv = KVCacheManager(8, BS, num_host_blocks=3, has_pool=True)
+    a = make_request("a", range(100, 109))  # 2 full blocks
+    admit(kv, a, a.num_tokens)
+    compute(kv, a)
+    kv.free(a)  # write-through: a's 2 blocks go to host blocks 0, 1 (and the pool)
+    step(kv)
+    assert [host(kv).lookup(key) for key in keys(range(100, 108))] == [0, 1]
+    cold = make_request("cold", range(500, 513))
+    assert kv.pool_lookup_keys(cold) == keys(range(500, 512))
+    assert kv.plan_pool_load(cold, num_in_pool=0) is None  # the pool has none of them
+    assert [host(kv).lookup(key) for key in keys(range(100, 108))] == [0, 1]  # a's host copies are intact
+    load = kv.plan_pool_load(cold, num_in_pool=1)  # the pool holds the first block only: one host block taken
+    assert load == PoolLoad("cold", keys(range(500, 504)), [2])
+    assert [host(kv).lookup(key) for key in keys(range(100, 108))] == [0, 1]
+    kv.finish_pool_load(load, 1)
+    kv.free(cold)
+    kv.check_integrity()
+    assert_all_free(kv)
