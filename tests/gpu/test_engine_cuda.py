@@ -37,3 +37,22 @@ def test_llama3_8b_shape_bf16_on_cuda():
         outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
         assert [len(o.outputs[0].token_ids) for o in outs] == [16, 16, 16]
         assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
+
+
+def test_host_tier_and_pool_on_cuda_give_the_same_tokens(tiny_models, tmp_path):
+    """Swap-out to pinned host blocks, swap-in back to the GPU, file pool reads: the same greedy tokens."""
+    path = str(tiny_models["llama"])
+    rng = random.Random(2)
+    prompts = [[rng.randrange(2, 512) for _ in range(70)] for _ in range(4)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(path, device="cuda", num_blocks=64, max_model_len=128) as llm:
+        reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                  params, use_tqdm=False)]
+    with LLM(path, device="cuda", num_blocks=8, num_host_blocks=6, max_model_len=128, max_num_seqs=1,
+             kv_store="file", kv_store_config={"path": str(tmp_path / "pool")}) as llm:
+        assert llm.engine.executor.runner.tiers.host.is_pinned()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts * 3], params, use_tqdm=False)
+        stats = llm.engine.stats()
+        llm.engine.check_integrity()
+    assert [o.outputs[0].token_ids for o in outs] == reference * 3
+    assert stats.prefix_hit_tokens_host > 0 and stats.prefix_hit_tokens_pool > 0, stats
