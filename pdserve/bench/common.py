@@ -5,10 +5,12 @@ Knows nothing about engines: a benchmark hands it token ids, numbers and paths.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -152,3 +154,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what a --label may hold: it becomes part of a file name
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--result-dir, --label and --no-tqdm, shared by the benchmarks that write labelled results."""
+    o = parser.add_argument_group("output")
+    o.add_argument("--result-dir", type=Path, default=Path("bench/results"))
+    o.add_argument("--label", default=None, help="file name suffix instead of the timestamp")
+    o.add_argument("--no-tqdm", dest="use_tqdm", action="store_false", help="no progress bar")

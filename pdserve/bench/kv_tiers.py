@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import math
-import re
 import shlex
 import signal
 import sys
@@ -34,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.common import code_version, machine_info, now_iso, write_json
+from pdserve.bench.common import LABEL_RE, add_output_args, code_version, machine_info, now_iso, write_json
 from pdserve.bench.datasets import Conversation, DatasetConfig, build_dataset, dataset_stats, load_tokenizer
 from pdserve.bench.launch import BenchServerError, ServerProcess, free_port, scrape
 from pdserve.bench.plot import pyplot, save_figure
@@ -58,7 +57,6 @@ DESCRIPTIONS = {
 POOLS = ("mooncake", "file", "memory")
 DATASETS = ("multi-turn", "shared-prefix")
 SETTLE_TIMEOUT_S = 60.0
-_LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 # JSON name -> Prometheus sample of a counter whose change over a run is recorded
 COUNTERS = {
     "prompt_tokens_computed": "pdserve_prompt_tokens_total",
@@ -377,10 +375,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "running requests fit the device tier and nothing is preempted)")
     w.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
-    o = p.add_argument_group("output")
-    o.add_argument("--result-dir", type=Path, default=Path("bench/results"))
-    o.add_argument("--label", default=None, help="file name suffix instead of the timestamp")
-    o.add_argument("--no-tqdm", dest="use_tqdm", action="store_false", help="no progress bars")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 
@@ -396,7 +391,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_blocks < 1 or args.num_host_blocks < 1:
         raise ValueError(f"--num-blocks and --num-host-blocks must be at least 1, got {args.num_blocks} and "
                          f"{args.num_host_blocks}")
-    if args.label is not None and not _LABEL.match(args.label):
+    if args.label is not None and not LABEL_RE.match(args.label):
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
 
 

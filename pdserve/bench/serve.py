@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.bench.common import code_version, machine_info, now_iso, write_json
+from pdserve.bench.common import LABEL_RE, add_output_args, code_version, machine_info, now_iso, write_json
 from pdserve.bench.datasets import (
     DATASETS,
     Conversation,
@@ -37,7 +36,6 @@ from pdserve.bench.sse import SSEDecoder, parse_chunk
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 MAX_ERRORS_RECORDED = 10
-_LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class BenchServeError(RuntimeError):
@@ -72,7 +70,7 @@ class ServeBenchConfig:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
         if not self.timeout_s > 0:
             raise ValueError(f"--timeout must be above 0 seconds, got {self.timeout_s}")
-        if self.label is not None and not _LABEL.match(self.label):
+        if self.label is not None and not LABEL_RE.match(self.label):
             raise ValueError(f"--label {self.label!r} may hold only letters, digits, '.', '_' and '-'")
 
     @property
@@ -348,10 +346,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
                    help="SLOs in ms, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
-    o = p.add_argument_group("output")
-    o.add_argument("--result-dir", type=Path, default=Path("bench/results"))
-    o.add_argument("--label", default=None, help="file name suffix instead of the timestamp")
-    o.add_argument("--no-tqdm", dest="use_tqdm", action="store_false", help="no progress bar")
+    add_output_args(p)
     p.set_defaults(func=run)
 
 

@@ -147,9 +147,13 @@ class KVCacheManager:
 
     def pool_lookup_keys(self, request: Request) -> list[bytes]:
         """The keys worth looking up in the pool for `request`: those after its device and host hits."""
+        return self._pool_candidates(request)[1]
+
+    def _pool_candidates(self, request: Request) -> tuple[MatchResult, list[bytes]]:
         if not self.has_pool or self.host is None or not self._can_match(request):
-            return []
-        return self._matchable_keys(request)[self.match(request).num_blocks:]
+            return MatchResult(), []
+        match = self.match(request)
+        return match, self._matchable_keys(request)[match.num_blocks:]
 
     def plan_pool_load(self, request: Request, num_in_pool: int | None = None) -> PoolLoad | None:
         """Host blocks to read the request's next cached blocks into from the pool, or None.
@@ -158,12 +162,11 @@ class KVCacheManager:
         many host blocks are taken, so a lookup that finds nothing evicts nothing. The target
         blocks are held (not matchable, not evictable) until finish_pool_load.
         """
-        keys = self.pool_lookup_keys(request)
+        match, keys = self._pool_candidates(request)
         if num_in_pool is not None:
             keys = keys[:num_in_pool]
         if not keys or self.host is None:
             return None
-        match = self.match(request)
         self.host.ref(match.host_block_ids)  # never evict the host hits we are extending
         num = min(len(keys), self.host.num_free_blocks)
         host_ids, _ = self.host.allocate(num)  # evicted host blocks are dropped: the pool has them

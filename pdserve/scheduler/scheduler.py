@@ -13,6 +13,7 @@ The scheduler knows nothing about tensors or models.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ class Scheduler:
         """The requests next in line with the keys to look up in the pool, each request once per wait."""
         lookups = []
         room = self.config.max_num_seqs - len(self.running)
-        for request in list(self.waiting)[:max(0, room)]:
+        for request in itertools.islice(self.waiting, max(0, room)):  # the queue may be long
             if request.req_id in self._pool_probed:
                 continue
             self._pool_probed.add(request.req_id)

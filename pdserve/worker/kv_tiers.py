@@ -37,6 +37,11 @@ def swap_in(kv_cache: torch.Tensor, host: torch.Tensor, host_ids: list[int], dev
     kv_cache.index_copy_(2, torch.tensor(device_ids, device=kv_cache.device), src.permute(1, 2, 0, 3, 4, 5))
 
 
+def _leading_run(flags: list[bool]) -> int:
+    """How many of `flags` are True before the first False."""
+    return flags.index(False) if False in flags else len(flags)
+
+
 class KVTiers:
     def __init__(self, kv_cache: torch.Tensor, num_host_blocks: int, rank: int, store_kind: str | None,
                  store_options: dict[str, Any]) -> None:
@@ -98,26 +103,22 @@ class KVTiers:
         except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash (StoreError expected)
             self._fail("exists", e, len(keys))
             return 0
-        return present.index(False) if False in present else len(present)
+        return _leading_run(present)
 
     def load(self, keys: list[str], host_ids: list[int]) -> int:
-        """Read the longest leading run of `keys` into `host_ids`; returns how many blocks were read."""
+        """Read `keys` (counted present by count_present just before) into `host_ids`; returns how many
+        leading blocks were read completely."""
         if self.store is None or not keys:
             return 0
-        names = [object_key(key, self.rank) for key in keys]
+        blocks = [self.host[h] for h in host_ids[:len(keys)]]
         try:
-            present = self.store.exists(names)
-            num = present.index(False) if False in present else len(present)
-            if num == 0:
-                return 0
-            blocks = [self.host[h] for h in host_ids[:num]]
-            done = self.store.get(names[:num], blocks)
+            done = self.store.get([object_key(key, self.rank) for key in keys], blocks)
         except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash (StoreError expected)
-            self._fail("get", e, len(names))
+            self._fail("get", e, len(keys))
             return 0
-        num_read = done.index(False) if False in done else len(done)
-        if num_read < num:
-            self._fail("get", f"{num - num_read} of {num} objects listed by exists() could not be read", 1)
+        num_read = _leading_run(done)
+        if num_read < len(keys):
+            self._fail("get", f"{len(keys) - num_read} of {len(keys)} objects counted present could not be read", 1)
         self._bytes_get += sum(b.nbytes for b in blocks[:num_read])
         return num_read
 

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ import httpx
 import psutil
 import pytest
 
+from pdserve.bench.launch import free_port  # re-exported: test modules import it from here
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 VOCAB_SIZE = 49152
 MAX_MODEL_LEN = 8192
@@ -39,12 +40,6 @@ LOG_TAIL_LINES = 300
 
 
 _LIVE: list[ServerProcess] = []  # servers started and not yet stopped, in this test process
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(eq=False)
