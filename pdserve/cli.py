@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from pdserve.config import DTYPES, LOAD_FORMATS, STORE_KINDS, parse_size
+from pdserve.config import DTYPES, KV_TRANSFER_MODES, LOAD_FORMATS, ROLES, STORE_KINDS, TRANSFER_ENGINES, parse_size
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -68,10 +68,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def engine_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def engine_config(args: argparse.Namespace, disagg=None):  # type: ignore[no-untyped-def]
     from pdserve.config import make_engine_config
 
-    return make_engine_config(**engine_kwargs(args))
+    return make_engine_config(**engine_kwargs(args), disagg=disagg)
+
+
+def disagg_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pdserve.config import DisaggConfig
+
+    return DisaggConfig(
+        role=args.role, kv_transfer=args.kv_transfer, transfer_engine=args.kv_transfer_engine,
+        control_host=args.control_host, control_port=args.control_port, transfer_timeout=args.kv_transfer_timeout,
+        admission_timeout=args.admission_timeout, fault_delay_ms=args.fault_delay_ms,
+        send_trace_dir=args.kv_send_trace_dir,
+    )
+
+
+def add_disagg_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("PD disaggregation (docs/disaggregation.md)")
+    g.add_argument("--role", choices=ROLES, default="mixed",
+                   help="prefill: compute prompts and send their KV; decode: receive KV and decode; mixed: both "
+                        "(any role also serves plain requests end to end)")
+    g.add_argument("--kv-transfer", choices=KV_TRANSFER_MODES, default="direct",
+                   help="direct: P writes KV into D's blocks layer by layer; storage: through the KV pool")
+    g.add_argument("--kv-transfer-engine", choices=TRANSFER_ENGINES, default="auto",
+                   help="auto: shared memory to a peer on this host, else the Mooncake Transfer Engine")
+    g.add_argument("--control-host", default="127.0.0.1", help="address of the KVDest/KVDone control socket")
+    g.add_argument("--control-port", type=int, default=0, help="control socket port (default: a free one)")
+    g.add_argument("--kv-transfer-timeout", type=float, default=60.0,
+                   help="seconds D waits for the KV after allocating blocks (and P for D's block ids)")
+    g.add_argument("--admission-timeout", type=float, default=30.0,
+                   help="seconds D may wait for free blocks before answering 503 no_capacity")
+    g.add_argument("--register-with", default=None, metavar="ROUTER_URL",
+                   help="join this router (POST /register with heartbeats) instead of being listed on its command line")
+    g.add_argument("--public-url", default=None, help="this server's URL as the router reaches it "
+                                                      "(default: http://HOST:PORT)")
+    g.add_argument("--fault-delay-ms", type=int, default=0, help=argparse.SUPPRESS)  # testing only
+    g.add_argument("--kv-send-trace-dir", default=None, help=argparse.SUPPRESS)  # testing only
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -82,18 +116,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.models.loader import load_arch, resolve_model
     from pdserve.server.api import ServerSettings, build_app
 
-    if args.role != "mixed":
-        raise ValueError(f"--role {args.role} is not available yet; this release serves --role mixed")
+    if args.kv_transfer == "storage":
+        raise ValueError("--kv-transfer storage is not available yet; use --kv-transfer direct")
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
-    config = engine_config(args)
+    config = engine_config(args, disagg_config(args))
     source = resolve_model(config.model)
     load_arch(source)  # converts a GGUF once, before the engine process starts
     tokenizer = load_tokenizer(source)
     if tokenizer is None:
         raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one")
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
-    settings = ServerSettings(args.served_model_name or source.name, api_key, args.max_queue_len, args.role)
+    public_url = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    settings = ServerSettings(args.served_model_name or source.name, api_key, args.max_queue_len, args.role,
+                              args.kv_transfer, args.register_with, public_url)
     client = AsyncEngineClient(config, args.log_level.upper())
     app = build_app(client, tokenizer, settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -127,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                            parents=[common])
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--role", choices=("mixed", "prefill", "decode"), default="mixed")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or PDSERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
     serve.add_argument("--max-queue-len", type=int, default=256,
                        help="requests that may wait beyond --max-num-seqs before new ones get 503")
     add_engine_args(serve)
+    add_disagg_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])

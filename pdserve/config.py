@@ -146,12 +146,70 @@ class ParallelConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+ROLES = ("mixed", "prefill", "decode")
+KV_TRANSFER_MODES = ("direct", "storage")
+TRANSFER_ENGINES = ("auto", "shm", "mooncake")
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """Prefill/decode disaggregation (docs/disaggregation.md).
+
+    role: what a request with transfer parameters becomes here ("prefill": compute the prompt and
+    send its KV, "decode": receive the KV and decode). Any role serves plain requests end to end.
+    control_port 0 picks a free port; the control address is announced in /v1/pd/info.
+    transfer_timeout: D's receive deadline from block allocation, and P's wait for D's KVDest.
+    admission_timeout: how long D may wait for blocks before answering 503 no_capacity.
+    The reserve D keeps for the future decode tokens of its running requests is
+    sum(ceil(min(tokens_left, reserve_clip) * ratio / block_size)); ratio starts at reserve_ratio_init,
+    decays by reserve_ratio_decay each step down to reserve_ratio_min and goes back up on a preemption.
+    fault_delay_ms, send_trace_dir: testing only (random delays before each send batch and KVDest;
+    a per-rank log of send batches).
+    """
+
+    role: str = "mixed"
+    kv_transfer: str = "direct"
+    transfer_engine: str = "auto"
+    control_host: str = "127.0.0.1"
+    control_port: int = 0
+    transfer_timeout: float = 60.0
+    admission_timeout: float = 30.0
+    reserve_ratio_init: float = 1.0
+    reserve_ratio_min: float = 0.1
+    reserve_ratio_decay: float = 0.995
+    reserve_clip: int = 1024
+    fault_delay_ms: int = 0
+    send_trace_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} is not one of {', '.join(ROLES)}")
+        if self.kv_transfer not in KV_TRANSFER_MODES:
+            raise ValueError(f"kv_transfer {self.kv_transfer!r} is not one of {', '.join(KV_TRANSFER_MODES)}")
+        if self.transfer_engine not in TRANSFER_ENGINES:
+            raise ValueError(f"kv transfer engine {self.transfer_engine!r} is not one of "
+                             f"{', '.join(TRANSFER_ENGINES)}")
+        if not 0 <= self.control_port < 65536:
+            raise ValueError(f"control_port must be in [0, 65535], got {self.control_port}")
+        if self.transfer_timeout <= 0 or self.admission_timeout <= 0:
+            raise ValueError("--kv-transfer-timeout and --admission-timeout must be positive seconds")
+        if not 0 < self.reserve_ratio_min <= self.reserve_ratio_init <= 4:
+            raise ValueError("reserve ratios must satisfy 0 < min <= init <= 4")
+        if not 0 < self.reserve_ratio_decay <= 1:
+            raise ValueError(f"reserve_ratio_decay must be in (0, 1], got {self.reserve_ratio_decay}")
+        if self.reserve_clip < 1:
+            raise ValueError(f"reserve_clip must be at least 1 token, got {self.reserve_clip}")
+        if self.fault_delay_ms < 0:
+            raise ValueError("fault_delay_ms must be 0 or more")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
@@ -188,6 +246,7 @@ def make_engine_config(
     seed: int = 0, device: str = "auto", enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
     host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
     kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
+    disagg: DisaggConfig | None = None,
 ) -> EngineConfig:
     """The one place keyword arguments (LLM, the command line) become an EngineConfig."""
     return EngineConfig(
@@ -201,4 +260,5 @@ def make_engine_config(
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
         parallel=ParallelConfig(tensor_parallel_size, device),
+        disagg=disagg or DisaggConfig(),
     )

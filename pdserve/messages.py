@@ -59,6 +59,51 @@ class CacheOps(msgspec.Struct, frozen=True):
         return not (self.swap_out or self.swap_in or self.pool_put)
 
 
+# ---- PD disaggregation: the data plane's part of a step ----------------------------
+
+
+class KVRegion(msgspec.Struct, frozen=True):
+    """Where a peer can write one rank's device KV cache, [num_layers, 2, num_blocks, block_size, heads, dim].
+
+    engine "shm": `address` is a shared-memory file holding the cache; "mooncake": `address` is the
+    Transfer Engine session ("host:port") and `base` the registered cache's address. `chunk_nbytes` is one
+    (layer, K|V, block) chunk.
+    """
+
+    engine: str
+    hostname: str
+    address: str
+    base: int
+    num_layers: int
+    num_blocks: int
+    chunk_nbytes: int
+
+
+class KVSend(msgspec.Struct, frozen=True):
+    """Copy blocks `src_block_ids` of this instance into the peer's `dst_block_ids`, all layers.
+
+    layerwise: sent layer by layer as this step's forward writes them (overlapping the next layer);
+    otherwise before the forward (blocks computed in earlier steps: a catch-up, one request per batch).
+    regions[rank]: the engines the peer's rank offers; each rank writes to its own peer rank.
+    """
+
+    room: str
+    regions: list[list[KVRegion]]
+    src_block_ids: list[int]
+    dst_block_ids: list[int]
+    layerwise: bool
+
+
+class KVSendReport(msgspec.Struct, frozen=True):
+    """One rank's account of a step's sends: bytes written, failures by room, and a digest of its batches
+    (every rank must batch identically; see DESIGN.md)."""
+
+    rank: int
+    num_bytes: int = 0
+    failed: dict[str, str] = {}
+    batches_digest: str = ""
+
+
 class StepPlan(Message):
     """The one decision per step, broadcast to every rank; all ranks execute it."""
 
@@ -66,6 +111,7 @@ class StepPlan(Message):
     seqs: list[ScheduledSeq]
     finished_req_ids: list[str] = []
     cache_ops: CacheOps = CacheOps()
+    kv_sends: list[KVSend] = []
 
 
 class LoadFromPool(Message):
@@ -103,10 +149,19 @@ class ForwardOutput(Message):
     # per sampled token: [[token_id, logprob], ...], the sampled token first
     logprobs: list[list[tuple[int, float]]] | None = None
     store: StoreCounters = StoreCounters()
+    kv_sent: list[KVSendReport] = []  # one per rank when the plan had kv_sends
+
+
+class KVSent(Message):
+    """A rank other than 0 reporting its sends of a step (rank 0's ride on its ForwardOutput)."""
+
+    step_id: int
+    report: KVSendReport
 
 
 class WorkerReady(Message):
     rank: int
+    regions: list[KVRegion] = []  # the engines through which a peer can write this rank's KV cache
 
 
 class WorkerError(Message):
@@ -135,10 +190,21 @@ class WireSamplingParams(msgspec.Struct, frozen=True):
     logprobs: int | None = None
 
 
+class TransferHandle(msgspec.Struct, frozen=True):
+    """The router's pairing of one request: `room` names the transfer on both sides; `peer` is the other
+    instance's control address and `peer_incarnation` its incarnation ("" if unknown)."""
+
+    room: str
+    peer: str
+    peer_incarnation: str = ""
+    mode: str = "direct"
+
+
 class AddRequest(Message):
     req_id: str
     prompt_token_ids: list[int]
     sampling: WireSamplingParams
+    transfer: TransferHandle | None = None
 
 
 class AbortRequest(Message):
@@ -154,6 +220,22 @@ class RequestDelta(msgspec.Struct, frozen=True):
     logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None  # set with error: "kv_transfer_timeout", "no_capacity", ...
+    error_status: int = 400  # the HTTP status the error maps to
+
+
+class TransferCounters(msgspec.Struct, frozen=True):
+    """P->D KV transfer since start: bytes, per-request seconds (sum and histogram buckets), failures."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    num_transfers: int = 0
+    seconds_sum: float = 0.0
+    seconds_buckets: list[int] = []  # cumulative counts per TRANSFER_SECONDS_BUCKETS upper bound
+    failures: dict[str, int] = {}  # reason -> count
+
+
+TRANSFER_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class EngineStats(msgspec.Struct, frozen=True):
@@ -171,6 +253,7 @@ class EngineStats(msgspec.Struct, frozen=True):
     prefix_hit_tokens_pool: int = 0
     num_blocks_saved_on_preemption: int = 0
     store: StoreCounters = StoreCounters()
+    kv_transfer: TransferCounters = TransferCounters()
 
 
 class EngineOutputs(Message):
@@ -184,13 +267,54 @@ class EngineReady(Message):
     vocab_size: int
     num_blocks: int
     block_size: int
+    role: str = "mixed"
+    control_address: str = ""  # where peers send KVDest / KVDone / KVAbort ("" for mixed)
+    fingerprint: str = ""
+    tp_size: int = 1
+
+
+# ---- PD control plane: engine core <-> engine core ---------------------------------
+
+
+class KVDest(Message):
+    """D -> P: D has allocated `block_ids` for `room` and waits for its KV. Carries D's layout so P can
+    refuse a mismatch, and the prompt's length and digest so P can refuse a different tokenization."""
+
+    room: str
+    block_ids: list[int]
+    regions: list[list[KVRegion]]  # per D rank
+    fingerprint: str
+    tp_size: int
+    num_prompt_tokens: int
+    prompt_digest: str
+    reply_to: str  # D's control address
+
+
+class KVDone(Message):
+    """P -> D: every rank has written every block of `room`; `first_token` is the prefill's sampled token.
+    status "error": the transfer failed (`error` says why; D fails the request with 502)."""
+
+    room: str
+    status: str = "ok"
+    first_token: int = -1
+    logprobs: list[tuple[int, float]] | None = None
+    error: str = ""
+    code: str = ""
+
+
+class KVAbort(Message):
+    """Either side -> the other: forget `room` and free its blocks."""
+
+    room: str
+    reason: str = "abort"
 
 
 class EngineFailed(Message):
     error: str
 
 
-WorkerToEngine = Union[ForwardOutput, PoolLoaded, WorkerReady, WorkerError]
+WorkerToEngine = Union[ForwardOutput, PoolLoaded, KVSent, WorkerReady, WorkerError]
+ControlMessage = Union[KVDest, KVDone, KVAbort]
 EngineToWorker = Union[StepPlan, LoadFromPool, Shutdown]
 ApiToEngine = Union[AddRequest, AbortRequest, Shutdown]
 EngineToApi = Union[EngineOutputs, EngineReady, EngineFailed]
@@ -200,6 +324,7 @@ _worker_decoder = msgspec.msgpack.Decoder(WorkerToEngine)
 _engine_decoder = msgspec.msgpack.Decoder(EngineToWorker)
 _api_decoder = msgspec.msgpack.Decoder(ApiToEngine)
 _core_decoder = msgspec.msgpack.Decoder(EngineToApi)
+_control_decoder = msgspec.msgpack.Decoder(ControlMessage)
 
 
 def encode(message: Message) -> bytes:
@@ -220,3 +345,7 @@ def decode_from_api(data: bytes) -> ApiToEngine:
 
 def decode_from_core(data: bytes) -> EngineToApi:
     return _core_decoder.decode(data)
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    return _control_decoder.decode(data)

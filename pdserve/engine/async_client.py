@@ -33,6 +33,7 @@ from pdserve.messages import (
     EngineStats,
     RequestDelta,
     Shutdown,
+    TransferHandle,
     WireSamplingParams,
     decode_from_core,
     encode,
@@ -46,7 +47,12 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestRejected(ValueError):
-    """The engine core refused the request (bad input); the message says why."""
+    """The engine core refused or failed the request; the message says why, status/code how to answer."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 @dataclass
@@ -162,8 +168,8 @@ class AsyncEngineClient:
     def num_open_requests(self) -> int:
         return len(self._streams)
 
-    async def generate(self, req_id: str, prompt_token_ids: list[int],
-                       sampling: WireSamplingParams) -> AsyncIterator[RequestDelta]:
+    async def generate(self, req_id: str, prompt_token_ids: list[int], sampling: WireSamplingParams,
+                       transfer: TransferHandle | None = None) -> AsyncIterator[RequestDelta]:
         """Yield deltas until the request finishes. Leaving the loop early aborts the request."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
@@ -172,14 +178,14 @@ class AsyncEngineClient:
         finished = False
         try:
             await self._to_core.send(encode(AddRequest(req_id=req_id, prompt_token_ids=prompt_token_ids,
-                                                       sampling=sampling)))
+                                                       sampling=sampling, transfer=transfer)))
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
                 if item.error is not None:
                     finished = True
-                    raise RequestRejected(item.error)
+                    raise RequestRejected(item.error, item.error_status, item.error_code)
                 finished = item.finish_reason is not None
                 yield item
         finally:

@@ -13,11 +13,12 @@ import time
 from pdserve.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pdserve.kvcache import KVCacheManager
 from pdserve.kvcache.keys import ModelFingerprint
-from pdserve.messages import EngineStats, StoreCounters
+from pdserve.disagg.role import PDRole
+from pdserve.messages import EngineStats, StoreCounters, TransferCounters, TransferHandle
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource, load_arch, resolve_model, weights_id
 from pdserve.request import FinishReason, Request, SamplingParams
-from pdserve.scheduler.scheduler import RequestUpdate, Scheduler
+from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler
 from pdserve.worker.executor import Executor, MultiProcExecutor, UniProcExecutor
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,12 @@ class EngineCore:
         self.store_counters = StoreCounters()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.eos_token_id = self.arch.eos_token_ids[0] if self.arch.eos_token_ids else None
+        self.fingerprint = fingerprint(config, self.source, self.arch).root().hex()
+        self.pd = PDRole.create(self, config.disagg)
+
+    @property
+    def control_address(self) -> str:
+        return self.pd.control.address if self.pd is not None else ""
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError naming the problem and the fix."""
@@ -116,12 +123,20 @@ class EngineCore:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
+    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    transfer: TransferHandle | None = None) -> Request:
+        """Queue a request; with `transfer` it is one half of a PD pair (what half: this instance's role)."""
         self.validate_prompt(prompt_token_ids)
+        if transfer is not None and self.pd is None:
+            raise ValueError("this instance runs --role mixed and takes no kv_transfer_params; start it with "
+                             "--role prefill or --role decode to serve PD requests")
         request = Request(req_id, tuple(prompt_token_ids), sampling, self.eos_token_id, time.time())
-        self.scheduler.add_request(request)
-        logger.info("request %s added: %d prompt tokens, max_tokens %d", req_id, len(prompt_token_ids),
-                    sampling.max_tokens)
+        if transfer is not None and self.pd is not None:
+            self.pd.add(request, transfer)
+        else:
+            self.scheduler.add_request(request)
+        logger.info("request %s added: %d prompt tokens, max_tokens %d%s", req_id, len(prompt_token_ids),
+                    sampling.max_tokens, f", {self.config.disagg.role} of room {transfer.room}" if transfer else "")
         return request
 
     def abort(self, req_id: str) -> None:
@@ -129,6 +144,8 @@ class EngineCore:
 
     def finish(self, req_id: str, reason: FinishReason) -> None:
         """End a request from outside (abort, a stop string matched by the API server); frees its blocks."""
+        if self.pd is not None and self.pd.abort(req_id):
+            return
         request = self.scheduler.requests.get(req_id)
         if request is None:
             return
@@ -142,10 +159,19 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        """Requests to run, or cache writes still to send to the workers."""
-        return self.scheduler.has_work
+        """Requests to run, cache writes still to send to the workers, or KV to send to a decode instance."""
+        return self.scheduler.has_work or (self.pd is not None and self.pd.has_work)
+
+    @property
+    def is_waiting_on_peers(self) -> bool:
+        """PD requests wait for a peer (KVDest, KVDone) or a deadline: poll often, no step needed."""
+        return self.pd is not None and self.pd.num_pending > 0
 
     def step(self) -> list[RequestUpdate]:
+        updates = self.pd.before_step() if self.pd is not None else []
+        return updates + self._step()
+
+    def _step(self) -> list[RequestUpdate]:
         lookups = self.scheduler.pool_lookups()
         loads = []
         if lookups and self.kv.has_pending_ops:  # let finished requests' pool writes land before looking up
@@ -158,11 +184,15 @@ class EngineCore:
             num_loaded, self.store_counters = self.executor.load_from_pool(loads)
             self.scheduler.finish_pool_loads(loads, num_loaded)
         sched = self.scheduler.schedule()
-        if not sched.plan.seqs and sched.plan.cache_ops.is_empty:
+        if self.pd is not None:
+            self.pd.plan(sched)
+        if not sched.plan.seqs and sched.plan.cache_ops.is_empty and not sched.plan.kv_sends:
             return []
         output = self.executor.execute(sched.plan)
         self.store_counters = output.store
+        failed = self.pd.after_step(sched, output) if self.pd is not None else []
         updates = self.scheduler.update(sched, output)
+        updates += [self.fail(req_id, error) for req_id, error in failed if req_id in self.scheduler.requests]
         for update in updates:
             if update.finished:
                 r = update.request
@@ -170,6 +200,13 @@ class EngineCore:
                             r.finish_reason.value if r.finish_reason else None, len(r.output_token_ids),
                             r.num_preemptions)
         return updates
+
+    def fail(self, req_id: str, error: RequestError) -> RequestUpdate:
+        """Finish a scheduled request with an error the client will see."""
+        request = self.scheduler.requests[req_id]
+        self.scheduler.finish(req_id, FinishReason.ABORT)
+        logger.warning("request %s failed: %s", req_id, error.message)
+        return RequestUpdate(request, [], finished=True, error=error)
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats
@@ -182,6 +219,7 @@ class EngineCore:
             prefix_query_tokens=c.query_tokens, prefix_hit_tokens_device=c.hit_tokens_device,
             prefix_hit_tokens_host=c.hit_tokens_host, prefix_hit_tokens_pool=c.hit_tokens_pool,
             num_blocks_saved_on_preemption=c.blocks_saved_on_preemption, store=self.store_counters,
+            kv_transfer=self.pd.stats.snapshot() if self.pd is not None else TransferCounters(),
         )
 
     def check_integrity(self) -> None:
@@ -189,3 +227,5 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self.pd is not None:
+            self.pd.close()

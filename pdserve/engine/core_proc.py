@@ -29,6 +29,7 @@ from pdserve.messages import (
     encode,
 )
 from pdserve.request import FinishReason, SamplingParams
+from pdserve.scheduler.scheduler import RequestUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +54,25 @@ class CoreLoop:
         if isinstance(message, AddRequest):
             try:
                 params = SamplingParams(**msgspec.structs.asdict(message.sampling))
-                self.core.add_request(message.req_id, message.prompt_token_ids, params)
+                self.core.add_request(message.req_id, message.prompt_token_ids, params, message.transfer)
             except ValueError as e:
                 self.pending.append(RequestDelta(message.req_id, [], finish_reason="abort", error=str(e)))
         else:
             reason = FinishReason(message.finish_reason)
-            if self.core.scheduler.requests.get(message.req_id) is not None:
-                self.core.finish(message.req_id, reason)
-                self.pending.append(RequestDelta(message.req_id, [], finish_reason=reason.value))
+            self.core.finish(message.req_id, reason)
+            self.pending.append(RequestDelta(message.req_id, [], finish_reason=reason.value))
 
     def run(self) -> None:
         dirty = True
+        poller = zmq.Poller()
+        poller.register(self.inputs, zmq.POLLIN)
+        if self.core.pd is not None:
+            poller.register(self.core.pd.control.socket, zmq.POLLIN)
         while True:
             busy = self.core.has_work
-            if self.inputs.poll(0 if busy else 1000):
+            timeout = 0 if busy else PEER_POLL_MS if self.core.is_waiting_on_peers else 1000
+            ready = dict(poller.poll(timeout))
+            if self.inputs in ready:
                 while True:  # drain everything that arrived
                     message = decode_from_api(self.inputs.recv())
                     if isinstance(message, Shutdown):
@@ -75,21 +81,29 @@ class CoreLoop:
                     dirty = True
                     if not self.inputs.poll(0):
                         break
-            elif not busy and os.getppid() != self.parent_pid:
+            elif not ready and not busy and os.getppid() != self.parent_pid:
                 return  # the API server is gone
             deltas = self.pending
             self.pending = []
-            if self.core.has_work:
+            if self.core.has_work or self.core.is_waiting_on_peers or ready:
                 for update in self.core.step():
-                    r = update.request
-                    deltas.append(RequestDelta(
-                        r.req_id, update.new_token_ids, update.new_logprobs,
-                        finish_reason=r.finish_reason.value if update.finished and r.finish_reason else None,
-                    ))
+                    deltas.append(_delta(update))
                 dirty = True
             if deltas or dirty:
                 self.outputs.send(encode(EngineOutputs(deltas=deltas, stats=self.core.stats())))
                 dirty = False
+
+
+PEER_POLL_MS = 20  # PD requests waiting on a peer or a deadline: look at least this often
+
+
+def _delta(update: RequestUpdate) -> RequestDelta:
+    r = update.request
+    reason = r.finish_reason.value if update.finished and r.finish_reason else None
+    if update.error is not None:
+        return RequestDelta(r.req_id, [], finish_reason=reason, error=update.error.message,
+                            error_code=update.error.code, error_status=update.error.status)
+    return RequestDelta(r.req_id, update.new_token_ids, update.new_logprobs, finish_reason=reason)
 
 
 def core_main(spec_json: bytes) -> None:
@@ -105,7 +119,9 @@ def core_main(spec_json: bytes) -> None:
         core = EngineCore(spec.config)
         outputs.send(encode(EngineReady(
             model_name=core.source.name, max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
-            num_blocks=core.num_blocks, block_size=spec.config.cache.block_size,
+            num_blocks=core.num_blocks, block_size=spec.config.cache.block_size, role=spec.config.disagg.role,
+            control_address=core.control_address, fingerprint=core.fingerprint,
+            tp_size=spec.config.parallel.tensor_parallel_size,
         )))
         CoreLoop(core, inputs, outputs, spec.parent_pid).run()
     except Exception as e:  # noqa: BLE001 - reported to the API server, which reports unhealthy

@@ -85,6 +85,7 @@ class KVCacheManager:
         self.cache_output = cache_output
         self.stats = CacheStats()
         self._tables: dict[str, list[int]] = {}
+        self._holds: dict[str, list[int]] = {}  # holder -> device blocks it references (see hold())
         self._num_named: dict[str, int] = {}  # leading blocks of a table already offered to the index
         self._saved: set[str] = set()  # preempted requests whose blocks were saved
         self._loaded_from_pool: dict[str, set[bytes]] = {}  # keys just read for a waiting request
@@ -265,6 +266,24 @@ class KVCacheManager:
             self.device.cache(table[i], keys[i])
         self._num_named[request.req_id] = num_full
 
+    # ---- holds: blocks kept past their request (e.g. while P sends them to D) ---------
+
+    def hold(self, holder: str, req_id: str) -> list[int]:
+        """Take one more reference on `req_id`'s current blocks under `holder`; they stay allocated (and out
+        of the LRU) after the request is freed, until release(holder). Returns the held block ids."""
+        blocks = list(self._tables.get(req_id, ()))
+        if holder in self._holds:
+            raise ValueError(f"{holder!r} already holds blocks")
+        self.device.ref(blocks)
+        self._holds[holder] = blocks
+        return blocks
+
+    def release(self, holder: str) -> None:
+        """Drop `holder`'s references; unknown holders are ignored."""
+        blocks = self._holds.pop(holder, None)
+        if blocks:
+            self.device.free(blocks[::-1])
+
     # ---- freeing and saving --------------------------------------------------------
 
     def free(self, request: Request, *, preempted: bool = False) -> None:
@@ -356,13 +375,13 @@ class KVCacheManager:
         if self.host is not None:
             self.host.check_integrity()
         held: dict[int, int] = {}
-        for table in self._tables.values():
+        for table in [*self._tables.values(), *self._holds.values()]:
             for block_id in table:
                 held[block_id] = held.get(block_id, 0) + 1
         for block_id in range(self.device.num_blocks):
             if self.device.ref_count(block_id) != held.get(block_id, 0):
                 raise AssertionError(f"device block {block_id}: {self.device.ref_count(block_id)} references, "
-                                     f"{held.get(block_id, 0)} tables hold it")
+                                     f"{held.get(block_id, 0)} tables and holds have it")
         if self.host is not None:
             host_held: dict[int, int] = {}
             for block_id in [*self._refs_pending, *self._refs_in_flight,

@@ -6,7 +6,7 @@ row-parallel, the embedding and LM head are vocab-parallel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -101,11 +101,17 @@ class LlamaForCausalLM(nn.Module):
         layer: LlamaDecoderLayer = self.layers[0]  # type: ignore[assignment]
         return layer.self_attn.attn
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> torch.Tensor:
-        """token_ids, positions: [num_tokens]; kv_cache: [num_layers, 2, ...] -> hidden [num_tokens, hidden]."""
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: Any,
+                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+        """token_ids, positions: [num_tokens]; kv_cache: [num_layers, 2, ...] -> hidden [num_tokens, hidden].
+
+        layer_done(i), if given, is called once layer i has written its KV (e.g. to send it to a peer).
+        """
         x = self.embed_tokens(token_ids)
         for i, layer in enumerate(self.layers):
             x = layer(positions, x, kv_cache[i], meta)
+            if layer_done is not None:
+                layer_done(i)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,15 +32,25 @@ class SchedulerOutput:
     num_new_tokens: dict[str, int]
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why a request failed, as the HTTP client should see it."""
+
+    status: int  # 502, 503, ...
+    code: str  # "kv_transfer_timeout", "no_capacity", ...
+    message: str
+
+
 @dataclass
 class RequestUpdate:
-    """What one step did to one request: tokens appended, maybe finished."""
+    """What one step did to one request: tokens appended, maybe finished (with an error if it failed)."""
 
     request: Request
     new_token_ids: list[int]
     # per new token: [(token_id, logprob)], the sampled token first, then the top k
     new_logprobs: list[list[tuple[int, float]]] | None = None
     finished: bool = False
+    error: RequestError | None = None
 
 
 @dataclass
@@ -111,6 +121,22 @@ class Scheduler:
         self._pool_probed.discard(request.req_id)
         del self.requests[request.req_id]
         self._finished_since_last_plan.append(request.req_id)
+
+    def add_computed(self, request: Request, token_id: int,
+                     logprobs: list[tuple[int, float]] | None = None) -> RequestUpdate:
+        """Start running a request whose prompt was computed elsewhere (its KV is in its blocks already,
+        num_computed_tokens set), appending the token sampled there. It may finish at once (a stop token)."""
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.requests[request.req_id] = request
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        request.output_token_ids.append(token_id)
+        self.stats.num_generation_tokens += 1
+        reason = self._stop_reason(request, token_id)
+        if reason is not None:
+            self._finish(request, reason)
+        return RequestUpdate(request, [token_id], [list(logprobs)] if logprobs else None, finished=reason is not None)
 
     @property
     def has_unfinished(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -30,6 +32,10 @@ class ServerSettings:
     api_key: str | None = None
     max_queue_len: int = 256
     role: str = "mixed"
+    kv_transfer: str = "direct"
+    register_with: str | None = None  # a router URL to join with heartbeats
+    public_url: str | None = None  # this server's URL as the router should reach it
+    heartbeat_interval: float = 2.0
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -40,15 +46,32 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _rejection(exc: RequestRejected) -> JSONResponse:
+    if exc.status >= 500:
+        return error_response(exc.status, str(exc), exc.code, "server_error")
+    return error_response(exc.status, str(exc), exc.code or "invalid_request")
+
+
 def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSettings) -> FastAPI:
     metrics = Metrics()
     max_open = client.config.scheduler.max_num_seqs + settings.max_queue_len
-    serving = Serving(client, tokenizer, metrics, settings.model_name, max_open)
+    serving = Serving(client, tokenizer, metrics, settings.model_name, max_open, settings.role, settings.kv_transfer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client.start()
+        stop = asyncio.Event()
+        beat = None
+        if settings.register_with and settings.public_url:
+            from pdserve.router.heartbeat import heartbeat
+
+            beat = asyncio.create_task(heartbeat(settings.register_with, settings.public_url, settings.role,
+                                                 settings.heartbeat_interval, stop))
         yield
+        stop.set()
+        if beat is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(beat, timeout=3)
         await client.shutdown()
 
     app = FastAPI(title="pdserve", version="0.1.0", lifespan=lifespan)
@@ -75,7 +98,7 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
 
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return error_response(400, str(exc), "invalid_request")
+        return _rejection(exc)
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
@@ -93,6 +116,21 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
             return JSONResponse({"status": "ok"})
         status = "failed: " + client.failure if client.failure else "loading"
         return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/v1/pd/info")
+    async def pd_info() -> Response:
+        """What a router needs to pair this instance (docs/disaggregation.md)."""
+        info = client.info
+        if info is None or not client.is_healthy:
+            return error_response(503, "the engine is not ready", "model_loading", "server_error")
+        stats = client.stats
+        return JSONResponse({
+            "role": settings.role, "incarnation": info.incarnation, "control_address": info.control_address,
+            "fingerprint": info.fingerprint, "model": settings.model_name, "tp_size": info.tp_size,
+            "kv_transfer": settings.kv_transfer, "num_open_requests": client.num_open_requests,
+            "num_blocks_free": stats.num_blocks_free, "num_blocks_total": stats.num_blocks_total,
+            "block_size": info.block_size, "max_model_len": info.max_model_len,
+        })
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -116,7 +154,14 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
                        is_chat: bool) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            return StreamingResponse(_stream(p, include_usage, is_chat), media_type="text/event-stream")
+            # wait for the first token before answering, so that a failure before it (no capacity, a failed
+            # KV transfer) is an HTTP status, not an error event in a 200 stream
+            events = serving.events(p)
+            try:
+                first = await serving.first(events, request)
+            except RequestRejected as exc:
+                return _rejection(exc)
+            return StreamingResponse(_stream(p, first, events, include_usage, is_chat), media_type="text/event-stream")
         events = await serving.collect(p, request)
         text = "".join(e.text for e in events)
         choice: dict[str, Any] = {"index": 0, "finish_reason": events[-1].finish_reason if events else "abort"}
@@ -130,7 +175,8 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
             "usage": usage(p, sum(len(e.token_ids) for e in events)),
         })
 
-    async def _stream(p: Prepared, include_usage: bool, is_chat: bool) -> AsyncIterator[str]:
+    async def _stream(p: Prepared, first: Event | None, events: AsyncIterator[Event], include_usage: bool,
+                      is_chat: bool) -> AsyncIterator[str]:
         created = int(time.time())
         head = {"id": p.req_id, "object": "chat.completion.chunk" if is_chat else "text_completion",
                 "created": created, "model": settings.model_name}
@@ -149,12 +195,19 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
             yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                             "finish_reason": None, "logprobs": None}]})
         try:
-            async for e in serving.events(p):
-                num_out += len(e.token_ids)
-                if e.text or e.finish_reason or e.logprobs:
-                    yield sse(chunk(e))
-        except (RequestRejected, EngineDeadError) as exc:
-            yield sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed"}})
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                if first is not None:
+                    num_out += len(first.token_ids)
+                    if first.text or first.finish_reason or first.logprobs:
+                        yield sse(chunk(first))
+                async for e in events:
+                    num_out += len(e.token_ids)
+                    if e.text or e.finish_reason or e.logprobs:
+                        yield sse(chunk(e))
+        except RequestRejected as exc:
+            yield sse({"error": {"message": str(exc), "type": "server_error", "code": exc.code or "generation_failed"}})
+        except EngineDeadError as exc:
+            yield sse({"error": {"message": str(exc), "type": "server_error", "code": "engine_dead"}})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(p, num_out)})
         yield "data: [DONE]\n\n"

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
 
-from pdserve.messages import EngineStats
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from pdserve.messages import TRANSFER_SECONDS_BUCKETS, EngineStats
+
+TRANSFER_FAILURE_REASONS = ("timeout", "send_error", "peer_error", "no_capacity")
+
+
+class _TransferCollector:
+    """P->D KV transfer metrics, taken as the engine core reports them (it keeps the histogram)."""
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.stats.kv_transfer
+        moved = CounterMetricFamily("pdserve_kv_transfer_bytes", "KV bytes moved between P and D (all ranks)",
+                                    labels=["direction"])
+        moved.add_metric(["send"], t.bytes_sent)
+        moved.add_metric(["recv"], t.bytes_received)
+        yield moved
+        buckets = t.seconds_buckets or [0] * len(TRANSFER_SECONDS_BUCKETS)
+        seconds = HistogramMetricFamily("pdserve_kv_transfer_seconds",
+                                        "Per request: P, first send to KVDone; D, KVDest to KVDone")
+        seconds.add_metric([], [(str(b), float(n)) for b, n in zip(TRANSFER_SECONDS_BUCKETS, buckets)]
+                           + [("+Inf", float(t.num_transfers))], t.seconds_sum)
+        yield seconds
+        failures = CounterMetricFamily("pdserve_kv_transfer_failures", "KV transfers that failed, by reason",
+                                       labels=["reason"])
+        for reason in sorted({*TRANSFER_FAILURE_REASONS, *t.failures}):
+            failures.add_metric([reason], t.failures.get(reason, 0))
+        yield failures
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -46,6 +77,8 @@ class Metrics:
             self.prefix_hit_tokens.labels(tier=tier)
         for op in ("put", "get"):
             self.store_bytes.labels(op=op)
+        self._transfer = _TransferCollector()
+        r.register(self._transfer)  # type: ignore[arg-type]
         self._last = EngineStats()
 
     def update_engine(self, stats: EngineStats) -> None:
@@ -70,6 +103,7 @@ class Metrics:
         self.store_bytes.labels(op="get").inc(max(0, stats.store.bytes_get - last.store.bytes_get))
         self.saved_on_preemption.inc(
             max(0, stats.num_blocks_saved_on_preemption - last.num_blocks_saved_on_preemption))
+        self._transfer.stats = stats
         self._last = stats
 
     def observe_request(self, ttft: float | None, latency: float, num_output_tokens: int, finish_reason: str) -> None:

@@ -17,6 +17,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class KVTransferParams(BaseModel):
+    """Set by the router on the two halves of a PD request (docs/disaggregation.md); clients leave it out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    room: str = Field(min_length=1, max_length=128)
+    peer: str = Field(pattern=r"^tcp://[^\s/]+:\d+$")
+    peer_incarnation: str = ""
+    mode: Literal["direct", "storage"] = "direct"
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -34,6 +45,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    kv_transfer_params: KVTransferParams | None = None
 
     @field_validator("stop")
     @classmethod

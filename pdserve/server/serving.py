@@ -19,7 +19,7 @@ from fastapi import Request
 
 from pdserve.engine.async_client import AsyncEngineClient
 from pdserve.engine.tokenizer import Detokenizer
-from pdserve.messages import WireSamplingParams
+from pdserve.messages import TransferHandle, WireSamplingParams
 from pdserve.server.errors import ApiError
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -34,6 +34,7 @@ class Prepared:
     sampling: WireSamplingParams
     stop: list[str]
     num_logprobs: int | None
+    transfer: TransferHandle | None = None
 
 
 @dataclass
@@ -46,8 +47,10 @@ class Event:
 
 class Serving:
     def __init__(self, client: AsyncEngineClient, tokenizer: Any, metrics: Metrics, model_name: str,
-                 max_open_requests: int) -> None:
+                 max_open_requests: int, role: str = "mixed", kv_transfer: str = "direct") -> None:
         self.client = client
+        self.role = role
+        self.kv_transfer = kv_transfer
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model_name = model_name
@@ -91,7 +94,18 @@ class Serving:
             min_p=body.min_p, seed=body.seed, stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos, logprobs=num_logprobs,
         )
-        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids, sampling, list(body.stop or []), num_logprobs)
+        transfer = None
+        if body.kv_transfer_params is not None:
+            kt = body.kv_transfer_params
+            if self.role == "mixed":
+                raise ApiError(400, "this instance runs --role mixed and takes no kv_transfer_params; send PD "
+                               "requests through `pdserve router` to --role prefill/decode instances")
+            if kt.mode != self.kv_transfer:
+                raise ApiError(400, f"kv_transfer_params.mode is {kt.mode!r} but this instance runs "
+                               f"--kv-transfer {self.kv_transfer}")
+            transfer = TransferHandle(room=kt.room, peer=kt.peer, peer_incarnation=kt.peer_incarnation, mode=kt.mode)
+        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids, sampling, list(body.stop or []), num_logprobs,
+                        transfer)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         self.check_ready(body)
@@ -132,7 +146,7 @@ class Serving:
         first: float | None = None
         reason = "abort"
         try:
-            async with contextlib.aclosing(self.client.generate(p.req_id, p.prompt_token_ids, p.sampling)) as deltas:
+            async with contextlib.aclosing(self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer)) as deltas:
                 async for delta in deltas:
                     if first is None and delta.token_ids:
                         first = time.monotonic() - start
@@ -177,6 +191,25 @@ class Serving:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    async def first(self, events: AsyncIterator[Event], request: Request) -> Event | None:
+        """The first event of `events` (None if there is none); a client that disconnects meanwhile aborts."""
+        task = asyncio.ensure_future(anext(events, None))  # type: ignore[arg-type]
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await task
+                with contextlib.suppress(Exception):
+                    await events.aclose()  # type: ignore[attr-defined]
+                raise ApiError(499, "client disconnected", "client_disconnected")
+        try:
+            return task.result()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+            raise
 
     async def collect(self, p: Prepared, request: Request) -> list[Event]:
         """All events of a non-streaming request; a client that disconnects aborts it."""

@@ -23,6 +23,9 @@ from pdserve.config import EngineConfig
 from pdserve.kvcache.manager import PoolLoad
 from pdserve.messages import (
     ForwardOutput,
+    KVRegion,
+    KVSendReport,
+    KVSent,
     LoadFromPool,
     PoolLoaded,
     Shutdown,
@@ -38,6 +41,8 @@ from pdserve.models.loader import ModelSource
 
 
 class Executor(ABC):
+    regions: list[list[KVRegion]]  # per rank: how a peer writes into that rank's KV cache
+
     @abstractmethod
     def execute(self, plan: StepPlan) -> ForwardOutput:
         """Run `plan` on every rank; blocks until rank 0's output is back. Raises if a rank failed."""
@@ -64,6 +69,7 @@ class UniProcExecutor(Executor):
         from pdserve.worker.model_runner import ModelRunner
 
         self.runner = ModelRunner(config, source, arch, num_blocks, num_host_blocks, max_model_len)
+        self.regions = [self.runner.regions()]
 
     def execute(self, plan: StepPlan) -> ForwardOutput:
         return self.runner.execute(plan)
@@ -116,17 +122,19 @@ class MultiProcExecutor(Executor):
             self._procs.append(proc)
         self._closed = False
         self._load_id = 0
+        self.regions = [[] for _ in range(self.tp_size)]
         try:
             ready: set[int] = set()
             while len(ready) < self.tp_size:
                 message = self._recv(start_timeout)
                 if isinstance(message, WorkerReady):
                     ready.add(message.rank)
+                    self.regions[message.rank] = message.regions
         except BaseException:
             self.shutdown()
             raise
 
-    def _recv(self, timeout: float) -> ForwardOutput | PoolLoaded | WorkerReady:
+    def _recv(self, timeout: float) -> ForwardOutput | PoolLoaded | KVSent | WorkerReady:
         deadline = time.monotonic() + timeout
         while not self._results.poll(200):
             for rank, proc in enumerate(self._procs):
@@ -143,10 +151,18 @@ class MultiProcExecutor(Executor):
         data = encode(plan)
         for sock in self._plans:
             sock.send(data)
-        while True:
+        output: ForwardOutput | None = None
+        reports: dict[int, KVSendReport] = {}
+        num_reports = self.tp_size if plan.kv_sends else 0  # every rank confirms its sends
+        while output is None or len(reports) < num_reports:
             message = self._recv(timeout=3600)
             if isinstance(message, ForwardOutput) and message.step_id == plan.step_id:
-                return message
+                output = message
+                reports.update((r.rank, r) for r in message.kv_sent)
+            elif isinstance(message, KVSent) and message.step_id == plan.step_id:
+                reports[message.report.rank] = message.report
+        output.kv_sent = [reports[r] for r in sorted(reports)]
+        return output
 
     def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
         return [self._pool_call([k.hex() for k in keys], [])[0] for keys in key_lists]

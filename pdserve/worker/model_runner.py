@@ -7,13 +7,18 @@ host tier and pool client (worker.kv_tiers), whose copies run around the forward
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pdserve.config import EngineConfig
+from pdserve.disagg.sender import KVSender
+from pdserve.disagg.transfer.base import open_engines
+from pdserve.disagg.transfer.shm import allocate_shared, release_shared, shm_available
 from pdserve.layers.attention import BatchLayout
 from pdserve.layers.parallel import get_tp_group
 from pdserve.layers.sampler import Sampler
-from pdserve.messages import ForwardOutput, StepPlan, StoreCounters
+from pdserve.messages import ForwardOutput, KVRegion, StepPlan, StoreCounters
 from pdserve.models import build_model
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource
@@ -31,20 +36,40 @@ class ModelRunner:
         self.model = build_model(arch, source, self.dtype, self.device, max_position=max_model_len,
                                  seed=config.model.seed)
         tp = get_tp_group()
-        self.kv_cache = torch.zeros(
-            arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads // tp.size, arch.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        shape = (arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads // tp.size, arch.head_dim)
+        self.shm_path: str | None = None
+        disagg = config.disagg
+        if disagg.role == "decode" and self.device.type == "cpu" and disagg.transfer_engine != "mooncake" \
+                and shm_available():
+            # a peer on this host writes received KV straight into this cache
+            self.kv_cache, self.shm_path = allocate_shared(shape, self.dtype, f"rank{tp.rank}")
+        else:
+            self.kv_cache = torch.zeros(*shape, dtype=self.dtype, device=self.device)
         self.sampler = Sampler(self.device, seed=config.model.seed)
         self.backend = self.model.attention_backend
         self.tiers = KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store,
                              config.cache.kv_store_options) if num_host_blocks else None
+        self.engines = open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path) \
+            if disagg.role != "mixed" else {}
+        self.sender = KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir,
+                               disagg.fault_delay_ms) if self.engines else None
+
+    def regions(self) -> list[KVRegion]:
+        """How peers can write into this rank's KV cache (empty when this instance is mixed)."""
+        return [r for r in (e.region() for e in self.engines.values()) if r is not None]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ForwardOutput:
         if self.tiers is not None:
             self.tiers.copy(plan.cache_ops)
-        output = self._forward(plan)
+        if plan.kv_sends and self.sender is None:
+            raise RuntimeError("the plan has KV sends but this instance runs no transfer engine (role mixed?)")
+        sender = self.sender if plan.kv_sends else None
+        if sender is not None:
+            sender.begin(plan.step_id, plan.kv_sends)
+        output = self._forward(plan, sender.layer_done if sender is not None and sender.has_layerwise else None)
+        if sender is not None:
+            output.kv_sent = [sender.finish()]
         if self.tiers is not None:
             self.tiers.put(plan.cache_ops)
             output.store = self.tiers.counters
@@ -64,8 +89,14 @@ class ModelRunner:
     def close(self) -> None:
         if self.tiers is not None:
             self.tiers.close()
+        if self.sender is not None:
+            self.sender.close()
+        for engine in self.engines.values():
+            engine.close()
+        if self.shm_path is not None:
+            release_shared(self.shm_path)
 
-    def _forward(self, plan: StepPlan) -> ForwardOutput:
+    def _forward(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None) -> ForwardOutput:
         self.sampler.forget(plan.finished_req_ids)
         if not plan.seqs:
             return ForwardOutput(step_id=plan.step_id, req_ids=[], token_ids=[])
@@ -91,7 +122,7 @@ class ModelRunner:
         meta = self.backend.prepare(layout, self.device)
         hidden = self.model(
             torch.tensor(token_ids, device=self.device), torch.tensor(positions, device=self.device),
-            self.kv_cache, meta,
+            self.kv_cache, meta, layer_done,
         )
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:

@@ -13,7 +13,7 @@ import zmq
 
 from pdserve.config import EngineConfig
 from pdserve.layers.parallel import init_tp_group
-from pdserve.messages import LoadFromPool, PoolLoaded, Shutdown, WorkerError, WorkerReady, decode_from_engine, encode
+from pdserve.messages import KVSent, LoadFromPool, PoolLoaded, Shutdown, WorkerError, WorkerReady, decode_from_engine, encode
 from pdserve.models.loader import load_arch, resolve_model
 from pdserve.worker.model_runner import ModelRunner
 
@@ -49,7 +49,7 @@ def worker_main(spec_json: bytes) -> None:
         source = resolve_model(config.model)
         runner = ModelRunner(config, source, load_arch(source), spec.num_blocks, spec.num_host_blocks,
                              spec.max_model_len)
-        results.send(encode(WorkerReady(rank=spec.rank)))
+        results.send(encode(WorkerReady(rank=spec.rank, regions=runner.regions())))
         while True:
             if not plans.poll(1000):
                 if os.getppid() != spec.parent_pid:
@@ -68,6 +68,8 @@ def worker_main(spec_json: bytes) -> None:
             output = runner.execute(message)
             if spec.rank == 0:
                 results.send(encode(output))
+            elif output.kv_sent:
+                results.send(encode(KVSent(step_id=message.step_id, report=output.kv_sent[0])))
     except Exception:  # noqa: BLE001 - reported to the engine core, which fails loudly
         results.send(encode(WorkerError(rank=spec.rank, error=traceback.format_exc())))
     finally:

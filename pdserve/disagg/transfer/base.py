@@ -1,0 +1,111 @@
+"""The transfer engine contract (worker half of the data plane).
+
+A rank's device KV cache is one tensor [num_layers, 2, num_blocks, block_size, heads, dim], so a
+(layer, K|V, block) chunk is contiguous: chunk (l, kv, b) starts at byte
+((l * 2 + kv) * num_blocks + b) * chunk_nbytes. The receiving side registers its cache once and
+describes it as a KVRegion; the sending side writes whole chunks into it (a one-sided write: the
+receiver's CPU does nothing per transfer).
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.messages import KVRegion
+
+
+class TransferError(RuntimeError):
+    """A write to a peer failed (unreachable, refused, out of range); the message says which peer and why."""
+
+
+def chunk_offset(layer: int, kv: int, block: int, num_blocks: int, chunk_nbytes: int) -> int:
+    """Byte offset of chunk (layer, K|V, block) in a cache of `num_blocks` blocks."""
+    return ((layer * 2 + kv) * num_blocks + block) * chunk_nbytes
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+class TransferEngine(ABC):
+    """Writes KV blocks from this rank's cache into peers' caches.
+
+    One instance per worker rank, created once with the rank's cache (which it registers once).
+    `write` may be called from a sender thread while the model runs on the main thread; it must not
+    touch the local cache's blocks other than those named (it only reads them).
+    """
+
+    name: str
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, heads, dim]
+        self.num_layers = kv_cache.shape[0]
+        self.num_blocks = kv_cache.shape[2]
+        self.chunk_nbytes = kv_cache[0, 0, 0].numel() * kv_cache.element_size()
+
+    @abstractmethod
+    def region(self) -> KVRegion | None:
+        """How a peer writes into this rank's cache through this engine (None: this engine only sends)."""
+
+    @abstractmethod
+    def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
+              dst_block_ids: Sequence[int]) -> int:
+        """Copy K and V of `layers` for blocks src_block_ids[i] -> dst_block_ids[i] into `peer`.
+
+        Blocks until the data is in the peer's memory; returns the bytes written. Raises TransferError
+        (never anything else) when the peer cannot be reached or the ids are out of its range.
+        """
+
+    def close(self) -> None:
+        """Release registrations and mappings; safe to call twice."""
+
+
+def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[int]) -> None:
+    if peer.num_layers != engine.num_layers or peer.chunk_nbytes != engine.chunk_nbytes:
+        raise TransferError(f"peer cache {peer.address} has {peer.num_layers} layers of {peer.chunk_nbytes}-byte "
+                            f"chunks; this rank has {engine.num_layers} of {engine.chunk_nbytes}")
+    bad = next((b for b in dst_block_ids if not 0 <= b < peer.num_blocks), None)
+    if bad is not None:
+        raise TransferError(f"block {bad} is outside the peer's {peer.num_blocks} blocks")
+
+
+def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None) -> dict[str, TransferEngine]:
+    """The engines this rank runs for `--kv-transfer-engine kind` ("auto" | "shm" | "mooncake").
+
+    auto: shm on CPU (receiving too when the cache lives in the shared-memory file `shm_path`), plus
+    mooncake when it is installed; a sender picks per peer by locality (pick_region).
+    """
+    engines: dict[str, TransferEngine] = {}
+    if kind in ("auto", "shm") and kv_cache.device.type == "cpu":
+        from pdserve.disagg.transfer.shm import ShmEngine
+
+        engines["shm"] = ShmEngine(kv_cache, shm_path)  # no path: it only sends
+    if kind == "shm" and kv_cache.device.type != "cpu":
+        raise ValueError("--kv-transfer-engine shm needs the KV cache in host memory (CPU); use mooncake")
+    if kind in ("auto", "mooncake"):
+        try:
+            from pdserve.disagg.transfer.mooncake import MooncakeEngine
+        except ImportError as e:
+            if kind == "mooncake":
+                raise ValueError(f"--kv-transfer-engine mooncake needs the Mooncake Transfer Engine ({e}); "
+                                 "pip install 'pdserve[mooncake]'") from e
+        else:
+            engines["mooncake"] = MooncakeEngine(kv_cache)
+    return engines
+
+
+def pick_region(engines: dict[str, TransferEngine], offered: Sequence[KVRegion]) -> tuple[TransferEngine, KVRegion]:
+    """The engine and peer region to use: shared memory on the same host first, else mooncake."""
+    local = hostname()
+    for preference in ("shm", "mooncake"):
+        engine = engines.get(preference)
+        for region in offered:
+            if engine is not None and region.engine == preference and (preference != "shm" or region.hostname == local):
+                return engine, region
+    kinds = ", ".join(sorted({r.engine for r in offered})) or "none"
+    raise TransferError(f"no common transfer engine: the peer offers {kinds}; this rank runs "
+                        f"{', '.join(sorted(engines)) or 'none'}")
