@@ -1,4 +1,4 @@
-"""pdserve command line: generate, serve, bench, store (router and launch come with their issues)."""
+"""pdserve command line: launch, serve, router, generate, bench, store."""
 
 from __future__ import annotations
 
@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.store.master import add_store_parser
 
     add_store_parser(sub)
+    from pdserve.router.cli import add_router_parser
+
+    add_router_parser(sub, [common])
+    from pdserve.launcher import add_launch_parser
+
+    add_launch_parser(sub, common)
     return parser
 
 

@@ -102,6 +102,8 @@ class KVSendReport(msgspec.Struct, frozen=True):
     num_bytes: int = 0
     failed: dict[str, str] = {}
     batches_digest: str = ""
+    seconds_busy: float = 0.0  # the sender thread writing
+    seconds_exposed: float = 0.0  # the step waiting for sends after its forward (not overlapped)
 
 
 class StepPlan(Message):
@@ -233,6 +235,8 @@ class TransferCounters(msgspec.Struct, frozen=True):
     seconds_sum: float = 0.0
     seconds_buckets: list[int] = []  # cumulative counts per TRANSFER_SECONDS_BUCKETS upper bound
     failures: dict[str, int] = {}  # reason -> count
+    send_seconds_busy: float = 0.0  # P, rank 0: time its sender spent writing
+    send_seconds_exposed: float = 0.0  # P, rank 0: time steps waited for sends after the forward
 
 
 TRANSFER_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -16,6 +16,8 @@ class TransferStats:
         self.seconds_sum = 0.0
         self._buckets = [0] * len(TRANSFER_SECONDS_BUCKETS)
         self.failures: Counter[str] = Counter()
+        self.send_seconds_busy = 0.0
+        self.send_seconds_exposed = 0.0
 
     def observe(self, seconds: float) -> None:
         self.num_transfers += 1
@@ -31,4 +33,5 @@ class TransferStats:
         return TransferCounters(
             bytes_sent=self.bytes_sent, bytes_received=self.bytes_received, num_transfers=self.num_transfers,
             seconds_sum=self.seconds_sum, seconds_buckets=list(self._buckets), failures=dict(self.failures),
+            send_seconds_busy=self.send_seconds_busy, send_seconds_exposed=self.send_seconds_exposed,
         )

@@ -146,6 +146,9 @@ class PrefillSide:
                 if out is not None:
                     out.failures[room] = f"rank {report.rank}: {error}"
             self.stats.bytes_sent += report.num_bytes
+            if report.rank == 0:
+                self.stats.send_seconds_busy += report.seconds_busy
+                self.stats.send_seconds_exposed += report.seconds_exposed
         sampled = dict(zip(output.req_ids, range(len(output.req_ids))))
         for seq in plan.seqs:
             out = self._by_req.get(seq.req_id)

@@ -52,6 +52,7 @@ class KVSender:
         self._layerwise: list[KVSend] = []
         self._failed: dict[str, str] = {}
         self._num_bytes = 0
+        self._busy = 0.0
         self._digest = hashlib.blake2b(digest_size=16)
         self._thread = threading.Thread(target=self._run, name=f"pdserve-kv-sender-{rank}", daemon=True)
         self._thread.start()
@@ -61,6 +62,7 @@ class KVSender:
         self._step_id = step_id
         self._failed = {}
         self._num_bytes = 0
+        self._busy = 0.0
         self._digest = hashlib.blake2b(digest_size=16)
         self._layerwise = [s for s in sends if s.layerwise]
         for send in sends:
@@ -84,11 +86,13 @@ class KVSender:
 
     def finish(self) -> KVSendReport:
         """Wait for every queued batch of this step; the report of what this rank sent."""
+        started = time.perf_counter()
         with self._done:
             while self._pending:
                 self._done.wait()
         return KVSendReport(rank=self.rank, num_bytes=self._num_bytes, failed=dict(self._failed),
-                            batches_digest=self._digest.hexdigest())
+                            batches_digest=self._digest.hexdigest(), seconds_busy=self._busy,
+                            seconds_exposed=time.perf_counter() - started)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -126,6 +130,7 @@ class KVSender:
             time.sleep(self._rng.uniform(0, self.fault_delay_ms) / 1000)
         if batch.ready is not None:
             batch.ready()
+        started = time.perf_counter()
         for send in batch.sends:
             if send.room in self._failed:
                 continue
@@ -138,3 +143,4 @@ class KVSender:
             except Exception as e:  # noqa: BLE001 - any engine failure fails the room, never the worker
                 self._failed[send.room] = f"{type(e).__name__}: {e}"
                 logger.exception("KV send of room %s failed on rank %d", send.room, self.rank)
+        self._busy += time.perf_counter() - started

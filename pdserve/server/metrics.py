@@ -36,6 +36,12 @@ class _TransferCollector:
         for reason in sorted({*TRANSFER_FAILURE_REASONS, *t.failures}):
             failures.add_metric([reason], t.failures.get(reason, 0))
         yield failures
+        sender = CounterMetricFamily("pdserve_kv_transfer_send_seconds",
+                                     "P, rank 0: seconds its sender wrote KV (busy), and seconds steps waited for "
+                                     "sends after the forward (exposed, not overlapped)", labels=["kind"])
+        sender.add_metric(["busy"], t.send_seconds_busy)
+        sender.add_metric(["exposed"], t.send_seconds_exposed)
+        yield sender
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
