@@ -60,7 +60,7 @@ class ControlChannel:
 
     def recv_all(self) -> list[ControlMessage]:
         """Every message waiting now (never blocks); undecodable or wrong-version messages are dropped."""
-        messages = []
+        messages: list[ControlMessage] = []
         while True:
             try:
                 data = self.socket.recv(zmq.NOBLOCK)

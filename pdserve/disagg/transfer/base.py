@@ -60,7 +60,7 @@ class TransferEngine(ABC):
         (never anything else) when the peer cannot be reached or the ids are out of its range.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this default
         """Release registrations and mappings; safe to call twice."""
 
 
@@ -70,7 +70,7 @@ def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[i
                             f"chunks; this rank has {engine.num_layers} of {engine.chunk_nbytes}")
     bad = next((b for b in dst_block_ids if not 0 <= b < peer.num_blocks), None)
     if bad is not None:
-        raise TransferError(f"block {bad} is outside the peer's {peer.num_blocks} blocks")
+        raise TransferError(f"block {bad} is outside the {peer.num_blocks} blocks of the peer's cache {peer.address}")
 
 
 def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None) -> dict[str, TransferEngine]:

@@ -61,6 +61,28 @@ def release_shared(path: str) -> None:
         os.unlink(path)
 
 
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of `ids` as [start, stop) pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) runs where both sides are consecutive."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [(s, d, n) for s, d, n in runs]
+
+
 class ShmEngine(TransferEngine):
     name = "shm"
 
@@ -98,11 +120,10 @@ class ShmEngine(TransferEngine):
             self._peers.pop(peer.address, None)
             raise TransferError(f"the peer's KV cache {peer.address} is gone (the peer exited)")
         dst = self._map(peer)
-        src_ids = torch.tensor(list(src_block_ids), dtype=torch.int64)
-        dst_ids = torch.tensor(list(dst_block_ids), dtype=torch.int64)
-        for layer in layers:
-            # [2, n, block_size, heads, dim]
-            dst[layer].index_copy_(1, dst_ids, self.kv_cache[layer].index_select(1, src_ids))
+        for l0, l1 in _runs(list(layers)):
+            for s0, d0, n in _block_runs(src_block_ids, dst_block_ids):
+                # [layers, 2, n, block_size, heads, dim]: plain slice copies (gathers run ~7x slower)
+                dst[l0:l1, :, d0:d0 + n].copy_(self.kv_cache[l0:l1, :, s0:s0 + n])
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
 
     def close(self) -> None:
