@@ -1,0 +1,88 @@
+"""`pdserve launch` end to end: a prefill and a decode instance of the default model behind the router, one
+completion through the OpenAI API, then SIGTERM: exit code 0 and no process of the deployment left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from server_fixtures import STARTUP_TIMEOUT_S, free_port
+
+STOP_TIMEOUT_S = 60.0
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _wait_router(proc: subprocess.Popen[bytes], url: str, output: Path) -> None:
+    deadline = time.monotonic() + 2 * STARTUP_TIMEOUT_S  # two instances load the model on a shared CPU
+    last = "no answer"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"pdserve launch exited with code {proc.returncode}:\n{output.read_text()}"
+        try:
+            r = httpx.get(f"{url}/health", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text}"
+        except httpx.TransportError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise AssertionError(f"the router did not answer /health within the deadline (last: {last}):\n"
+                         f"{output.read_text()[-20000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_launch_serves_a_completion_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_dir = tmp_path / "logs"
+    output = tmp_path / "launch.out"
+    argv = [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(port), "--max-model-len", "512",
+            "--num-blocks", "128", "--log-dir", str(log_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PDSERVE_API_KEY", None)
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    children: list[int] = []
+    code: int | None = None
+    try:
+        _wait_router(proc, url, output)
+        children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(children) >= 5, children  # router, 2 API servers, 2 engine cores (and their helpers)
+        r = httpx.post(f"{url}/v1/completions", timeout=120,
+                       json={"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8, r.json()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(STOP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        deadline = time.monotonic() + 10  # orphans are reaped by whoever adopts them
+        while _alive(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        leftovers = _alive(children)
+        for pid in leftovers:
+            psutil.Process(pid).kill()
+    text = output.read_text(errors="replace")
+    assert code == 0, text[-20000:]
+    assert not leftovers, f"left running after the launcher exited: {leftovers}\n{text[-20000:]}"
+    assert f"OpenAI API: {url}/v1" in text and "[prefill-0] " in text and "[decode-0] " in text, text[-20000:]
+    assert {"prefill-0.log", "decode-0.log", "router.log"} <= {f.name for f in log_dir.iterdir()}
