@@ -160,8 +160,9 @@ class DisaggConfig:
     control_port 0 picks a free port; the control address is announced in /v1/pd/info.
     transfer_timeout: D's receive deadline from block allocation, and P's wait for D's KVDest.
     admission_timeout: how long D may wait for blocks before answering 503 no_capacity.
-    The reserve D keeps for the future decode tokens of its running requests is
-    sum(ceil(min(tokens_left, reserve_clip) * ratio / block_size)); ratio starts at reserve_ratio_init,
+    The reserve D keeps for the future decode tokens of its running requests is, over running requests r,
+    sum(max(0, ceil((len(r) + min(tokens_left(r), reserve_clip) * ratio) / block_size) - blocks held by r));
+    ratio starts at reserve_ratio_init,
     decays by reserve_ratio_decay each step down to reserve_ratio_min and goes back up on a preemption.
     fault_delay_ms, send_trace_dir: testing only (random delays before each send batch and KVDest;
     a per-rank log of send batches).

@@ -62,6 +62,7 @@ class DecodeSide:
         # blocks of rooms given up while P may still be writing them: held until P acknowledges the
         # KVAbort or QUARANTINE_SECONDS pass, so a late write never lands in another request's blocks
         self._quarantine: dict[str, float] = {}
+        self._parked: list[_Incoming] = []  # admitted; KVDest waits for a step to run pending cache ops
         self._num_preemptions = scheduler.stats.num_preemptions
 
     def add(self, request: Request, handle: TransferHandle) -> None:
@@ -91,6 +92,9 @@ class DecodeSide:
             self.reserve.on_preemption()
         failed: list[RequestUpdate] = []
         now = self.clock()
+        for incoming in self._parked:  # the step that ran their blocks' pending copies is over
+            self._send_dest(incoming)
+        self._parked = []
         while self.waiting:
             incoming = self.waiting[0]
             request = incoming.request
@@ -98,11 +102,19 @@ class DecodeSide:
             if room_for_seq and self.kv.allocate_slots(request, request.num_prompt_tokens,
                                                        reserve=self.reserve_blocks()):
                 self.waiting.popleft()
-                self._send_dest(incoming)
+                self.receiving[incoming.handle.room] = incoming
+                incoming.deadline = self.clock() + self.config.transfer_timeout
+                if self.kv.has_pending_ops:
+                    # evicted blocks are being saved to the host tier: P may write them only once the step
+                    # carrying those copies has run (the next admit())
+                    self._parked.append(incoming)
+                else:
+                    self._send_dest(incoming)
                 continue
             break
         for incoming in [i for i in self.waiting if now > i.deadline]:
             self.waiting.remove(incoming)
+            self.control.send(incoming.handle.peer, KVAbort(room=incoming.handle.room, reason="no capacity on decode"))
             failed.append(self._fail(incoming, RequestError(
                 503, "no_capacity", f"the decode instance had no room for {incoming.request.num_prompt_tokens} "
                 f"prompt tokens within {self.config.admission_timeout:.0f}s; retry later or add decode capacity")))
@@ -111,8 +123,6 @@ class DecodeSide:
     def _send_dest(self, incoming: _Incoming) -> None:
         request = incoming.request
         incoming.sent_at = self.clock()
-        incoming.deadline = incoming.sent_at + self.config.transfer_timeout
-        self.receiving[incoming.handle.room] = incoming
         dest = KVDest(room=incoming.handle.room, block_ids=list(self.kv.block_ids(request.req_id)),
                       regions=self.regions, fingerprint=self.fingerprint, tp_size=self.tp_size,
                       num_prompt_tokens=request.num_prompt_tokens, prompt_digest=prompt_digest(request.prompt_token_ids),
@@ -196,8 +206,10 @@ class DecodeSide:
         if abort_reason is not None and room in self.receiving:
             self.control.send(incoming.handle.peer, KVAbort(room=room, reason=abort_reason))
             self.kv.hold(f"quarantine:{room}", request.req_id)
-            self._quarantine[room] = self.clock() + QUARANTINE_SECONDS
+            self._quarantine[room] = self.clock() + min(QUARANTINE_SECONDS, self.config.transfer_timeout)
         self.receiving.pop(room, None)
+        if incoming in self._parked:
+            self._parked.remove(incoming)
         if incoming in self.waiting:
             self.waiting.remove(incoming)
         self._by_req.pop(request.req_id, None)

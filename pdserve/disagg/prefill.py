@@ -58,18 +58,22 @@ class PrefillSide:
         self._by_room: dict[str, _Outgoing] = {}
         self._by_req: dict[str, _Outgoing] = {}
         self._early: dict[str, tuple[KVDest, float]] = {}  # KVDest that came before its request
+        self._deferred: list[tuple[str, RequestError]] = []  # failures found in add(), reported by expire()
 
     # ---- requests and messages in ----------------------------------------------------
 
     def add(self, request: Request, handle: TransferHandle) -> None:
+        """Track a request's transfer; a bad early KVDest fails it with the next expire()."""
         if handle.room in self._by_room:
             raise ValueError(f"transfer room {handle.room!r} is already in use on this prefill instance")
+        if request.req_id in self._by_req:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
         out = _Outgoing(request, handle, self.clock() + self.timeout)
         self._by_room[handle.room] = out
         self._by_req[request.req_id] = out
         early = self._early.pop(handle.room, None)
         if early is not None:
-            self._attach(out, early[0])
+            self._deferred += self._attach(out, early[0])
 
     def on_control(self, message: KVDest | KVAbort) -> list[tuple[str, RequestError]]:
         """Handle a message from D; returns requests to fail here (req_id, error)."""
@@ -144,7 +148,7 @@ class PrefillSide:
             for room, error in report.failed.items():
                 out = self._by_room.get(room)
                 if out is not None:
-                    out.failures[room] = f"rank {report.rank}: {error}"
+                    out.failures[f"rank{report.rank}"] = f"rank {report.rank}: {error}"
             self.stats.bytes_sent += report.num_bytes
             if report.rank == 0:
                 self.stats.send_seconds_busy += report.seconds_busy
@@ -208,7 +212,7 @@ class PrefillSide:
     def expire(self) -> list[tuple[str, RequestError]]:
         """Fail transfers whose KVDest did not come within the timeout; forget stale early KVDests."""
         now = self.clock()
-        failed = []
+        failed, self._deferred = self._deferred, []
         for out in list(self._by_room.values()):
             if out.dest is None and now > out.deadline:
                 failed += self._fail(out, "kv_transfer_timeout",

@@ -96,6 +96,11 @@ class PDRole:
         return self.prefill is not None and self.prefill.has_sends
 
     @property
+    def num_requests_waiting(self) -> int:
+        """D's requests waiting for blocks or for their KV (they are not in the scheduler yet)."""
+        return len(self.decode.waiting) + len(self.decode.receiving) if self.decode is not None else 0
+
+    @property
     def num_pending(self) -> int:
         side = self.prefill or self.decode
         assert side is not None

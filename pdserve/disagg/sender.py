@@ -28,6 +28,15 @@ from pdserve.messages import KVSend, KVSendReport
 logger = logging.getLogger(__name__)
 
 
+def _device_ready() -> Callable[[], None] | None:
+    """On CUDA: a wait for the work queued so far (KV writes, swap-ins) before a batch reads the cache."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event.synchronize
+
+
 @dataclass
 class _Batch:
     step_id: int
@@ -67,7 +76,7 @@ class KVSender:
         self._layerwise = [s for s in sends if s.layerwise]
         for send in sends:
             if not send.layerwise:
-                self._submit(_Batch(step_id, list(range(self.num_layers)), [send]))
+                self._submit(_Batch(step_id, list(range(self.num_layers)), [send], _device_ready()))
 
     @property
     def has_layerwise(self) -> bool:
@@ -77,12 +86,7 @@ class KVSender:
         """Called by the model after `layer` wrote its KV (on the main thread)."""
         if not self._layerwise:
             return
-        ready = None
-        if self._layerwise and torch.cuda.is_available() and torch.cuda.is_initialized():
-            event = torch.cuda.Event()
-            event.record()
-            ready = event.synchronize
-        self._submit(_Batch(self._step_id, [layer], self._layerwise, ready))
+        self._submit(_Batch(self._step_id, [layer], self._layerwise, _device_ready()))
 
     def finish(self) -> KVSendReport:
         """Wait for every queued batch of this step; the report of what this rank sent."""

@@ -212,7 +212,8 @@ class EngineCore:
         s = self.scheduler.stats
         c = self.kv.stats
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + (self.pd.num_requests_waiting if self.pd is not None else 0),
             num_blocks_total=self.kv.num_blocks, num_blocks_free=self.kv.num_free_blocks,
             num_preemptions=s.num_preemptions, num_prompt_tokens=s.num_prompt_tokens,
             num_generation_tokens=s.num_generation_tokens, num_recomputed_tokens=s.num_recomputed_tokens,

@@ -1,0 +1,130 @@
+"""PD deployments for end-to-end tests: real `pdserve serve --role prefill|decode` processes and a real
+`pdserve router` in front, each with its log file (printed when a test fails, see server_fixtures)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from server_fixtures import _LIVE, ServerProcess, free_port, metrics, sse_events
+
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass(eq=False)
+class RouterProcess:
+    """One `pdserve router` subprocess (it quacks like ServerProcess for the log-on-failure fixture)."""
+
+    flags: list[str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RouterProcess:
+        args = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port), "--health-interval", "0.5",
+                *self.flags]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            log.write(f"$ {' '.join(args)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        _LIVE.append(self)  # type: ignore[arg-type]
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout_s: float = 60) -> RouterProcess:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, f"router exited:\n{self.log_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"the router did not become healthy:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> int | None:
+        if self in _LIVE:
+            _LIVE.remove(self)  # type: ignore[arg-type]
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+def start_instance(role: str, log_dir: Path, flags: list[str], port: int | None = None) -> ServerProcess:
+    server = ServerProcess(["--role", role, *flags], log_dir / f"{role}-{time.monotonic_ns()}.log")
+    if port is not None:
+        server.port = port
+    return server.start()
+
+
+def kill_instance(server: ServerProcess) -> None:
+    """SIGKILL an instance: its API process and its engine core (and workers) at once, as a crash would."""
+    assert server.proc is not None
+    procs = [psutil.Process(server.proc.pid)]
+    try:
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    if server in _LIVE:
+        _LIVE.remove(server)
+
+
+def blocks_free(url: str) -> tuple[float, float]:
+    m = metrics(url)
+    return m["pdserve_kv_blocks_free"], m["pdserve_kv_blocks_total"]
+
+
+def wait_all_free(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free, total = blocks_free(url)
+        if free == total:
+            return
+        assert time.monotonic() < deadline, f"{url}: {free} of {total} blocks free after {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def completion(url: str, body: dict[str, Any], timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+    return r.status_code, r.json()
+
+
+def stream_text(r: httpx.Response) -> tuple[str, list[str]]:
+    """Text and logprob tokens assembled from a completions or chat SSE body."""
+    text, tokens = "", []
+    for e in sse_events(r.text):
+        if e == "[DONE]" or "error" in e:
+            continue
+        for c in e["choices"]:
+            text += c.get("text") or (c.get("delta") or {}).get("content") or ""
+            lp = c.get("logprobs") or {}
+            tokens += lp.get("tokens") or [t["token"] for t in lp.get("content") or []]
+    return text, tokens

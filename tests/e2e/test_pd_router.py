@@ -1,0 +1,107 @@
+"""1P1D through the router equals the mixed path token for token (greedy), on the default model:
+completions and chat, streaming and not, with chunked prefill on P; then TP=2 on both P and D.
+Afterwards every block is free on P and D and the transfer metrics add up."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.register_assert_rewrite("server_fixtures", "pd_fixtures")
+
+from pd_fixtures import RouterProcess, start_instance, stream_text, wait_all_free  # noqa: E402
+from server_fixtures import API_KEY, ServerProcess, metrics  # noqa: E402
+
+pytest_plugins = ["server_fixtures"]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Write a long story about a dragon. " * 12]  # ~100 tokens: several 32-token chunks on P
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors. " * 8}]]
+MAX_TOKENS = 24
+
+
+def requests() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for stream in (False, True):
+        for p in PROMPTS:
+            out.append(("/v1/completions", {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1,
+                                             "stream": stream}))
+        for m in CHATS:
+            out.append(("/v1/chat/completions", {"messages": m, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                  "logprobs": True, "stream": stream}))
+    return out
+
+
+async def answer(client: httpx.AsyncClient, url: str, path: str, body: dict[str, Any],
+                 headers: dict[str, str]) -> tuple[str, list[str]]:
+    r = await client.post(url + path, json=body, headers=headers, timeout=180)
+    assert r.status_code == 200, r.text
+    if body["stream"]:
+        return stream_text(r)
+    choice = r.json()["choices"][0]
+    if "message" in choice:
+        return choice["message"]["content"], [t["token"] for t in choice["logprobs"]["content"]]
+    return choice["text"], choice["logprobs"]["tokens"]
+
+
+async def answers(url: str, headers: dict[str, str]) -> list[tuple[str, list[str]]]:
+    async with httpx.AsyncClient() as client:
+        return list(await asyncio.gather(*(answer(client, url, path, body, headers) for path, body in requests())))
+
+
+def start_pd(tmp_path: Path, p_flags: list[str], d_flags: list[str]) -> tuple[ServerProcess, ServerProcess, RouterProcess]:
+    p = start_instance("prefill", tmp_path, p_flags)
+    d = start_instance("decode", tmp_path, d_flags)
+    p.wait_ready()
+    d.wait_ready()
+    router = RouterProcess(["--prefill", p.url, "--decode", d.url], tmp_path / "router.log").start().wait_ready()
+    return p, d, router
+
+
+def stop_all(*parts: Any) -> None:
+    for part in parts:
+        part.stop()
+
+
+def check_after(p: ServerProcess, d: ServerProcess, num_requests: int) -> None:
+    wait_all_free(p.url)
+    wait_all_free(d.url)
+    mp, md = metrics(p.url), metrics(d.url)
+    sent = mp['pdserve_kv_transfer_bytes_total{direction="send"}']
+    assert sent > 0 and sent == md['pdserve_kv_transfer_bytes_total{direction="recv"}']
+    assert mp["pdserve_kv_transfer_seconds_count"] == md["pdserve_kv_transfer_seconds_count"] == num_requests
+    assert md["pdserve_prompt_tokens_total"] == 0  # D computed no prompt token: all of it came from P
+    assert md["pdserve_preemptions_total"] == 0
+
+
+def test_1p1d_equals_mixed(server: ServerProcess, tmp_path: Path) -> None:
+    p, d, router = start_pd(tmp_path, ["--max-num-batched-tokens", "32", "--max-model-len", "2048"],
+                            ["--max-model-len", "2048"])
+    try:
+        want = asyncio.run(answers(server.url, {"Authorization": f"Bearer {API_KEY}"}))
+        got = asyncio.run(answers(router.url, {}))
+        assert got == want
+        assert all(tokens for _, tokens in want) and any(len(t) == MAX_TOKENS for _, t in want)
+        check_after(p, d, len(want))
+    finally:
+        stop_all(router, p, d)
+
+
+@pytest.mark.slow
+def test_1p1d_tp2_equals_mixed_tp2(tmp_path: Path) -> None:
+    """TP=2 (gloo) on both P and D. The reference is P itself answering plain requests: an instance of
+    any role serves a request without kv_transfer_params through the mixed path, at the same TP size."""
+    flags = ["-tp", "2", "--max-model-len", "1024", "--num-blocks", "128"]
+    p, d, router = start_pd(tmp_path, [*flags, "--max-num-batched-tokens", "48"], flags)
+    try:
+        want = asyncio.run(answers(p.url, {}))
+        got = asyncio.run(answers(router.url, {}))
+        assert got == want
+        check_after(p, d, len(want))
+    finally:
+        stop_all(router, p, d)
