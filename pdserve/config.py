@@ -160,7 +160,8 @@ class DisaggConfig:
     control_port 0 picks a free port; the control address is announced in /v1/pd/info.
     transfer_timeout: D's receive deadline from block allocation, and P's wait for D's KVDest.
     admission_timeout: how long D may wait for blocks before answering 503 no_capacity.
-    The reserve D keeps for the future decode tokens of its running requests is, over running requests r,
+    The reserve D keeps for the future decode tokens of its running requests (and of the one it admits) is,
+    over those requests r,
     sum(max(0, ceil((len(r) + min(tokens_left(r), reserve_clip) * ratio) / block_size) - blocks held by r));
     ratio starts at reserve_ratio_init,
     decays by reserve_ratio_decay each step down to reserve_ratio_min and goes back up on a preemption.
@@ -177,7 +178,7 @@ class DisaggConfig:
     admission_timeout: float = 30.0
     reserve_ratio_init: float = 1.0
     reserve_ratio_min: float = 0.1
-    reserve_ratio_decay: float = 0.995
+    reserve_ratio_decay: float = 0.998
     reserve_clip: int = 1024
     fault_delay_ms: int = 0
     send_trace_dir: str | None = None

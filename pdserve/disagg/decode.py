@@ -76,13 +76,17 @@ class DecodeSide:
 
     # ---- admission -----------------------------------------------------------------
 
-    def reserve_blocks(self) -> int:
-        """Blocks kept back for the future tokens of running requests and of those receiving their KV."""
+    def reserve_blocks(self, candidate: Request | None = None) -> int:
+        """Blocks kept back for the future tokens of running requests, of those receiving their KV, and of
+        `candidate` (a request being admitted, whose prompt blocks are allocated with it)."""
         kv = self.kv
         running = [Reservee(r.num_tokens, r.sampling.max_tokens - len(r.output_token_ids),
                             len(kv.block_ids(r.req_id))) for r in self.scheduler.running]
         running += [Reservee(i.request.num_prompt_tokens, i.request.sampling.max_tokens,
                              len(kv.block_ids(i.request.req_id))) for i in self.receiving.values()]
+        if candidate is not None:
+            running.append(Reservee(candidate.num_prompt_tokens, candidate.sampling.max_tokens,
+                                    math.ceil(candidate.num_prompt_tokens / kv.block_size)))
         return self.reserve.num_blocks(running)
 
     def admit(self) -> list[RequestUpdate]:
@@ -100,7 +104,7 @@ class DecodeSide:
             request = incoming.request
             room_for_seq = len(self.scheduler.running) + len(self.receiving) < self.scheduler.config.max_num_seqs
             if room_for_seq and self.kv.allocate_slots(request, request.num_prompt_tokens,
-                                                       reserve=self.reserve_blocks()):
+                                                       reserve=self.reserve_blocks(request)):
                 self.waiting.popleft()
                 self.receiving[incoming.handle.room] = incoming
                 incoming.deadline = self.clock() + self.config.transfer_timeout

@@ -21,7 +21,7 @@ class Reservee:
 
 
 class DecodeReserve:
-    def __init__(self, block_size: int, init: float = 1.0, minimum: float = 0.1, decay: float = 0.995,
+    def __init__(self, block_size: int, init: float = 1.0, minimum: float = 0.1, decay: float = 0.998,
                  clip: int = 1024) -> None:
         self.block_size = block_size
         self.init = init

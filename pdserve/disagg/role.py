@@ -80,7 +80,6 @@ class PDRole:
         if self.decode is not None:
             updates += self.decode.expire()
             updates += self.decode.admit()
-            self.decode.on_step()
         scheduled = self.core.scheduler.requests
         return updates + [self.core.fail(req_id, error) for req_id, error in failed if req_id in scheduled]
 
@@ -89,6 +88,8 @@ class PDRole:
             sched.plan.kv_sends = self.prefill.plan_sends(sched)
 
     def after_step(self, sched: SchedulerOutput, output: ForwardOutput) -> list[tuple[str, RequestError]]:
+        if self.decode is not None:
+            self.decode.on_step()  # the reserve ratio decays per executed step
         return self.prefill.on_output(sched.plan, output) if self.prefill is not None else []
 
     @property

@@ -917,8 +917,9 @@ def test_d_admission_keeps_the_reserve_fifo() -> None:
     r1 = _running(env, "r1", PROMPT, max_tokens=8)
     # r1: 11 tokens, 7 to come: ceil(18 / 4) = 5 blocks, holds 3 -> reserve 2; 7 blocks free
     assert env.side.reserve_blocks() == 2 and env.kv.num_free_blocks == 7
-    d_add(env, "r2", prompt=range(200, 221))  # 21 tokens: 6 blocks + 2 > 7
-    d_add(env, "r3", prompt=range(300, 304))  # 1 block would fit, but r2 is first
+    r2 = d_add(env, "r2", prompt=range(200, 221))  # 21 tokens: 6 blocks + its own ceil(29 / 4) - 6 = 2 + 2 > 7
+    r3 = d_add(env, "r3", prompt=range(300, 304))  # 1 block + its own 2 + r1's 2 would fit, but r2 is first
+    assert env.side.reserve_blocks(r2) == 4 and env.side.reserve_blocks(r3) == 4
     assert d_admit(env) == []
     assert env.control.take() == []
     assert [i.request.req_id for i in env.side.waiting] == ["r2", "r3"]
@@ -926,12 +927,15 @@ def test_d_admission_keeps_the_reserve_fifo() -> None:
     env.check()
     assert env.side.reserve_blocks() == 0 and env.kv.num_free_blocks == 10
     assert d_admit(env) == []
-    # r2 takes 6 blocks; r3 then needs 1 + the reserve of receiving r2 (ceil((21 + 8) / 4) - 6 = 2) <= 4 free
-    assert env.control.take() == [d_dest("r2", [3, 4, 5, 6, 7, 8], prompt=range(200, 221)),
-                                  d_dest("r3", [9], prompt=range(300, 304))]
-    assert r1.is_finished
-    assert env.side.reserve_blocks() == 2 + 2  # r2 as above, r3: ceil((4 + 8) / 4) - 1
-    d_control(env, KVDone(room="r2", status="error", error="x"))
+    # r2 takes 6 blocks (6 + 2 <= 10); r3 then needs 1 + its own 2 + receiving r2's 2 = 5 > 4 free: it waits
+    assert env.control.take() == [d_dest("r2", [3, 4, 5, 6, 7, 8], prompt=range(200, 221))]
+    assert r1.is_finished and [i.request.req_id for i in env.side.waiting] == ["r3"]
+    assert env.side.reserve_blocks() == 2
+    d_control(env, KVDone(room="r2", status="error", error="x"))  # P gave up: no quarantine, blocks free
+    assert env.kv.num_free_blocks == 10
+    assert d_admit(env) == []
+    [(_, dest)] = env.control.take()
+    assert isinstance(dest, KVDest) and dest.room == "r3" and len(dest.block_ids) == 1
     d_control(env, KVDone(room="r3", status="error", error="x"))
     assert_d_idle(env)
 
@@ -939,22 +943,24 @@ def test_d_admission_keeps_the_reserve_fifo() -> None:
 def test_d_admission_boundary_is_exact() -> None:
     env = make_d(num_blocks=10)
     _running(env, "r1", PROMPT, max_tokens=8)
-    d_add(env, "r2", prompt=range(200, 220))  # 20 tokens: 5 blocks + reserve 2 == 7 free
+    # 12 tokens: 3 blocks + its own ceil((12 + 8) / 4) - 3 = 2 + r1's 2 == 7 free: admitted, exactly
+    d_add(env, "r2", prompt=range(200, 212))
     d_admit(env)
-    assert env.control.take() == [d_dest("r2", [3, 4, 5, 6, 7], prompt=range(200, 220))]
-    assert env.kv.num_free_blocks == 2
-    # now r1 reserves 2 and receiving r2 ceil((20 + 8) / 4) - 5 = 2: a 1-block prompt does not fit in 2 free
-    assert env.side.reserve_blocks() == 4
-    d_add(env, "r3", prompt=range(300, 304))
+    assert env.control.take() == [d_dest("r2", [3, 4, 5], prompt=range(200, 212))]
+    assert env.kv.num_free_blocks == 4
+    assert env.side.reserve_blocks() == 4  # r1 2, receiving r2 2
+    r3 = d_add(env, "r3", prompt=range(300, 304))
+    assert env.side.reserve_blocks(r3) == 6  # + r3's own ceil((4 + 8) / 4) - 1
+    assert d_admit(env) == [] and env.control.take() == []  # 1 + 6 > 4
+    # ratio 0.75: r1 ceil(16.25 / 4) - 3 = 2, r2 ceil(18 / 4) - 3 = 2, r3 ceil(10 / 4) - 1 = 2: 1 + 6 > 4
+    env.side.reserve.ratio = 0.75
+    assert env.side.reserve_blocks(r3) == 6
     assert d_admit(env) == [] and env.control.take() == []
-    # with a lower ratio the reserve shrinks: 0.25 -> r1 ceil((11 + 1.75) / 4) - 3 = 1, r2 ceil(22 / 4) - 5 = 1
-    env.side.reserve.ratio = 0.25
-    assert env.side.reserve_blocks() == 2
-    assert d_admit(env) == [] and env.control.take() == []  # 1 + 2 > 2
-    env.side.reserve.ratio = 0.1  # r1 ceil(11.7 / 4) - 3 = 0, r2 ceil(20.8 / 4) - 5 = 1
-    assert env.side.reserve_blocks() == 1
+    # ratio 0.5: r1 ceil(14.5 / 4) - 3 = 1, r2 ceil(16 / 4) - 3 = 1, r3 ceil(8 / 4) - 1 = 1: 1 + 3 == 4
+    env.side.reserve.ratio = 0.5
+    assert env.side.reserve_blocks(r3) == 3
     assert d_admit(env) == []
-    assert env.control.take() == [d_dest("r3", [8], prompt=range(300, 304))]
+    assert env.control.take() == [d_dest("r3", [6], prompt=range(300, 304))]
     env.scheduler.abort("r1")
     d_control(env, KVDone(room="r2", status="error", error="x"))
     d_control(env, KVDone(room="r3", status="error", error="x"))
@@ -1068,11 +1074,10 @@ def test_d_refuses_reused_rooms_and_ids() -> None:
 
 
 def test_d_blocks_handed_to_p_have_no_pending_local_reads() -> None:
-    """BUG (D with a host tier): admission may evict cached device blocks, and allocate_slots records a
-    swap_out (device -> host) for each; those ops run only with D's next step plan, but KVDest naming the same
-    blocks is sent at once, so P may write the new request's KV into a block before D's worker has copied the
-    old contents out: the host tier then caches the new KV under the old block's key."""
-    kv = KVCacheManager(4, BS, num_host_blocks=4)
+    """With a host tier, admission may evict cached device blocks, and allocate_slots records a swap_out
+    (device -> host) for each; those ops run only with D's next step plan. KVDest naming those blocks must
+    wait until that plan has run, or P could overwrite a block before D copied its old contents out."""
+    kv = KVCacheManager(5, BS, num_host_blocks=4)
     scheduler = Scheduler(SchedulerConfig(8, 2048), kv, max_model_len=1024)
     control = FakeChannel(D_ADDR)
     clock = Clock()
@@ -1081,16 +1086,20 @@ def test_d_blocks_handed_to_p_have_no_pending_local_reads() -> None:
     env = DEnv(kv, scheduler, control, clock, side)
     _running(env, "old", range(100, 108), max_tokens=8)  # names blocks 0 and 1 on D
     env.scheduler.finish("old", FinishReason.STOP)
-    assert kv.device.num_cached_blocks == 2 and kv.num_free_blocks == 4
-    d_add(env, "new", prompt=range(500, 516))  # 4 blocks: evicts cached 0 and 1
+    assert kv.device.num_cached_blocks == 2 and kv.num_free_blocks == 5
+    # 4 blocks + its own ceil((16 + 1) / 4) - 4 = 1 == 5: takes the 3 free ones and evicts cached 1
+    d_add(env, "new", prompt=range(500, 516), max_tokens=1)
     d_admit(env)
-    assert kv.block_ids("new") == [2, 3, 1, 0]  # free blocks first, then the LRU (1 was freed before 0)
-    # every block P may now write (KVDest sent) must be free of pending copies on D
-    written = {b for _, m in control.take() if isinstance(m, KVDest) for b in m.block_ids}
-    ops = kv.take_ops()
-    kv.end_step()
+    assert kv.block_ids("new") == [2, 3, 4, 1]  # free blocks first, then the LRU (1 was freed before 0)
+    # block 1 is being saved to the host tier: P must not write it before that copy ran on D
+    assert control.take() == []
+    ops = kv.take_ops()  # the next step plan carries the copy ...
+    assert [d for d, _ in ops.swap_out] == [1]
+    kv.end_step()  # ... and has run
     env.check()
-    assert [(d, h) for d, h in ops.swap_out if d in written] == []
+    d_admit(env)
+    [(_, dest)] = control.take()
+    assert isinstance(dest, KVDest) and dest.block_ids == [2, 3, 4, 1]
 
 
 # ---- P and D together ------------------------------------------------------------------

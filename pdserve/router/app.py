@@ -1,0 +1,445 @@
+"""The router's HTTP front door: OpenAI endpoints proxied to a P/D pair or a mixed instance, plus /health,
+/metrics, /register and /unregister.
+
+A PD request goes to P (stream forced off) and D (the client's stream value) at
+once, with the same room and each side's peer set to the other; D's answer is
+the client's. P's failure before D finishes aborts D; a client disconnect
+aborts both; closing an upstream connection is how an instance learns of an
+abort. This module knows nothing about models or tokens: bodies pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive
+
+from pdserve.router.heartbeat import add_membership_routes
+from pdserve.router.metrics import NO_INSTANCE, RouterMetrics
+from pdserve.router.policies import Route, RouteError, RouterPolicy, plan_route, request_key
+from pdserve.router.registry import Instance, Registry
+from pdserve.server.errors import ApiError, error_response
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    request_timeout_s: float = 600.0  # arrival to last byte; past it: 504 (or an SSE error once streaming)
+    api_key: str | None = None  # required from clients and sent to instances when set
+    connect_timeout_s: float = 10.0  # to open a connection to an instance
+
+    def __post_init__(self) -> None:
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"--request-timeout must be > 0 seconds, got {self.request_timeout_s}")
+        if not self.connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s must be > 0 seconds, got {self.connect_timeout_s}")
+
+
+class Failure(Exception):
+    """An error answer for the client: an instance's own (passed through unchanged) or the router's."""
+
+    def __init__(self, status: int, error: dict[str, Any], instance: str, body: bytes | None = None) -> None:
+        super().__init__(error.get("message", ""))
+        self.status = status
+        self.error = error  # {"message", "type", "code"}
+        self.instance = instance  # URL of the instance it is blamed on, or NO_INSTANCE
+        self.body = body if body is not None else json.dumps({"error": error}).encode()
+
+    @classmethod
+    def make(cls, status: int, message: str, code: str, instance: str, type_: str = "server_error") -> Failure:
+        return cls(status, {"message": message, "type": type_, "code": code}, instance)
+
+    @classmethod
+    def answer(cls, inst: Instance, status: int, data: bytes) -> Failure:
+        """An instance's non-2xx answer: its JSON error body unchanged, or one naming the instance if not JSON."""
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return cls(status, parsed["error"], inst.url, data)
+        text = data[:300].decode(errors="replace")
+        return cls.make(status, f"{inst.role} instance {inst.url} answered HTTP {status}: {text}", f"http_{status}",
+                        inst.url)
+
+    @property
+    def code(self) -> str:
+        return str(self.error.get("code") or f"http_{self.status}")
+
+    def response(self) -> Response:
+        return Response(self.body, self.status, media_type="application/json")
+
+    def sse(self) -> bytes:
+        return b"data: " + json.dumps({"error": self.error}).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The client closed its connection."""
+
+
+@dataclass
+class RouterState:
+    registry: Registry
+    policy: RouterPolicy
+    settings: RouterSettings
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    session: aiohttp.ClientSession | None = None  # one pooled client for every upstream call (set in lifespan)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Exchange:
+    """One client request on its route: P's task, D's (or the mixed instance's) response, the client, the deadline.
+
+    `close()` is synchronous and idempotent: it cancels P's task and closes an unfinished primary response (which
+    aborts the request upstream), so it is safe from a cancelled generator or a done callback.
+    """
+
+    def __init__(self, state: RouterState, route: Route, path: str, body: dict[str, Any], headers: dict[str, str],
+                 receive: Receive) -> None:
+        self.state, self.route, self.path, self.body, self.headers = state, route, path, body, headers
+        self.receive = receive
+        self.room = uuid.uuid4().hex
+        self.is_stream = body.get("stream") is True
+        self.started = asyncio.get_running_loop().time()
+        self.deadline = self.started + state.settings.request_timeout_s
+        self.resp: aiohttp.ClientResponse | None = None
+        self.p_task: asyncio.Task[Failure | None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.is_complete = False  # the primary's body was read to its end
+        self.is_closed = False
+        self.outcome = "ok"
+        self.primary_body = dict(body)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        route = self.route
+        if route.prefill is not None:
+            p = route.prefill
+            self.primary_body["kv_transfer_params"] = self._kv_params(peer=p)
+            prefill_body = {**self.body, "stream": False, "kv_transfer_params": self._kv_params(peer=route.primary)}
+            self._count(p)
+            self.p_task = asyncio.create_task(self._prefill(p, prefill_body))
+            self.p_task.add_done_callback(lambda _: setattr(p, "num_in_flight", p.num_in_flight - 1))
+        self._count(route.primary)
+        logger.info("request %s: %s to %s (stream=%s)", self.room, self.path,
+                    " + ".join(f"{i.role} {i.url}" for i in (route.prefill, route.primary) if i), self.is_stream)
+        self.watcher = asyncio.create_task(_wait_disconnect(self.receive))
+        self.watcher.add_done_callback(self._on_watcher_done)
+
+    def _kv_params(self, peer: Instance) -> dict[str, Any]:
+        return {"room": self.room, "peer": peer.control_address, "peer_incarnation": peer.incarnation,
+                "mode": self.route.mode}
+
+    def _count(self, inst: Instance) -> None:
+        inst.num_in_flight += 1
+        inst.num_requests += 1
+        self.state.metrics.count_request(inst)
+
+    def close(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        for task in (self.p_task, self.watcher):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.resp is not None:
+            if self.is_complete:
+                self.resp.release()
+            else:
+                self.resp.close()
+        self.route.primary.num_in_flight -= 1
+        seconds = asyncio.get_running_loop().time() - self.started
+        self.state.metrics.observe_seconds(seconds)
+        logger.info("request %s: %s after %.3f s", self.room, self.outcome, seconds)
+
+    def _on_watcher_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None and not self.is_closed:
+            self.outcome = "client disconnected; upstream requests closed"
+            self.close()
+
+    def fail(self, failure: Failure) -> Failure:
+        self.outcome = f"failed with HTTP {failure.status} {failure.code} ({failure.instance})"
+        self.state.metrics.count_error(failure.instance, failure.code)
+        return failure
+
+    # -- the request --------------------------------------------------------------------------------------------
+
+    async def run(self) -> Response:
+        self.start()
+        is_streaming = False
+        try:
+            resp = await self._wait(self._open(self.route.primary, self.primary_body))
+            if resp.status >= 300:
+                data = await self._wait(self._read(resp.read))
+                raise Failure.answer(self.route.primary, resp.status, data)
+            headers = {"content-type": resp.headers.get("Content-Type", "application/json")}
+            if not self.is_stream:
+                data = await self._wait(self._read(resp.read))
+                self.is_complete = True
+                return Response(data, resp.status, headers=headers)
+            first = await self._wait(self._read(resp.content.readany))
+            if not first:
+                self.is_complete = True
+                return Response(b"", resp.status, headers=headers)
+            is_streaming = True
+            return StreamingResponse(self._stream(first), resp.status, headers={**headers, "cache-control": "no-cache"})
+        except Failure as f:
+            return self.fail(f).response()
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            if not is_streaming:
+                self.close()
+
+    async def _stream(self, first: bytes) -> AsyncIterator[bytes]:
+        """D's bytes as they arrive; a failure after the first byte becomes an SSE error event and [DONE]."""
+        assert self.resp is not None
+        resp = self.resp
+        try:
+            yield first
+            while not self.is_closed:
+                try:
+                    chunk = await self._wait(self._read(resp.content.readany))
+                except Failure as f:
+                    self.fail(f)
+                    self.close()  # abort D before telling the client
+                    yield f.sse()
+                    return
+                except ClientGone:
+                    return
+                if not chunk:
+                    self.is_complete = True
+                    return
+                yield chunk
+        finally:
+            self.close()
+
+    async def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """`coro`'s result, unless P fails first (its Failure), the client leaves (ClientGone) or time runs out."""
+        assert self.watcher is not None
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._raise_if_prefill_failed()
+                waiting: set[asyncio.Future[Any]] = {task, self.watcher}
+                if self.p_task is not None and not self.p_task.done():
+                    waiting.add(self.p_task)
+                remaining = max(0.0, self.deadline - loop.time())
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if self.watcher in done:
+                    raise ClientGone
+                self._raise_if_prefill_failed()
+                if task in done:
+                    return task.result()
+                if not done:
+                    raise self._timeout()
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _raise_if_prefill_failed(self) -> None:
+        if self.p_task is not None and self.p_task.done() and not self.p_task.cancelled():
+            failure = self.p_task.result()
+            if failure is not None:
+                raise failure
+
+    def _timeout(self) -> Failure:
+        primary = self.route.primary
+        return Failure.make(504, f"no complete answer from {primary.role} instance {primary.url} within the "
+                                 f"router's request timeout ({self.state.settings.request_timeout_s:g} s, "
+                                 "--request-timeout)", "request_timeout", primary.url)
+
+    def _unreachable(self, inst: Instance, e: BaseException) -> Failure:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        self.state.registry.mark_failed(inst, reason)
+        return Failure.make(502, f"{inst.role} instance {inst.url} is unavailable ({reason})", "instance_unavailable",
+                            inst.url)
+
+    async def _post(self, inst: Instance, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        assert self.state.session is not None
+        return await self.state.session.post(f"{inst.url}{self.path}", data=json.dumps(body).encode(),
+                                             headers=self.headers)
+
+    async def _open(self, inst: Instance, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        try:
+            self.resp = await self._post(inst, body)  # kept at once: close() must reach it even if we are cancelled
+        except (aiohttp.ClientError, OSError) as e:
+            raise self._unreachable(inst, e) from None
+        return self.resp
+
+    async def _read(self, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        try:
+            return await read()
+        except (aiohttp.ClientError, OSError) as e:
+            raise self._unreachable(self.route.primary, e) from None
+
+    async def _prefill(self, inst: Instance, body: dict[str, Any]) -> Failure | None:
+        """P's side: None when it answered 2xx (the body is discarded), else its Failure. Never raises."""
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp = await self._post(inst, body)
+            data = await resp.read()
+            return None if resp.status < 300 else Failure.answer(inst, resp.status, data)
+        except (aiohttp.ClientError, OSError) as e:
+            return self._unreachable(inst, e)
+        finally:
+            if resp is not None:
+                resp.close()  # a no-op after a complete read; an abort for P otherwise
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise Failure.make(400, f"the request body is not valid JSON ({e})", "invalid_request", NO_INSTANCE,
+                           "invalid_request_error") from None
+    if not isinstance(body, dict):
+        raise Failure.make(400, "the request body must be a JSON object", "invalid_request", NO_INSTANCE,
+                           "invalid_request_error")
+    body.pop("kv_transfer_params", None)  # the router's to set, never the client's
+    return body
+
+
+def _upstream_headers(settings: RouterSettings, request: Request) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    auth = f"Bearer {settings.api_key}" if settings.api_key else request.headers.get("authorization")
+    if auth:
+        headers["Authorization"] = auth
+    return headers
+
+
+def _is_serving(registry: Registry) -> bool:
+    return bool(registry.healthy("prefill") and registry.healthy("decode")) or bool(registry.healthy("mixed"))
+
+
+def build_router_app(registry: Registry, policy: RouterPolicy, settings: RouterSettings) -> FastAPI:
+    """The router app. Its lifespan opens the shared HTTP client and runs the registry's health loop."""
+    state = RouterState(registry, policy, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
+        state.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout)
+        await registry.start(state.session)
+        try:
+            yield
+        finally:
+            await registry.stop()
+            await state.session.close()
+
+    app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan)
+    app.state.router = state
+    _add_error_handlers(app)
+    auth = [Depends(_auth_check(settings.api_key))]
+    _add_openai_routes(app, state, auth)
+    _add_control_routes(app, state, auth)
+    return app
+
+
+def _auth_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    async def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    return check_auth
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.type)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), None)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return error_response(500, f"internal error ({type(exc).__name__}); see the router log", "internal_error",
+                              "server_error")
+
+
+def _add_openai_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> None:
+    async def proxy(request: Request, path: str) -> Response:
+        try:
+            body = _parse_body(await request.body())
+            route = plan_route(state.registry.instances(), state.policy, request_key(body))
+        except (Failure, RouteError) as e:
+            failure = e if isinstance(e, Failure) else Failure.make(e.status, e.message, e.code, NO_INSTANCE)
+            state.metrics.count_error(failure.instance, failure.code)
+            state.metrics.observe_seconds(0.0)
+            logger.warning("request refused: %s", failure.error["message"])
+            return failure.response()
+        headers = _upstream_headers(state.settings, request)
+        return await Exchange(state, route, path, body, headers, request.receive).run()
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        return await proxy(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(request: Request) -> Response:
+        return await proxy(request, "/v1/chat/completions")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models(request: Request) -> Response:
+        return await _proxy_models(state, _upstream_headers(state.settings, request))
+
+
+def _add_control_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> None:
+    registry = state.registry
+
+    @app.get("/health")
+    async def health() -> Response:
+        ok = _is_serving(registry)
+        return JSONResponse({"status": "ok" if ok else "unavailable",
+                             "instances": [i.describe() for i in registry.instances()]}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(registry.instances()), media_type="text/plain; version=0.0.4")
+    add_membership_routes(app, registry, auth)
+
+
+async def _proxy_models(state: RouterState, headers: dict[str, str]) -> Response:
+    """GET /v1/models of one healthy instance (mixed, then decode, then prefill)."""
+    candidates = [i for role in ("mixed", "decode", "prefill") for i in state.registry.healthy(role)]
+    if not candidates:
+        return Failure.make(503, "no healthy instance to list models from", "instance_unavailable",
+                            NO_INSTANCE).response()
+    inst = candidates[0]
+    assert state.session is not None
+    timeout = aiohttp.ClientTimeout(total=state.registry.health.timeout_s * 5)
+    try:
+        async with state.session.get(f"{inst.url}/v1/models", headers=headers, timeout=timeout) as resp:
+            data = await resp.read()
+            return Response(data, resp.status, media_type=resp.headers.get("Content-Type", "application/json"))
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        state.registry.mark_failed(inst, f"{type(e).__name__}: {e}")
+        return Failure.make(502, f"{inst.role} instance {inst.url} is unavailable ({type(e).__name__})",
+                            "instance_unavailable", inst.url).response()
