@@ -111,3 +111,24 @@ def require_module(name: str) -> Any:
     if os.environ.get("CI") == "true":
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+def make_tiny_chat_model(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random-weight Llama (4 heads, 2 KV heads: TP=2 divides it) with the tokenizer of
+    `tokenizer_dir` (the default model's), so that `pdserve serve` can run it over HTTP."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      initializer_range=0.2, rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=1,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).float().save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
