@@ -167,3 +167,23 @@ def test_tp2_send_batches_identical_under_random_delays(tmp_path: Path) -> None:
     assert len(rank0) > 200 and rank0 == rank1
     rooms = {room for line in rank0 for room in json.loads(line)["rooms"]}
     assert rooms == {f"room{i}" for i in range(200)}
+
+
+def test_pd_over_the_mooncake_transfer_engine() -> None:
+    """--kv-transfer-engine mooncake on both sides: D's cache is registered with the Mooncake Transfer
+    Engine (TCP here) instead of living in shared memory, and P writes it through Mooncake."""
+    from helpers import require_module
+
+    require_module("mooncake")
+    mixed = EngineCore(make_engine_config(**TINY))
+    p_core = EngineCore(make_engine_config(**TINY, max_num_batched_tokens=64,
+                                           disagg=DisaggConfig(role="prefill", transfer_engine="mooncake")))
+    d_core = EngineCore(make_engine_config(**TINY, disagg=DisaggConfig(role="decode", transfer_engine="mooncake")))
+    try:
+        assert [r.engine for r in d_core.executor.regions[0]] == ["mooncake"]
+        assert run_pd(p_core, d_core, PROMPTS) == run_mixed(mixed, PROMPTS)
+        assert_all_free(p_core, d_core)
+        assert p_core.stats().kv_transfer.bytes_sent == d_core.stats().kv_transfer.bytes_received > 0
+    finally:
+        for core in (mixed, p_core, d_core):
+            core.shutdown()
