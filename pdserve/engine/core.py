@@ -11,9 +11,9 @@ import logging
 import time
 
 from pdserve.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
+from pdserve.disagg.role import PDRole
 from pdserve.kvcache import KVCacheManager
 from pdserve.kvcache.keys import ModelFingerprint
-from pdserve.disagg.role import PDRole
 from pdserve.messages import EngineStats, StoreCounters, TransferCounters, TransferHandle
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource, load_arch, resolve_model, weights_id

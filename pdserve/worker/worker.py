@@ -13,7 +13,16 @@ import zmq
 
 from pdserve.config import EngineConfig
 from pdserve.layers.parallel import init_tp_group
-from pdserve.messages import KVSent, LoadFromPool, PoolLoaded, Shutdown, WorkerError, WorkerReady, decode_from_engine, encode
+from pdserve.messages import (
+    KVSent,
+    LoadFromPool,
+    PoolLoaded,
+    Shutdown,
+    WorkerError,
+    WorkerReady,
+    decode_from_engine,
+    encode,
+)
 from pdserve.models.loader import load_arch, resolve_model
 from pdserve.worker.model_runner import ModelRunner
 
