@@ -1,0 +1,454 @@
+"""`pdserve bench pd`: PD disaggregation against mixed replicas, the same workload through the router.
+
+Starts, one after another, two deployments of the same number of instance processes with the
+`pdserve launch` machinery (plan_parts, build_*_argv, Launcher; run here in a thread so the benchmark
+can reach every part):
+
+  pd     --num-prefill 1 --num-decode 1   (KV moved P -> D)
+  mixed  --num-prefill 0 --num-decode 0 --num-mixed 2
+
+drives each with the `bench serve` client (random prompts, streaming) and records TTFT, TPOT, ITL,
+throughput and failures of both, their ratios, and a few counters of every instance. A reference
+figure quoted in the issue (vLLM, not measured here) is printed beside pdserve's PD figures. Writes
+pd-serve-<label>.json and a .png under --result-dir and prints a table. It knows the deployments only
+by their command lines, /health and /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.common import LABEL_RE, add_output_args, code_version, machine_info, now_iso, write_json
+from pdserve.bench.datasets import Conversation, DatasetConfig, build_dataset, dataset_stats, load_tokenizer
+from pdserve.bench.kv_tiers import _sigterm_interrupts, client_tokenizer
+from pdserve.bench.launch import BenchServerError, scrape
+from pdserve.bench.plot import pyplot, save_figure
+from pdserve.bench.serve import ENDPOINTS, BenchServeError, ServeBenchConfig, run_benchmark
+from pdserve.config import DTYPES, LOAD_FORMATS
+from pdserve.launcher import (
+    KV_TRANSFER_ENGINES,
+    ROUTER,
+    LaunchConfig,
+    Launcher,
+    Part,
+    build_instance_argv,
+    build_router_argv,
+    child_env,
+    omp_num_threads,
+    plan_parts,
+    port_allocator,
+)
+
+CONFIGS = ("pd", "mixed")
+DESCRIPTIONS = {
+    "pd": "PD disaggregation: 1 prefill + 1 decode instance, KV moved P -> D (pdserve launch --num-prefill 1 "
+          "--num-decode 1)",
+    "mixed": "2 mixed replicas, each serving requests end to end (pdserve launch --num-prefill 0 --num-decode 0 "
+             "--num-mixed 2)",
+}
+# The figure the issue quotes; nothing in this benchmark measures it.
+REFERENCE_SOURCE = ("vLLM CPU 1P1D with its shared-storage example connector (one core each, block size 32, 64 prompts, "
+                    "128 in / 64 out, concurrency 16, bf16): ~208-225 output tok/s, mean TTFT 1.5-1.9 s (measured by "
+                    "the issue's author on this machine type, not in this run)")
+REFERENCE_OUTPUT_TOK_S = (208.0, 225.0)
+REFERENCE_TTFT_MEAN_S = (1.5, 1.9)
+REFERENCE_WORKLOAD: dict[str, Any] = {"num_prompts": 64, "input_len": 128, "output_len": 64, "max_concurrency": 16,
+                                      "dtype": "bfloat16", "block_size": 32}
+SETTLE_TIMEOUT_S = 30.0
+STATS = ("mean_ms", "p50_ms", "p99_ms")
+# JSON name -> Prometheus sample of an instance counter whose change over a run is recorded
+COUNTERS = {
+    "prompt_tokens": "pdserve_prompt_tokens_total",
+    "generation_tokens": "pdserve_generation_tokens_total",
+    "preemptions": "pdserve_preemptions_total",
+    "kv_bytes_sent": 'pdserve_kv_transfer_bytes_total{direction="send"}',
+    "kv_bytes_received": 'pdserve_kv_transfer_bytes_total{direction="recv"}',
+    "kv_transfers": "pdserve_kv_transfer_seconds_count",
+    "kv_transfer_seconds": "pdserve_kv_transfer_seconds_sum",
+}
+FAILURES_PREFIX = "pdserve_kv_transfer_failures_total{"
+
+
+# ---- one deployment ---------------------------------------------------------------------------------------
+
+
+class Deployment:
+    """`pdserve launch` run by this process: the launcher's parts under a Launcher in a thread, until stop().
+
+    Logs go to `log_dir` (<part>.log, and launch.log with the launcher's own output). start() blocks until
+    the router answers /health and raises BenchServerError (with the launcher's report) if a part fails.
+    NOTE: the parts get SIGTERM when the launcher thread ends (PR_SET_PDEATHSIG), which is only in stop().
+    """
+
+    def __init__(self, name: str, config: LaunchConfig, log_dir: Path, startup_timeout_s: float) -> None:
+        self.name = name
+        self.log_dir = log_dir
+        self.startup_timeout_s = startup_timeout_s
+        allocate = port_allocator()
+        self.config = replace(config, port=allocate())
+        self.parts = plan_parts(self.config, allocate)
+        instances = [p for p in self.parts if p.role != ROUTER]
+        self.argv = {p.name: build_router_argv(self.config, instances) if p.role == ROUTER
+                     else build_instance_argv(self.config, p) for p in self.parts}
+        num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.env = child_env(os.environ, omp_num_threads(self.config.num_instances, self.config.tp, num_cpus))
+        self._stop = threading.Event()
+        self._err = io.StringIO()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return self.parts[-1].probe_url
+
+    def instances(self, role: str | None = None) -> list[Part]:
+        return [p for p in self.parts if p.role != ROUTER and role in (None, p.role)]
+
+    @property
+    def launch_argv(self) -> list[str]:
+        """The `pdserve launch` command line that starts the same deployment."""
+        c = self.config
+        return ["pdserve", "launch", "--num-prefill", str(c.num_prefill), "--num-decode", str(c.num_decode),
+                "--num-mixed", str(c.num_mixed), "--kv-transfer-engine", c.kv_transfer_engine, *c.engine_argv]
+
+    def describe(self) -> dict[str, Any]:
+        return {"launch_argv": self.launch_argv, "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
+                "parts": [{"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]}
+                          for p in self.parts]}
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_dir / "launch.log", "w")  # noqa: SIM115 - closed when the thread ends
+        launcher = Launcher(self.parts, lambda part: self.argv[part.name], self.log_dir, self.env,
+                            self.startup_timeout_s, out=out, err=self._err)
+
+        def run() -> None:
+            try:
+                launcher.run(self._stop)
+            finally:
+                out.close()
+
+        self._thread = threading.Thread(target=run, name=f"pdserve-launch-{self.name}", daemon=True)
+        self._thread.start()
+        while not launcher.ready.wait(0.25):
+            if not self._thread.is_alive():
+                raise BenchServerError(f"the {self.name!r} deployment did not start:\n{self._err.getvalue()}")
+
+    def check_alive(self) -> None:
+        """Raise BenchServerError if a part has exited since start() (the launcher then stopped them all)."""
+        if self._thread is not None and not self._thread.is_alive():
+            raise BenchServerError(f"a part of the {self.name!r} deployment failed during the run:\n"
+                                   f"{self._err.getvalue()}")
+
+    def stop(self) -> None:
+        """Stop every part (router, instances) and wait for them; safe twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Deployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def instance_counters(url: str) -> dict[str, Any]:
+    samples = scrape(url)
+    counters: dict[str, Any] = {key: samples.get(name, 0.0) for key, name in COUNTERS.items()}
+    counters["kv_transfer_failures"] = {name[len(FAILURES_PREFIX):].split('"')[1]: value
+                                        for name, value in samples.items() if name.startswith(FAILURES_PREFIX)}
+    counters["is_idle"] = samples.get("pdserve_num_requests_running") == samples.get("pdserve_num_requests_waiting") == 0
+    return counters
+
+
+def settled_counters(deployment: Deployment) -> dict[str, dict[str, Any]]:
+    """Every instance's counters once all are idle and two reads agree."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    previous: dict[str, dict[str, Any]] | None = None
+    while True:
+        now = {p.name: instance_counters(p.probe_url) for p in deployment.instances()}
+        if all(c["is_idle"] for c in now.values()) and now == previous:
+            return now
+        if time.monotonic() > deadline:
+            raise BenchServerError(f"the {deployment.name!r} instances did not go idle with steady counters within "
+                                   f"{SETTLE_TIMEOUT_S:.0f} s")
+        previous = now
+        time.sleep(0.2)
+
+
+def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    delta: dict[str, Any] = {k: round(after[k] - before[k], 6) for k in COUNTERS}
+    for k in ("prompt_tokens", "generation_tokens", "preemptions", "kv_bytes_sent", "kv_bytes_received",
+              "kv_transfers"):
+        delta[k] = int(delta[k])
+    delta["kv_transfer_failures"] = {r: int(n - before["kv_transfer_failures"].get(r, 0))
+                                     for r, n in after["kv_transfer_failures"].items()}
+    return delta
+
+
+# ---- the two configurations ----------------------------------------------------------------------------
+
+
+def instance_flags(args: argparse.Namespace) -> list[str]:
+    """Engine flags every instance of both deployments gets."""
+    flags = ["--dtype", args.dtype, "--load-format", args.load_format, "--block-size", str(args.block_size)]
+    for option, value in (("--model", args.model), ("--max-model-len", args.max_model_len),
+                          ("--num-blocks", args.num_blocks), ("--max-num-seqs", args.max_num_seqs),
+                          ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if value is not None:
+            flags += [option, str(value)]
+    return flags + shlex.split(args.server_flags)
+
+
+def launch_config(name: str, args: argparse.Namespace) -> LaunchConfig:
+    is_pd = name == "pd"
+    return LaunchConfig(num_prefill=int(is_pd), num_decode=int(is_pd), num_mixed=0 if is_pd else 2,
+                        kv_transfer_engine=args.kv_transfer_engine, engine_argv=tuple(instance_flags(args)))
+
+
+def bench_config(args: argparse.Namespace, url: str, result_dir: Path, label: str) -> ServeBenchConfig:
+    dataset = DatasetConfig(name="random", num_prompts=args.num_prompts, input_len=args.input_len,
+                            output_len=args.output_len, range_ratio=args.random_range_ratio, seed=args.seed)
+    return ServeBenchConfig(base_url=url, endpoint=args.endpoint, dataset=dataset, request_rate=args.request_rate,
+                            max_concurrency=args.max_concurrency, tokenizer=client_tokenizer(args),
+                            timeout_s=args.timeout, result_dir=result_dir, label=label, use_tqdm=args.use_tqdm)
+
+
+def run_config(name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
+               ) -> dict[str, Any]:
+    """Start the deployment of `name`, run the workload through its router, stop it; the config's record."""
+    deployment = Deployment(name, launch_config(name, args), work_dir / name / "logs", args.server_timeout)
+    print(f"[pd] {name}: starting {shlex.join(deployment.launch_argv)}", flush=True)
+    with deployment:
+        before = settled_counters(deployment)
+        raw = run_benchmark(bench_config(args, deployment.url, work_dir / name, name), conversations)
+        deployment.check_alive()
+        after = settled_counters(deployment)
+    server = {n: {"role": next(p.role for p in deployment.parts if p.name == n)} | counter_delta(before[n], after[n])
+              for n in before}
+    metrics = {k: v for k, v in raw["metrics"].items() if k != "goodput"}
+    num_transfer_failures = sum(sum(s["kv_transfer_failures"].values()) for s in server.values())
+    return {"name": name, "description": DESCRIPTIONS[name], "deployment": deployment.describe(),
+            "model": raw["server"]["model"], "client": metrics, "server": server,
+            "num_errors": metrics["failed"] + num_transfer_failures, "errors": raw["errors"],
+            "requests": raw["requests"]}
+
+
+def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    """a's client figures over b's (None where b's is 0 or missing)."""
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return round(x / y, 4) if x is not None and y else None
+
+    out = {f"{key}_{stat[:-3]}": ratio(a["client"][key][stat], b["client"][key][stat])
+           for key in ("ttft", "tpot", "itl", "e2el") for stat in STATS}
+    for key in ("output_throughput", "request_throughput"):
+        out[key] = ratio(a["client"][key], b["client"][key])
+    return out
+
+
+def reference_comparison(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    pd = next((r for r in records if r["name"] == "pd"), None)
+    ours = None if pd is None else {"output_throughput_tok_s": pd["client"]["output_throughput"],
+                                    "ttft_mean_s": _seconds(pd["client"]["ttft"]["mean_ms"])}
+    same = {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+            "max_concurrency": args.max_concurrency, "dtype": args.dtype, "block_size": args.block_size}
+    return {"source": REFERENCE_SOURCE, "measured_here": False, "system": "vLLM (CPU), 1P1D, shared-storage example "
+            "connector", "output_throughput_tok_s": list(REFERENCE_OUTPUT_TOK_S),
+            "ttft_mean_s": list(REFERENCE_TTFT_MEAN_S), "workload": REFERENCE_WORKLOAD, "pdserve_pd_this_run": ours,
+            "workload_differences": {k: {"reference": REFERENCE_WORKLOAD[k], "this_run": v}
+                                     for k, v in same.items() if REFERENCE_WORKLOAD[k] != v}}
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else round(ms / 1000.0, 4)
+
+
+# ---- output -------------------------------------------------------------------------------------------------
+
+
+def format_table(records: list[dict[str, Any]], result: dict[str, Any]) -> str:
+    columns = (("config", 8), ("ok", 5), ("errors", 7), ("out tok/s", 10), ("req/s", 7), ("TTFT mean", 10),
+               ("p50", 8), ("p99", 8), ("TPOT mean", 10), ("p50", 7), ("p99", 7), ("ITL mean", 9), ("p50", 7),
+               ("p99", 7))
+    head = "".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(columns))
+    rows = [head, "-" * len(head)]
+    for r in records:
+        c = r["client"]
+        cells = [r["name"], f"{c['completed']}/{c['num_requests']}", r["num_errors"], f"{c['output_throughput']:.1f}",
+                 f"{c['request_throughput']:.2f}", *(_fmt(c[k][s]) for k in ("ttft", "tpot", "itl") for s in STATS)]
+        rows.append("".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}" for i, (x, (_, w)) in enumerate(zip(cells, columns))))
+    rows.append("latencies in ms; errors: failed requests + failed KV transfers")
+    if result["pd_over_mixed"] is not None:
+        q = result["pd_over_mixed"]
+        rows.append(f"pd / mixed: output tok/s {_fmt(q['output_throughput'], '{:.2f}')}x, TTFT mean "
+                    f"{_fmt(q['ttft_mean'], '{:.2f}')}x, TPOT mean {_fmt(q['tpot_mean'], '{:.2f}')}x, ITL mean "
+                    f"{_fmt(q['itl_mean'], '{:.2f}')}x")
+    ref = result["reference"]
+    ours = ref["pdserve_pd_this_run"]
+    rows.append(f"reference, NOT measured here: {ref['source']}")
+    if ours is not None:
+        rows.append(f"pdserve 1P1D, this run:       {ours['output_throughput_tok_s']:.1f} output tok/s, mean TTFT "
+                    f"{_fmt(ours['ttft_mean_s'], '{:.2f}')} s")
+        if ref["workload_differences"]:
+            diffs = ", ".join(f"{k} {v['this_run']} (reference {v['reference']})"
+                              for k, v in ref["workload_differences"].items())
+            rows.append(f"  this run's workload differs from the reference's: {diffs}")
+    return "\n".join(rows)
+
+
+def _fmt(value: float | None, spec: str = "{:.1f}") -> str:
+    return "n/a" if value is None else spec.format(value)
+
+
+def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
+    """TTFT, TPOT and ITL (mean, p50, p99) per config side by side; output tok/s with the quoted reference."""
+    colors = {"pd": "#1f77b4", "mixed": "#ff7f0e"}
+    fig, axes = pyplot().subplots(1, 4, figsize=(15.0, 4.2), dpi=110)
+    try:
+        width = 0.8 / len(records)
+        for ax, key, name in zip(axes, ("ttft", "tpot", "itl"), ("TTFT", "TPOT", "ITL")):
+            for i, r in enumerate(records):
+                values = [r["client"][key][s] or 0.0 for s in STATS]
+                xs = [j + (i - (len(records) - 1) / 2) * width for j in range(len(STATS))]
+                bars = ax.bar(xs, values, width=width, color=colors[r["name"]], label=r["name"])
+                ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=7)
+            ax.set_xticks(range(len(STATS)), [s[:-3] for s in STATS])
+            ax.set_ylim(0, max((r["client"][key][s] or 0.0 for r in records for s in STATS), default=1.0) * 1.3 or 1.0)
+            ax.set_ylabel("ms")
+            ax.set_title(name, fontsize=10)
+            ax.legend(fontsize=8, frameon=False, ncol=2, loc="upper left")
+        ax = axes[3]
+        values = [r["client"]["output_throughput"] for r in records]
+        bars = ax.bar([r["name"] for r in records], values, color=[colors[r["name"]] for r in records], width=0.6)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=8)
+        low, high = REFERENCE_OUTPUT_TOK_S
+        ax.axhspan(low, high, color="#7f7f7f", alpha=0.25, label="vLLM 1P1D, quoted in the issue\n(not measured here)")
+        ax.set_ylim(0, max([*values, high]) * 1.3)
+        ax.set_ylabel("output tokens / s")
+        ax.set_title("output throughput", fontsize=10)
+        ax.legend(fontsize=7, frameon=False, loc="upper left")
+        for a in axes:
+            a.spines[["top", "right"]].set_visible(False)
+        fig.suptitle(title, fontsize=10)
+    except BaseException:
+        pyplot().close(fig)
+        raise
+    return save_figure(fig, path)
+
+
+def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
+    stem = f"pd-serve-{args.label or time.strftime('%Y%m%d-%H%M%S')}"
+    json_path, png_path = args.result_dir / f"{stem}.json", args.result_dir / f"{stem}.png"
+    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    write_json(json_path, result)
+    w = result["workload"]
+    title = (f"{result['model']} ({args.dtype}), through the router: {w['num_prompts']} prompts, {w['input_len']} in / "
+             f"{w['output_len']} out, max concurrency {w['max_concurrency']}, rate {w['request_rate']}; "
+             f"pd = 1 prefill + 1 decode, mixed = 2 replicas")
+    plot(png_path, title, result["configs"])
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("pd", help="1 prefill + 1 decode vs 2 mixed replicas behind the router: TTFT, TPOT, ITL, "
+                       "throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_argument_group("deployments (every instance of both gets the same engine flags)")
+    s.add_argument("--configs", type=_config_list, default=list(CONFIGS),
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)")
+    s.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
+    s.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: the engine's)")
+    s.add_argument("--max-num-seqs", type=int, default=None)
+    s.add_argument("--max-num-batched-tokens", type=int, default=None)
+    s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto", help="of the pd deployment")
+    s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
+    s.add_argument("--server-timeout", type=float, default=300.0,
+                   help="seconds for a deployment to answer /health (default 300)")
+    w = p.add_argument_group("workload (as for pdserve bench serve, random dataset)")
+    w.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
+    w.add_argument("--tokenizer", default=None, help="default: the --model directory's, else pdserve's default")
+    w.add_argument("--num-prompts", type=int, default=64)
+    w.add_argument("--input-len", type=int, default=128)
+    w.add_argument("--output-len", type=int, default=64)
+    w.add_argument("--random-range-ratio", type=float, default=0.0)
+    w.add_argument("--request-rate", type=float, default=math.inf)
+    w.add_argument("--max-concurrency", type=int, default=16)
+    w.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    add_output_args(p)
+    p.set_defaults(func=run)
+
+
+def _config_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in CONFIGS for n in names):
+        raise argparse.ArgumentTypeError(f"--configs takes names from {','.join(CONFIGS)}, got {text!r}")
+    return [n for n in CONFIGS if n in names]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.label is not None and not LABEL_RE.match(args.label):
+        raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
+    check = bench_config(args, "http://127.0.0.1:1", args.result_dir, "check")  # validates the workload flags
+    conversations = build_dataset(check.dataset, load_tokenizer(check.tokenizer))
+    records: list[dict[str, Any]] = []
+    try:
+        with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-pd-") as tmp:
+            for name in args.configs:
+                records.append(run_config(name, args, conversations, Path(tmp)))
+    except (BenchServerError, BenchServeError) as e:
+        print(f"pdserve bench pd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pdserve bench pd: interrupted; every deployment was stopped", file=sys.stderr)
+        return 130
+    by_name = {r["name"]: r for r in records}
+    result = {
+        "benchmark": "pd-serve", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
+        "model": records[0]["model"], "machine": machine_info(),
+        "workload": {"dataset": "random", "endpoint": args.endpoint, "num_prompts": args.num_prompts,
+                     "input_len": args.input_len, "output_len": args.output_len,
+                     "random_range_ratio": args.random_range_ratio,
+                     "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+                     "max_concurrency": args.max_concurrency, "seed": args.seed, "tokenizer": check.tokenizer},
+        "engine": {"dtype": args.dtype, "block_size": args.block_size, "instance_flags": instance_flags(args)},
+        "dataset": dataset_stats(conversations),
+        "notes": {"server": "each instance's counter changes over the run; they include the one 2-token test "
+                            "request the bench serve client sends before the workload (not in the client figures)",
+                  "num_errors": "failed requests + failed KV transfers",
+                  "omp_num_threads": "as pdserve launch sets it: the cores divided among the instances"},
+        "configs": records,
+        "pd_over_mixed": ratios(by_name["pd"], by_name["mixed"]) if len(by_name) == 2 else None,
+        "reference": reference_comparison(records, args),
+    }
+    write_outputs(result, args)
+    print(format_table(records, result))
+    print(f"Results: {result['files']['json']}, {result['files']['png']}")
+    failed = [r for r in records if r["num_errors"]]
+    for r in failed:
+        first = r["errors"][0]["error"] if r["errors"] else "n/a"
+        print(f"pdserve bench pd: error: {r['num_errors']} errors in the {r['name']!r} config; first: {first}",
+              file=sys.stderr)
+    return 1 if failed else 0
