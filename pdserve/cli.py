@@ -80,7 +80,7 @@ def disagg_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return DisaggConfig(
         role=args.role, kv_transfer=args.kv_transfer, transfer_engine=args.kv_transfer_engine,
         control_host=args.control_host, control_port=args.control_port, transfer_timeout=args.kv_transfer_timeout,
-        admission_timeout=args.admission_timeout, fault_delay_ms=args.fault_delay_ms,
+        admission_timeout=args.admission_timeout, kv_dest_wait=args.kv_dest_wait, fault_delay_ms=args.fault_delay_ms,
         send_trace_dir=args.kv_send_trace_dir,
     )
 
@@ -100,6 +100,9 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
                    help="seconds D waits for the KV after allocating blocks (and P for D's block ids)")
     g.add_argument("--admission-timeout", type=float, default=30.0,
                    help="seconds D may wait for free blocks before answering 503 no_capacity")
+    g.add_argument("--kv-dest-wait", type=float, default=0.05,
+                   help="seconds P holds a request back for D's block ids so its KV can go layer by layer during "
+                        "the prefill (then it prefills anyway and catches the early blocks up)")
     g.add_argument("--register-with", default=None, metavar="ROUTER_URL",
                    help="join this router (POST /register with heartbeats) instead of being listed on its command line")
     g.add_argument("--public-url", default=None, help="this server's URL as the router reaches it "

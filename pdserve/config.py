@@ -160,6 +160,8 @@ class DisaggConfig:
     control_port 0 picks a free port; the control address is announced in /v1/pd/info.
     transfer_timeout: D's receive deadline from block allocation, and P's wait for D's KVDest.
     admission_timeout: how long D may wait for blocks before answering 503 no_capacity.
+    kv_dest_wait: how long P holds a request back for D's KVDest, so that its blocks can go layer by layer
+    during the prefill (after that it prefills anyway; blocks done before KVDest are caught up).
     The reserve D keeps for the future decode tokens of its running requests (and of the one it admits) is,
     over those requests r,
     sum(max(0, ceil((len(r) + min(tokens_left(r), reserve_clip) * ratio) / block_size) - blocks held by r));
@@ -176,6 +178,7 @@ class DisaggConfig:
     control_port: int = 0
     transfer_timeout: float = 60.0
     admission_timeout: float = 30.0
+    kv_dest_wait: float = 0.05
     reserve_ratio_init: float = 1.0
     reserve_ratio_min: float = 0.1
     reserve_ratio_decay: float = 0.998
@@ -193,6 +196,8 @@ class DisaggConfig:
                              f"{', '.join(TRANSFER_ENGINES)}")
         if not 0 <= self.control_port < 65536:
             raise ValueError(f"control_port must be in [0, 65535], got {self.control_port}")
+        if self.kv_dest_wait < 0:
+            raise ValueError(f"--kv-dest-wait must be 0 or more seconds, got {self.kv_dest_wait}")
         if self.transfer_timeout <= 0 or self.admission_timeout <= 0:
             raise ValueError("--kv-transfer-timeout and --admission-timeout must be positive seconds")
         if not 0 < self.reserve_ratio_min <= self.reserve_ratio_init <= 4:

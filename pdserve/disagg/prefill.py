@@ -31,6 +31,8 @@ class _Outgoing:
     request: Request
     handle: TransferHandle
     deadline: float
+    release_at: float = 0.0  # when it is scheduled even without KVDest
+    is_scheduled: bool = False
     dest: KVDest | None = None
     num_sent: int = 0  # leading blocks planned (and, once their step returned, confirmed) to D
     first_token: int | None = None
@@ -47,12 +49,13 @@ class _Outgoing:
 
 class PrefillSide:
     def __init__(self, kv: KVCacheManager, control: ControlChannel, fingerprint: str, tp_size: int,
-                 transfer_timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 transfer_timeout: float, clock: Callable[[], float] = time.monotonic, dest_wait: float = 0.0) -> None:
         self.kv = kv
         self.control = control
         self.fingerprint = fingerprint
         self.tp_size = tp_size
         self.timeout = transfer_timeout
+        self.dest_wait = dest_wait
         self.clock = clock
         self.stats = TransferStats()
         self._by_room: dict[str, _Outgoing] = {}
@@ -68,7 +71,8 @@ class PrefillSide:
             raise ValueError(f"transfer room {handle.room!r} is already in use on this prefill instance")
         if request.req_id in self._by_req:
             raise ValueError(f"request id {request.req_id!r} is already in use")
-        out = _Outgoing(request, handle, self.clock() + self.timeout)
+        now = self.clock()
+        out = _Outgoing(request, handle, now + self.timeout, release_at=now + self.dest_wait)
         self._by_room[handle.room] = out
         self._by_req[request.req_id] = out
         early = self._early.pop(handle.room, None)
@@ -107,6 +111,17 @@ class PrefillSide:
         out.dest = dest
         logger.debug("room %s: KVDest with %d blocks", out.room, len(dest.block_ids))
         return []
+
+    def take_ready(self) -> list[Request]:
+        """Requests to schedule now: those whose KVDest is here (so every block can go layer by layer), and
+        those that waited `dest_wait` for it (their early blocks are caught up once it comes)."""
+        now = self.clock()
+        ready = []
+        for out in self._by_room.values():
+            if not out.is_scheduled and (out.dest is not None or now >= out.release_at):
+                out.is_scheduled = True
+                ready.append(out.request)
+        return ready
 
     # ---- one step ------------------------------------------------------------------
 
@@ -199,15 +214,17 @@ class PrefillSide:
             self.kv.release(f"send:{out.room}")
             out.held = None
 
-    def abort(self, req_id: str) -> None:
-        """The request was aborted here: tell D, unless its prefill is over (then the transfer goes on)."""
+    def abort(self, req_id: str) -> bool:
+        """The request was aborted here: tell D, unless its prefill is over (then the transfer goes on).
+        True if it was never scheduled (it lived only here)."""
         out = self._by_req.get(req_id)
         if out is None or out.first_token is not None:
-            return
+            return False
         if out.dest is not None:
             self.control.send(out.dest.reply_to, KVDone(room=out.room, status="error", code="kv_transfer_failed",
                                                         error="the prefill instance aborted the request"))
         self._drop(out)
+        return not out.is_scheduled
 
     def expire(self) -> list[tuple[str, RequestError]]:
         """Fail transfers whose KVDest did not come within the timeout; forget stale early KVDests."""

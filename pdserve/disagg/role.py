@@ -16,7 +16,7 @@ from pdserve.disagg.counters import TransferStats
 from pdserve.disagg.decode import DecodeSide
 from pdserve.disagg.prefill import PrefillSide
 from pdserve.messages import ForwardOutput, KVAbort, KVDest, KVDone, TransferHandle
-from pdserve.request import Request
+from pdserve.request import FinishReason, Request, RequestStatus
 from pdserve.scheduler.scheduler import RequestError, RequestUpdate, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -33,8 +33,10 @@ class PDRole:
         tp = core.config.parallel.tensor_parallel_size
         self.prefill: PrefillSide | None = None
         self.decode: DecodeSide | None = None
+        self._unscheduled: dict[str, Request] = {}  # P: waiting for KVDest (or dest_wait) before scheduling
         if config.role == "prefill":
-            self.prefill = PrefillSide(core.kv, self.control, core.fingerprint, tp, config.transfer_timeout)
+            self.prefill = PrefillSide(core.kv, self.control, core.fingerprint, tp, config.transfer_timeout,
+                                       dest_wait=config.kv_dest_wait)
         else:
             self.decode = DecodeSide(core.kv, core.scheduler, self.control, core.executor.regions, core.fingerprint,
                                      tp, bytes_per_block(core.config, core.arch) * tp, config)
@@ -53,8 +55,10 @@ class PDRole:
         if self.prefill is not None:
             # P computes the prompt and samples the first token; D does the rest
             request.sampling = dataclasses.replace(request.sampling, max_tokens=1, stop=[])
+            if request.req_id in self.core.scheduler.requests:
+                raise ValueError(f"request id {request.req_id!r} is already in use")
             self.prefill.add(request, transfer)
-            self.core.scheduler.add_request(request)
+            self._unscheduled[request.req_id] = request
         else:
             assert self.decode is not None
             self.decode.add(request, transfer)
@@ -62,7 +66,9 @@ class PDRole:
     def abort(self, req_id: str) -> bool:
         """True if the request lived only here (D, before its KV arrived) and is gone now."""
         if self.prefill is not None:
-            self.prefill.abort(req_id)
+            if self.prefill.abort(req_id) or req_id in self._unscheduled:
+                self._finish_unscheduled(req_id)
+                return True
             return False
         assert self.decode is not None
         return self.decode.abort(req_id)
@@ -81,7 +87,22 @@ class PDRole:
             updates += self.decode.expire()
             updates += self.decode.admit()
         scheduled = self.core.scheduler.requests
-        return updates + [self.core.fail(req_id, error) for req_id, error in failed if req_id in scheduled]
+        for req_id, error in failed:
+            if req_id in scheduled:
+                updates.append(self.core.fail(req_id, error))
+            elif req_id in self._unscheduled:
+                updates.append(RequestUpdate(self._finish_unscheduled(req_id), [], finished=True, error=error))
+        if self.prefill is not None:
+            for request in self.prefill.take_ready():
+                del self._unscheduled[request.req_id]
+                self.core.scheduler.add_request(request)
+        return updates
+
+    def _finish_unscheduled(self, req_id: str) -> Request:
+        request = self._unscheduled.pop(req_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = FinishReason.ABORT
+        return request
 
     def plan(self, sched: SchedulerOutput) -> None:
         if self.prefill is not None:
@@ -98,8 +119,10 @@ class PDRole:
 
     @property
     def num_requests_waiting(self) -> int:
-        """D's requests waiting for blocks or for their KV (they are not in the scheduler yet)."""
-        return len(self.decode.waiting) + len(self.decode.receiving) if self.decode is not None else 0
+        """Requests not in the scheduler yet: D's waiting for blocks or for their KV, P's waiting for KVDest."""
+        if self.decode is not None:
+            return len(self.decode.waiting) + len(self.decode.receiving)
+        return len(self._unscheduled)
 
     @property
     def num_pending(self) -> int:

@@ -1125,3 +1125,25 @@ def test_p_and_d_end_to_end_over_fake_channels() -> None:
     assert_p_idle(p)
     d.scheduler.abort("req-d")
     assert_d_idle(d)
+
+
+def test_p_holds_a_request_back_for_its_kvdest_at_most_dest_wait() -> None:
+    env = make_p()
+    env.side.dest_wait = 0.05
+    first, second = p_request("r1", PROMPT), p_request("r2", PROMPT)
+    env.side.add(first, TransferHandle(room="r1", peer=D_ADDR))
+    env.side.add(second, TransferHandle(room="r2", peer=D_ADDR))
+    assert env.side.take_ready() == []  # neither has its KVDest yet
+    assert env.side.on_control(dest("r1")) == []
+    assert env.side.take_ready() == [first]  # KVDest came: schedule it now, every block goes layer by layer
+    env.clock.now += 0.049
+    assert env.side.take_ready() == []
+    env.clock.now += 0.002
+    assert env.side.take_ready() == [second]  # waited long enough: prefill anyway, catch up later
+    assert env.side.take_ready() == []
+    third = p_request("r3", PROMPT)
+    env.side.add(third, TransferHandle(room="r3", peer=D_ADDR))
+    assert env.side.on_control(dest("r3")) == []
+    assert env.side.abort("r3") is True  # never scheduled: it lived only here, and D is told
+    assert [(a, m.room, m.status) for a, m in env.control.take()] == [(D_ADDR, "r3", "error")]  # type: ignore[attr-defined]
+    assert env.side.abort("r1") is False  # scheduled: the scheduler finishes it
