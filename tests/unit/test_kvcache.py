@@ -437,7 +437,7 @@ def test_manager_check_integrity_catches_table_pool_mismatch() -> None:
     assert kv.allocate_slots(a, 8)
     kv.check_integrity()
     kv._tables["a"].append(3)  # corrupt: a claims a block the pool thinks is free
-    with pytest.raises(AssertionError, match="device block 3: 0 references, 1 tables hold it"):
+    with pytest.raises(AssertionError, match="device block 3: 0 references, 1 tables and holds have it"):
         kv.check_integrity()
 
 
