@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.layers.linear import prepack_for_cpu
 from pdserve.models.arch import ModelArch
 from pdserve.models.llama import LlamaForCausalLM
 from pdserve.models.loader import ModelSource, iter_safetensors
@@ -23,6 +24,7 @@ def build_model(
     else:
         assert source.hf_dir is not None
         model.load_weights(iter_safetensors(source.hf_dir, progress=True))
+    prepack_for_cpu(model)
     return model.eval()
 
 
