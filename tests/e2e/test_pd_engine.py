@@ -187,3 +187,20 @@ def test_pd_over_the_mooncake_transfer_engine() -> None:
     finally:
         for core in (mixed, p_core, d_core):
             core.shutdown()
+
+
+def test_without_mooncake_auto_falls_back_to_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain `pip install -e .` has no Mooncake: auto runs shared memory only, and asking for mooncake is a
+    clear error naming the extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mooncake", None)
+    monkeypatch.setitem(sys.modules, "mooncake.engine", None)
+    small = dict(TINY, num_blocks=16)
+    d_core = EngineCore(make_engine_config(**small, disagg=DisaggConfig(role="decode")))
+    try:
+        assert [r.engine for r in d_core.executor.regions[0]] == ["shm"]
+    finally:
+        d_core.shutdown()
+    with pytest.raises(ValueError, match=r"mooncake cannot start.*pdserve\[mooncake\]"):
+        EngineCore(make_engine_config(**small, disagg=DisaggConfig(role="decode", transfer_engine="mooncake")))

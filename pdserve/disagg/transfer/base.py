@@ -9,6 +9,7 @@ receiver's CPU does nothing per transfer).
 
 from __future__ import annotations
 
+import logging
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from pdserve.messages import KVRegion
+
+logger = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
@@ -89,12 +92,16 @@ def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None) -> dic
     if kind in ("auto", "mooncake"):
         try:
             from pdserve.disagg.transfer.mooncake import MooncakeEngine
-        except ImportError as e:
-            if kind == "mooncake":
-                raise ValueError(f"--kv-transfer-engine mooncake needs the Mooncake Transfer Engine ({e}); "
-                                 "pip install 'pdserve[mooncake]'") from e
-        else:
+
             engines["mooncake"] = MooncakeEngine(kv_cache)
+        except (ImportError, TransferError) as e:
+            if kind == "mooncake":
+                raise ValueError(f"--kv-transfer-engine mooncake cannot start: {e}; install the Mooncake Transfer "
+                                 "Engine with pip install 'pdserve[mooncake]'") from e
+            if not engines:
+                raise ValueError(f"no KV transfer engine can run here: Mooncake is unavailable ({e}) and shared "
+                                 "memory needs a CPU KV cache") from e
+            logger.info("KV transfer: shared memory only (Mooncake unavailable: %s)", e)
     return engines
 
 
