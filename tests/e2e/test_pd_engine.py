@@ -196,7 +196,7 @@ def test_without_mooncake_auto_falls_back_to_shared_memory(monkeypatch: pytest.M
 
     monkeypatch.setitem(sys.modules, "mooncake", None)
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)
-    small = dict(TINY, num_blocks=16)
+    small = dict(TINY, num_blocks=32)
     d_core = EngineCore(make_engine_config(**small, disagg=DisaggConfig(role="decode")))
     try:
         assert [r.engine for r in d_core.executor.regions[0]] == ["shm"]
