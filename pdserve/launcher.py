@@ -199,6 +199,11 @@ def build_router_argv(config: LaunchConfig, instances: Sequence[Part], python: s
     return argv + ["--log-level", config.log_level]
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def omp_num_threads(num_instances: int, tp: int, num_cpus: int) -> int:
     """CPU threads per rank so that every instance process together uses the cores once."""
     return max(1, num_cpus // (num_instances * tp))
@@ -548,7 +553,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
             return build_router_argv(config, instances)
         return build_instance_argv(config, part, store_config)
 
-    num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = child_env(os.environ, omp_num_threads(config.num_instances, config.tp, num_cpus))
+    env = child_env(os.environ, omp_num_threads(config.num_instances, config.tp, usable_cpus()))
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="pdserve-launch-"))
     return run_until_signal(Launcher(parts, argv_for, log_dir, env, args.startup_timeout, master=master))

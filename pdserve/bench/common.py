@@ -146,6 +146,11 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def fmt(value: float | None, spec: str = "{:.1f}") -> str:
+    """A table cell: `value` formatted, or n/a."""
+    return "n/a" if value is None else spec.format(value)
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

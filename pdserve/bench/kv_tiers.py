@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import shlex
-import signal
 import sys
 import tempfile
 import time
@@ -33,10 +32,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.common import LABEL_RE, add_output_args, code_version, machine_info, now_iso, write_json
+from pdserve.bench.common import LABEL_RE, add_output_args, code_version, fmt, machine_info, now_iso, write_json
 from pdserve.bench.datasets import Conversation, DatasetConfig, build_dataset, dataset_stats, load_tokenizer
-from pdserve.bench.launch import BenchServerError, ServerProcess, free_port, scrape
-from pdserve.bench.plot import pyplot, save_figure
+from pdserve.bench.launch import BenchServerError, ServerProcess, free_port, scrape, sigterm_interrupts
+from pdserve.bench.plot import finish_figure, pyplot
 from pdserve.bench.serve import (
     ENDPOINTS,
     BenchServeError,
@@ -273,10 +272,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
     rows = [head, "-" * len(head)]
     for r in records:
         s, c, v = r["server"], r["client"], r["vs_none"] or {}
-        cells = [r["name"], s["prompt_tokens_sent"], s["prompt_tokens_computed"], _fmt(v.get("prompt_tokens_computed"),
+        cells = [r["name"], s["prompt_tokens_sent"], s["prompt_tokens_computed"], fmt(v.get("prompt_tokens_computed"),
                  "{:.2f}"), *(s["hit_tokens"][t] for t in TIERS), f"{s['store_bytes']['put'] / 2**20:.1f}",
-                 f"{s['store_bytes']['get'] / 2**20:.1f}", _fmt(c["ttft"]["mean_ms"]), _fmt(c["ttft"]["p99_ms"]),
-                 _fmt(v.get("ttft_mean"), "{:.2f}"), _fmt(c["tpot"]["mean_ms"]), _fmt(c["e2el"]["mean_ms"]), c["failed"]]
+                 f"{s['store_bytes']['get'] / 2**20:.1f}", fmt(c["ttft"]["mean_ms"]), fmt(c["ttft"]["p99_ms"]),
+                 fmt(v.get("ttft_mean"), "{:.2f}"), fmt(c["tpot"]["mean_ms"]), fmt(c["e2el"]["mean_ms"]), c["failed"]]
         rows.append("".join(f"{cell:<{w}}" if i == 0 else f"{cell!s:>{w}}"
                             for i, (cell, (_, w)) in enumerate(zip(cells, columns))))
     rows.append("sent: prompt tokens of the completed requests (server usage); computed: prompt tokens the server "
@@ -284,9 +283,6 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 "x none: ratio to none")
     return "\n".join(rows)
 
-
-def _fmt(value: float | None, spec: str = "{:.1f}") -> str:
-    return "n/a" if value is None else spec.format(value)
 
 
 def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
@@ -317,13 +313,10 @@ def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
         right.set_title("time to first token", fontsize=10)
         right.set_ylim(0, max((r["client"]["ttft"]["p99_ms"] or 0.0 for r in records), default=1.0) * 1.25 or 1.0)
         right.legend(fontsize=8, ncol=2, loc="upper center", frameon=False)
-        for ax in (left, right):
-            ax.spines[["top", "right"]].set_visible(False)
-        fig.suptitle(title, fontsize=10)
+        return finish_figure(fig, (left, right), title, path)
     except BaseException:
         pyplot().close(fig)
         raise
-    return save_figure(fig, path)
 
 
 def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -395,30 +388,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so servers and the master are stopped either way."""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     check = bench_config(args, "http://127.0.0.1:1", args.result_dir, "check")  # validates the workload flags
     conversations = build_dataset(check.dataset, load_tokenizer(check.tokenizer))
     records: list[dict[str, Any]] = []
     try:
-        with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-kv-tiers-") as tmp:
+        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-kv-tiers-") as tmp:
             for name in args.configs:
                 records.append(run_config(name, args, conversations, Path(tmp)))
     except (BenchServerError, BenchServeError) as e:

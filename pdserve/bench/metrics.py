@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.bench.plot import pyplot, save_figure
+from pdserve.bench.plot import finish_figure, pyplot
 
 PERCENTILES = (50, 90, 99)
 SLO_NAMES = ("ttft", "tpot", "e2el")  # time to first token, time per output token, end-to-end latency
@@ -161,9 +161,7 @@ def plot_latency_cdfs(path: Path, title: str, results: Sequence[RequestResult]) 
             ax.set_xlabel(f"{name} (ms)")
             ax.set_ylabel("fraction of requests" if name != "ITL" else "fraction of gaps")
             ax.set_ylim(0, 1.02)
-            ax.spines[["top", "right"]].set_visible(False)
-        fig.suptitle(title, fontsize=10)
+        return finish_figure(fig, axes, title, path)
     except BaseException:
         pyplot().close(fig)
         raise
-    return save_figure(fig, path)

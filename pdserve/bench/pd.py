@@ -17,37 +17,25 @@ by their command lines, /health and /metrics.
 from __future__ import annotations
 
 import argparse
-import io
 import math
-import os
 import shlex
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.common import LABEL_RE, add_output_args, code_version, machine_info, now_iso, write_json
+from pdserve.bench.common import LABEL_RE, add_output_args, code_version, fmt, machine_info, now_iso, write_json
 from pdserve.bench.datasets import Conversation, DatasetConfig, build_dataset, dataset_stats, load_tokenizer
-from pdserve.bench.kv_tiers import _sigterm_interrupts, client_tokenizer
-from pdserve.bench.launch import BenchServerError, scrape
-from pdserve.bench.plot import pyplot, save_figure
+from pdserve.bench.deployment import Deployment
+from pdserve.bench.kv_tiers import client_tokenizer
+from pdserve.bench.launch import BenchServerError, scrape, sigterm_interrupts
+from pdserve.bench.plot import finish_figure, pyplot
 from pdserve.bench.serve import ENDPOINTS, BenchServeError, ServeBenchConfig, run_benchmark
 from pdserve.config import DTYPES, LOAD_FORMATS
 from pdserve.launcher import (
     KV_TRANSFER_ENGINES,
-    ROUTER,
     LaunchConfig,
-    Launcher,
-    Part,
-    build_instance_argv,
-    build_router_argv,
-    child_env,
-    omp_num_threads,
-    plan_parts,
-    port_allocator,
 )
 
 CONFIGS = ("pd", "mixed")
@@ -78,94 +66,6 @@ COUNTERS = {
     "kv_transfer_seconds": "pdserve_kv_transfer_seconds_sum",
 }
 FAILURES_PREFIX = "pdserve_kv_transfer_failures_total{"
-
-
-# ---- one deployment ---------------------------------------------------------------------------------------
-
-
-class Deployment:
-    """`pdserve launch` run by this process: the launcher's parts under a Launcher in a thread, until stop().
-
-    Logs go to `log_dir` (<part>.log, and launch.log with the launcher's own output). start() blocks until
-    the router answers /health and raises BenchServerError (with the launcher's report) if a part fails.
-    NOTE: the parts get SIGTERM when the launcher thread ends (PR_SET_PDEATHSIG), which is only in stop().
-    """
-
-    def __init__(self, name: str, config: LaunchConfig, log_dir: Path, startup_timeout_s: float) -> None:
-        self.name = name
-        self.log_dir = log_dir
-        self.startup_timeout_s = startup_timeout_s
-        allocate = port_allocator()
-        self.config = replace(config, port=allocate())
-        self.parts = plan_parts(self.config, allocate)
-        instances = [p for p in self.parts if p.role != ROUTER]
-        self.argv = {p.name: build_router_argv(self.config, instances) if p.role == ROUTER
-                     else build_instance_argv(self.config, p) for p in self.parts}
-        num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.env = child_env(os.environ, omp_num_threads(self.config.num_instances, self.config.tp, num_cpus))
-        self._stop = threading.Event()
-        self._err = io.StringIO()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return self.parts[-1].probe_url
-
-    def instances(self, role: str | None = None) -> list[Part]:
-        return [p for p in self.parts if p.role != ROUTER and role in (None, p.role)]
-
-    @property
-    def launch_argv(self) -> list[str]:
-        """The `pdserve launch` command line that starts the same deployment."""
-        c = self.config
-        return ["pdserve", "launch", "--num-prefill", str(c.num_prefill), "--num-decode", str(c.num_decode),
-                "--num-mixed", str(c.num_mixed), "--kv-transfer-engine", c.kv_transfer_engine, *c.engine_argv]
-
-    def describe(self) -> dict[str, Any]:
-        return {"launch_argv": self.launch_argv, "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
-                "parts": [{"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]}
-                          for p in self.parts]}
-
-    def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_dir / "launch.log", "w")  # noqa: SIM115 - closed when the thread ends
-        launcher = Launcher(self.parts, lambda part: self.argv[part.name], self.log_dir, self.env,
-                            self.startup_timeout_s, out=out, err=self._err)
-
-        def run() -> None:
-            try:
-                launcher.run(self._stop)
-            finally:
-                out.close()
-
-        self._thread = threading.Thread(target=run, name=f"pdserve-launch-{self.name}", daemon=True)
-        self._thread.start()
-        while not launcher.ready.wait(0.25):
-            if not self._thread.is_alive():
-                raise BenchServerError(f"the {self.name!r} deployment did not start:\n{self._err.getvalue()}")
-
-    def check_alive(self) -> None:
-        """Raise BenchServerError if a part has exited since start() (the launcher then stopped them all)."""
-        if self._thread is not None and not self._thread.is_alive():
-            raise BenchServerError(f"a part of the {self.name!r} deployment failed during the run:\n"
-                                   f"{self._err.getvalue()}")
-
-    def stop(self) -> None:
-        """Stop every part (router, instances) and wait for them; safe twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> Deployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def instance_counters(url: str) -> dict[str, Any]:
@@ -292,29 +192,26 @@ def format_table(records: list[dict[str, Any]], result: dict[str, Any]) -> str:
     for r in records:
         c = r["client"]
         cells = [r["name"], f"{c['completed']}/{c['num_requests']}", r["num_errors"], f"{c['output_throughput']:.1f}",
-                 f"{c['request_throughput']:.2f}", *(_fmt(c[k][s]) for k in ("ttft", "tpot", "itl") for s in STATS)]
+                 f"{c['request_throughput']:.2f}", *(fmt(c[k][s]) for k in ("ttft", "tpot", "itl") for s in STATS)]
         rows.append("".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}" for i, (x, (_, w)) in enumerate(zip(cells, columns))))
     rows.append("latencies in ms; errors: failed requests + failed KV transfers")
     if result["pd_over_mixed"] is not None:
         q = result["pd_over_mixed"]
-        rows.append(f"pd / mixed: output tok/s {_fmt(q['output_throughput'], '{:.2f}')}x, TTFT mean "
-                    f"{_fmt(q['ttft_mean'], '{:.2f}')}x, TPOT mean {_fmt(q['tpot_mean'], '{:.2f}')}x, ITL mean "
-                    f"{_fmt(q['itl_mean'], '{:.2f}')}x")
+        rows.append(f"pd / mixed: output tok/s {fmt(q['output_throughput'], '{:.2f}')}x, TTFT mean "
+                    f"{fmt(q['ttft_mean'], '{:.2f}')}x, TPOT mean {fmt(q['tpot_mean'], '{:.2f}')}x, ITL mean "
+                    f"{fmt(q['itl_mean'], '{:.2f}')}x")
     ref = result["reference"]
     ours = ref["pdserve_pd_this_run"]
     rows.append(f"reference, NOT measured here: {ref['source']}")
     if ours is not None:
         rows.append(f"pdserve 1P1D, this run:       {ours['output_throughput_tok_s']:.1f} output tok/s, mean TTFT "
-                    f"{_fmt(ours['ttft_mean_s'], '{:.2f}')} s")
+                    f"{fmt(ours['ttft_mean_s'], '{:.2f}')} s")
         if ref["workload_differences"]:
             diffs = ", ".join(f"{k} {v['this_run']} (reference {v['reference']})"
                               for k, v in ref["workload_differences"].items())
             rows.append(f"  this run's workload differs from the reference's: {diffs}")
     return "\n".join(rows)
 
-
-def _fmt(value: float | None, spec: str = "{:.1f}") -> str:
-    return "n/a" if value is None else spec.format(value)
 
 
 def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
@@ -344,13 +241,10 @@ def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
         ax.set_ylabel("output tokens / s")
         ax.set_title("output throughput", fontsize=10)
         ax.legend(fontsize=7, frameon=False, loc="upper left")
-        for a in axes:
-            a.spines[["top", "right"]].set_visible(False)
-        fig.suptitle(title, fontsize=10)
+        return finish_figure(fig, axes, title, path)
     except BaseException:
         pyplot().close(fig)
         raise
-    return save_figure(fig, path)
 
 
 def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -415,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     conversations = build_dataset(check.dataset, load_tokenizer(check.tokenizer))
     records: list[dict[str, Any]] = []
     try:
-        with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-pd-") as tmp:
+        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-pd-") as tmp:
             for name in args.configs:
                 records.append(run_config(name, args, conversations, Path(tmp)))
     except (BenchServerError, BenchServeError) as e:

@@ -30,6 +30,14 @@ def save_figure(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
     return path
 
 
+def finish_figure(fig, axes, title: str, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """The house style's last touches (no top/right spines, a small suptitle), then save_figure."""
+    for ax in axes:
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
 def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
               value_fmt: str = "{:.1f}") -> Path:
     """One bar per label, each annotated with its value; writes `path` and returns it."""

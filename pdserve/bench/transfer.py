@@ -1,7 +1,7 @@
 """`pdserve bench transfer`: what the P -> D KV transfer costs per prompt length, beside the engine's raw speed.
 
 Starts one prefill and one decode instance behind the router (the `pdserve launch` machinery, see
-pd.Deployment) and sends, for each --input-lens length, --num-requests streaming requests of random
+deployment.Deployment) and sends, for each --input-lens length, --num-requests streaming requests of random
 token ids one at a time (max_tokens 2, so the first token comes from the stream), after untimed
 warm-up requests. Around every request it reads P's and D's pdserve_kv_transfer_* counters: KV bytes,
 P's transfer time (first send to KVDone, overlapping the prefill when sends run layer by layer), P's sender busy and exposed
@@ -31,15 +31,15 @@ from pdserve.bench.common import (
     MIN_RANDOM_TOKEN_ID,
     add_output_args,
     code_version,
+    fmt,
     machine_info,
     now_iso,
     random_requests,
     write_json,
 )
-from pdserve.bench.kv_tiers import _sigterm_interrupts
-from pdserve.bench.launch import BenchServerError, scrape
-from pdserve.bench.pd import Deployment
-from pdserve.bench.plot import pyplot, save_figure
+from pdserve.bench.deployment import Deployment
+from pdserve.bench.launch import BenchServerError, scrape, sigterm_interrupts
+from pdserve.bench.plot import finish_figure, pyplot
 from pdserve.bench.serve import BenchServeError, ServeBenchConfig, discover_model
 from pdserve.bench.sse import SSEDecoder
 from pdserve.config import DTYPES, LOAD_FORMATS
@@ -297,7 +297,7 @@ def measure_lengths(args: argparse.Namespace, deployment: Deployment, lens: list
         summary["warmup"] = records[: args.num_warmup]
         out.append(summary)
         print(f"[transfer] {input_len} tokens: {summary['completed']}/{args.num_requests} ok, TTFT "
-              f"{_fmt(summary['ttft_mean_ms'])} ms, {_fmt(_mib(summary['kv_bytes_per_request']), '{:.2f}')} MiB KV "
+              f"{fmt(summary['ttft_mean_ms'])} ms, {fmt(_mib(summary['kv_bytes_per_request']), '{:.2f}')} MiB KV "
               f"per request", flush=True)
     return model, out
 
@@ -330,12 +330,12 @@ def format_table(lengths: list[dict[str, Any]], engine: str) -> str:
         raw = x.get("raw") or {}
         share = x["transfer_share_of_ttft"]
         cells = [x["prompt_tokens"], f"{x['completed']}/{x['num_requests']}",
-                 _fmt(_mib(x["kv_bytes_per_request"]), "{:.2f}"), _fmt(_ms(x["transfer_s_per_request"])),
-                 _fmt(_ms(x["busy_s_per_request"])), _fmt(_ms(x["exposed_s_per_request"])),
+                 fmt(_mib(x["kv_bytes_per_request"]), "{:.2f}"), fmt(_ms(x["transfer_s_per_request"])),
+                 fmt(_ms(x["busy_s_per_request"])), fmt(_ms(x["exposed_s_per_request"])),
                  f"{x['num_overlapped']}/{x['completed']}",
-                 _fmt(x["gb_per_s_busy"], "{:.2f}"), _fmt(x["gb_per_s_window"], "{:.3f}"),
-                 _fmt(raw.get("gb_per_s_best"), "{:.2f}"), _fmt(x["ttft_mean_ms"]),
-                 _fmt(None if share is None else share * 100, "{:.1f}%"), _fmt(_ms(x["d_receive_s_per_request"])),
+                 fmt(x["gb_per_s_busy"], "{:.2f}"), fmt(x["gb_per_s_window"], "{:.3f}"),
+                 fmt(raw.get("gb_per_s_best"), "{:.2f}"), fmt(x["ttft_mean_ms"]),
+                 fmt(None if share is None else share * 100, "{:.1f}%"), fmt(_ms(x["d_receive_s_per_request"])),
                  x["failures"]]
         rows.append("".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, columns)))
     rows.append("per request, times in ms: window = P's first send to KVDone; busy / exposed = "
@@ -345,9 +345,6 @@ def format_table(lengths: list[dict[str, Any]], engine: str) -> str:
                 "forward (the others' KVDest reached P after its prefill step began: sent after the forward)")
     return "\n".join(rows)
 
-
-def _fmt(value: float | None, spec: str = "{:.1f}") -> str:
-    return "n/a" if value is None else spec.format(value)
 
 
 def _mib(nbytes: float | None) -> float | None:
@@ -390,13 +387,10 @@ def plot(path: Path, title: str, lengths: list[dict[str, Any]], engine: str) -> 
         right.set_ylim(0, max([*exposed, *busy, 1.0]) * 1.3)
         right.set_title("share of TTFT spent on KV transfer", fontsize=10)
         right.legend(fontsize=7, frameon=False, loc="upper left")
-        for ax in (left, right):
-            ax.spines[["top", "right"]].set_visible(False)
-        fig.suptitle(title, fontsize=10)
+        return finish_figure(fig, (left, right), title, path)
     except BaseException:
         pyplot().close(fig)
         raise
-    return save_figure(fig, path)
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -470,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
     config = LaunchConfig(num_prefill=1, num_decode=1, kv_transfer_engine=args.kv_transfer_engine,
                           engine_argv=tuple(instance_flags(args, lens)))
     try:
-        with _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-transfer-") as tmp:
+        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-transfer-") as tmp:
             deployment = Deployment("pd", config, Path(tmp) / "logs", args.server_timeout)
             print(f"[transfer] starting {' '.join(deployment.launch_argv)}", flush=True)
             with deployment:

@@ -1,0 +1,109 @@
+"""A whole `pdserve launch` deployment run inside a benchmark process (bench pd, bench transfer)."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.launch import BenchServerError
+from pdserve.launcher import (
+    ROUTER,
+    LaunchConfig,
+    Launcher,
+    Part,
+    build_instance_argv,
+    build_router_argv,
+    child_env,
+    omp_num_threads,
+    plan_parts,
+    port_allocator,
+    usable_cpus,
+)
+
+
+class Deployment:
+    """`pdserve launch` run by this process: the launcher's parts under a Launcher in a thread, until stop().
+
+    Logs go to `log_dir` (<part>.log, and launch.log with the launcher's own output). start() blocks until
+    the router answers /health and raises BenchServerError (with the launcher's report) if a part fails.
+    NOTE: the parts get SIGTERM when the launcher thread ends (PR_SET_PDEATHSIG), which is only in stop().
+    """
+
+    def __init__(self, name: str, config: LaunchConfig, log_dir: Path, startup_timeout_s: float) -> None:
+        self.name = name
+        self.log_dir = log_dir
+        self.startup_timeout_s = startup_timeout_s
+        allocate = port_allocator()
+        self.config = replace(config, port=allocate())
+        self.parts = plan_parts(self.config, allocate)
+        instances = [p for p in self.parts if p.role != ROUTER]
+        self.argv = {p.name: build_router_argv(self.config, instances) if p.role == ROUTER
+                     else build_instance_argv(self.config, p) for p in self.parts}
+        self.env = child_env(os.environ, omp_num_threads(self.config.num_instances, self.config.tp, usable_cpus()))
+        self._stop = threading.Event()
+        self._err = io.StringIO()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return self.parts[-1].probe_url
+
+    def instances(self, role: str | None = None) -> list[Part]:
+        return [p for p in self.parts if p.role != ROUTER and role in (None, p.role)]
+
+    @property
+    def launch_argv(self) -> list[str]:
+        """The `pdserve launch` command line that starts the same deployment."""
+        c = self.config
+        return ["pdserve", "launch", "--num-prefill", str(c.num_prefill), "--num-decode", str(c.num_decode),
+                "--num-mixed", str(c.num_mixed), "--kv-transfer-engine", c.kv_transfer_engine, *c.engine_argv]
+
+    def describe(self) -> dict[str, Any]:
+        return {"launch_argv": self.launch_argv, "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
+                "parts": [{"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]}
+                          for p in self.parts]}
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_dir / "launch.log", "w")  # noqa: SIM115 - closed when the thread ends
+        launcher = Launcher(self.parts, lambda part: self.argv[part.name], self.log_dir, self.env,
+                            self.startup_timeout_s, out=out, err=self._err)
+
+        def run() -> None:
+            try:
+                launcher.run(self._stop)
+            finally:
+                out.close()
+
+        self._thread = threading.Thread(target=run, name=f"pdserve-launch-{self.name}", daemon=True)
+        self._thread.start()
+        while not launcher.ready.wait(0.25):
+            if not self._thread.is_alive():
+                raise BenchServerError(f"the {self.name!r} deployment did not start:\n{self._err.getvalue()}")
+
+    def check_alive(self) -> None:
+        """Raise BenchServerError if a part has exited since start() (the launcher then stopped them all)."""
+        if self._thread is not None and not self._thread.is_alive():
+            raise BenchServerError(f"a part of the {self.name!r} deployment failed during the run:\n"
+                                   f"{self._err.getvalue()}")
+
+    def stop(self) -> None:
+        """Stop every part (router, instances) and wait for them; safe twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Deployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
