@@ -11,9 +11,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -23,6 +23,8 @@ from pdserve.messages import TransferHandle, WireSamplingParams
 from pdserve.server.errors import ApiError
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -193,19 +195,10 @@ class Serving:
         return self.tokenizer.decode([token_id])
 
     async def first(self, events: AsyncIterator[Event], request: Request) -> Event | None:
-        """The first event of `events` (None if there is none); a client that disconnects meanwhile aborts."""
-        task = asyncio.ensure_future(anext(events, None))  # type: ignore[arg-type]
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await task
-                with contextlib.suppress(Exception):
-                    await events.aclose()  # type: ignore[attr-defined]
-                raise ApiError(499, "client disconnected", "client_disconnected")
+        """The first event of `events` (None if there is none); a client that disconnects meanwhile aborts.
+        On any failure `events` is closed (which aborts the request in the engine)."""
         try:
-            return task.result()
+            return await _unless_disconnected(anext(events, None), request)  # type: ignore[arg-type]
         except BaseException:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
@@ -213,18 +206,24 @@ class Serving:
 
     async def collect(self, p: Prepared, request: Request) -> list[Event]:
         """All events of a non-streaming request; a client that disconnects aborts it."""
-        task = asyncio.ensure_future(self._collect(p))
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                raise ApiError(499, "client disconnected", "client_disconnected")
-        return task.result()
+        return await _unless_disconnected(self._collect(p), request)
 
     async def _collect(self, p: Prepared) -> list[Event]:
         return [e async for e in self.events(p)]
+
+
+async def _unless_disconnected(work: Awaitable[T], request: Request) -> T:
+    """Await `work`, checking every 0.5 s that the client is still there; if it left, cancel `work` and
+    raise 499 client_disconnected."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await task
+            raise ApiError(499, "client disconnected", "client_disconnected")
+    return task.result()
 
 
 def sse(payload: dict[str, Any]) -> str:
