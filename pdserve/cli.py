@@ -8,7 +8,16 @@ import os
 import sys
 from typing import Any
 
-from pdserve.config import DTYPES, KV_TRANSFER_MODES, LOAD_FORMATS, ROLES, STORE_KINDS, TRANSFER_ENGINES, parse_size
+from pdserve.config import (
+    DTYPES,
+    KV_TRANSFER_MODES,
+    LOAD_FAILURE_POLICIES,
+    LOAD_FORMATS,
+    ROLES,
+    STORE_KINDS,
+    TRANSFER_ENGINES,
+    parse_size,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +90,7 @@ def disagg_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         role=args.role, kv_transfer=args.kv_transfer, transfer_engine=args.kv_transfer_engine,
         control_host=args.control_host, control_port=args.control_port, transfer_timeout=args.kv_transfer_timeout,
         admission_timeout=args.admission_timeout, kv_dest_wait=args.kv_dest_wait, fault_delay_ms=args.fault_delay_ms,
+        kv_load_failure_policy=args.kv_load_failure_policy,
         send_trace_dir=args.kv_send_trace_dir,
     )
 
@@ -103,6 +113,9 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-dest-wait", type=float, default=0.05,
                    help="seconds P holds a request back for D's block ids so its KV can go layer by layer during "
                         "the prefill (then it prefills anyway and catches the early blocks up)")
+    g.add_argument("--kv-load-failure-policy", choices=LOAD_FAILURE_POLICIES, default="fail",
+                   help="storage mode, decode: when prompt blocks are missing from the pool, fail the request (502 "
+                        "kv_load_failed) or recompute the missing part here")
     g.add_argument("--register-with", default=None, metavar="ROUTER_URL",
                    help="join this router (POST /register with heartbeats) instead of being listed on its command line")
     g.add_argument("--public-url", default=None, help="this server's URL as the router reaches it "
@@ -119,8 +132,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pdserve.models.loader import load_arch, resolve_model
     from pdserve.server.api import ServerSettings, build_app
 
-    if args.kv_transfer == "storage":
-        raise ValueError("--kv-transfer storage is not available yet; use --kv-transfer direct")
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     config = engine_config(args, disagg_config(args))

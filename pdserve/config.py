@@ -149,6 +149,7 @@ class ParallelConfig:
 ROLES = ("mixed", "prefill", "decode")
 KV_TRANSFER_MODES = ("direct", "storage")
 TRANSFER_ENGINES = ("auto", "shm", "mooncake")
+LOAD_FAILURE_POLICIES = ("fail", "recompute")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class DisaggConfig:
     sum(max(0, ceil((len(r) + min(tokens_left(r), reserve_clip) * ratio) / block_size) - blocks held by r));
     ratio starts at reserve_ratio_init,
     decays by reserve_ratio_decay each step down to reserve_ratio_min and goes back up on a preemption.
+    kv_load_failure_policy (storage mode, D): when prompt blocks are missing from the pool or P could not
+    write them, "fail" answers 502 kv_load_failed, "recompute" prefills the missing part here.
     fault_delay_ms, send_trace_dir: testing only (random delays before each send batch and KVDest;
     a per-rank log of send batches).
     """
@@ -183,6 +186,7 @@ class DisaggConfig:
     reserve_ratio_min: float = 0.1
     reserve_ratio_decay: float = 0.998
     reserve_clip: int = 1024
+    kv_load_failure_policy: str = "fail"
     fault_delay_ms: int = 0
     send_trace_dir: str | None = None
 
@@ -208,6 +212,14 @@ class DisaggConfig:
             raise ValueError(f"reserve_clip must be at least 1 token, got {self.reserve_clip}")
         if self.fault_delay_ms < 0:
             raise ValueError("fault_delay_ms must be 0 or more")
+        if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(f"--kv-load-failure-policy {self.kv_load_failure_policy!r} is not one of "
+                             f"{', '.join(LOAD_FAILURE_POLICIES)}")
+
+    @property
+    def is_storage(self) -> bool:
+        """A prefill or decode instance that moves KV through the pool."""
+        return self.role != "mixed" and self.kv_transfer == "storage"
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,14 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
+
+    def __post_init__(self) -> None:
+        if self.disagg.is_storage and self.cache.kv_store in (None, "memory"):
+            raise ValueError(
+                f"--kv-transfer storage moves KV through a pool that P and D share; --kv-store "
+                f"{self.cache.kv_store or '(none)'} is not one. Add --kv-store mooncake --kv-store-config "
+                "'{\"master\": ...}' (pdserve store start runs a master; pdserve launch --kv-transfer storage "
+                "does it all), or --kv-store file with a shared directory")
 
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30

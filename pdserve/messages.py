@@ -94,6 +94,17 @@ class KVSend(msgspec.Struct, frozen=True):
     layerwise: bool
 
 
+class PoolSend(msgspec.Struct, frozen=True):
+    """Storage mode, P: after the step's forward, stage a request's prompt blocks into host blocks (the
+    swap op, device layout -> block-major) and put them in the pool, one object per rank (`<key>@<rank>`).
+    keys: hex chained keys of the full blocks, then `<hex>:partial:N` for an incomplete last block."""
+
+    room: str
+    device_block_ids: list[int]
+    host_block_ids: list[int]
+    keys: list[str]
+
+
 class KVSendReport(msgspec.Struct, frozen=True):
     """One rank's account of a step's sends: bytes written, failures by room, and a digest of its batches
     (every rank must batch identically; see DESIGN.md)."""
@@ -114,6 +125,7 @@ class StepPlan(Message):
     finished_req_ids: list[str] = []
     cache_ops: CacheOps = CacheOps()
     kv_sends: list[KVSend] = []
+    pool_sends: list[PoolSend] = []
 
 
 class LoadFromPool(Message):
@@ -151,7 +163,7 @@ class ForwardOutput(Message):
     # per sampled token: [[token_id, logprob], ...], the sampled token first
     logprobs: list[list[tuple[int, float]]] | None = None
     store: StoreCounters = StoreCounters()
-    kv_sent: list[KVSendReport] = []  # one per rank when the plan had kv_sends
+    kv_sent: list[KVSendReport] = []  # one per rank when the plan had kv_sends or pool_sends
 
 
 class KVSent(Message):
@@ -237,6 +249,10 @@ class TransferCounters(msgspec.Struct, frozen=True):
     failures: dict[str, int] = {}  # reason -> count
     send_seconds_busy: float = 0.0  # P, rank 0: time its sender spent writing
     send_seconds_exposed: float = 0.0  # P, rank 0: time steps waited for sends after the forward
+    pool_seconds_put: float = 0.0  # storage mode, P, rank 0: staging and writing prompt blocks to the pool
+    pool_seconds_get: float = 0.0  # storage mode, D: reading prompt blocks from the pool (all ranks, wall)
+    num_load_recomputes: int = 0  # storage mode, D: requests whose missing blocks D prefilled itself
+    num_recomputed_tokens: int = 0  # ... and the prompt tokens that took
 
 
 TRANSFER_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -292,11 +308,15 @@ class KVDest(Message):
     num_prompt_tokens: int
     prompt_digest: str
     reply_to: str  # D's control address
+    load_failure_policy: str = "fail"  # storage mode: what D does when blocks are missing (fail | recompute)
 
 
 class KVDone(Message):
-    """P -> D: every rank has written every block of `room`; `first_token` is the prefill's sampled token.
-    status "error": the transfer failed (`error` says why; D fails the request with 502)."""
+    """P -> D: every rank has written every block of `room` (into D's blocks, or to the pool in storage
+    mode); `first_token` is the prefill's sampled token. status "error": the transfer failed (`error` says
+    why; D fails the request with 502, or in storage mode with code "kv_store_write_failed" and the
+    recompute policy, prefills it itself). tp_size, fingerprint: the writer's, so a reader of pool
+    objects can tell a layout it cannot read."""
 
     room: str
     status: str = "ok"
@@ -304,6 +324,8 @@ class KVDone(Message):
     logprobs: list[tuple[int, float]] | None = None
     error: str = ""
     code: str = ""
+    tp_size: int = 0
+    fingerprint: str = ""
 
 
 class KVAbort(Message):

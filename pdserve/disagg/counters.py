@@ -18,6 +18,10 @@ class TransferStats:
         self.failures: Counter[str] = Counter()
         self.send_seconds_busy = 0.0
         self.send_seconds_exposed = 0.0
+        self.pool_seconds_put = 0.0
+        self.pool_seconds_get = 0.0
+        self.num_load_recomputes = 0
+        self.num_recomputed_tokens = 0
 
     def observe(self, seconds: float) -> None:
         self.num_transfers += 1
@@ -34,4 +38,6 @@ class TransferStats:
             bytes_sent=self.bytes_sent, bytes_received=self.bytes_received, num_transfers=self.num_transfers,
             seconds_sum=self.seconds_sum, seconds_buckets=list(self._buckets), failures=dict(self.failures),
             send_seconds_busy=self.send_seconds_busy, send_seconds_exposed=self.send_seconds_exposed,
+            pool_seconds_put=self.pool_seconds_put, pool_seconds_get=self.pool_seconds_get,
+            num_load_recomputes=self.num_load_recomputes, num_recomputed_tokens=self.num_recomputed_tokens,
         )

@@ -6,6 +6,11 @@ requests already running (disagg.reserve); then D sends KVDest to P and starts a
 KVDone hands it to the scheduler with its prompt computed and P's first token appended. No capacity
 within the admission timeout: 503 no_capacity. No KVDone by the deadline: 502 kv_transfer_timeout.
 Pure Python: no tensors (P's ranks write the blocks; D's CPU does nothing per block).
+
+Storage mode: on KVDone, D reads the prompt's blocks from the pool (every rank its own objects) into host
+blocks, and swap-ins copy them into the request's blocks before its first decode step. Blocks missing or
+unreadable (or never written: P's KVDone says so): with --kv-load-failure-policy fail, 502 kv_load_failed
+saying how many; with recompute, D keeps the leading blocks it read and prefills the rest itself.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from dataclasses import dataclass
 from pdserve.config import DisaggConfig
 from pdserve.disagg.control import ControlChannel, prompt_digest
 from pdserve.disagg.counters import TransferStats
+from pdserve.disagg.prefill import WRITE_FAILED
 from pdserve.disagg.reserve import DecodeReserve, Reservee
-from pdserve.kvcache.manager import KVCacheManager
+from pdserve.kvcache.manager import KVCacheManager, PoolLoad
 from pdserve.messages import KVAbort, KVDest, KVDone, KVRegion, TransferHandle
 from pdserve.request import FinishReason, Request, RequestStatus
 from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler
@@ -31,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 QUARANTINE_SECONDS = 5.0
 
+# storage mode: read a batch of prompts' blocks from the pool on every rank; per load, how many leading
+# blocks every rank read (the engine core's executor.load_from_pool)
+PoolReader = Callable[[list[PoolLoad]], list[int]]
+
 
 @dataclass
 class _Incoming:
@@ -38,13 +48,18 @@ class _Incoming:
     handle: TransferHandle
     deadline: float  # admission deadline while waiting, then the receive deadline
     sent_at: float = 0.0
+    done: KVDone | None = None  # storage mode: KVDone came, the read waits for host blocks
 
 
 class DecodeSide:
     def __init__(self, kv: KVCacheManager, scheduler: Scheduler, control: ControlChannel,
                  regions: list[list[KVRegion]], fingerprint: str, tp_size: int, bytes_per_block: int,
-                 config: DisaggConfig, clock: Callable[[], float] = time.monotonic) -> None:
+                 config: DisaggConfig, clock: Callable[[], float] = time.monotonic,
+                 read_pool: PoolReader | None = None) -> None:
+        if config.is_storage and read_pool is None:
+            raise ValueError("storage mode needs a pool reader")
         self.kv = kv
+        self.read_pool = read_pool
         self.scheduler = scheduler
         self.control = control
         self.regions = regions
@@ -63,6 +78,7 @@ class DecodeSide:
         # KVAbort or QUARANTINE_SECONDS pass, so a late write never lands in another request's blocks
         self._quarantine: dict[str, float] = {}
         self._parked: list[_Incoming] = []  # admitted; KVDest waits for a step to run pending cache ops
+        self._to_read: list[_Incoming] = []  # storage mode: KVDone came, no host blocks to read into yet
         self._num_preemptions = scheduler.stats.num_preemptions
 
     def add(self, request: Request, handle: TransferHandle) -> None:
@@ -94,7 +110,7 @@ class DecodeSide:
         if self.scheduler.stats.num_preemptions != self._num_preemptions:
             self._num_preemptions = self.scheduler.stats.num_preemptions
             self.reserve.on_preemption()
-        failed: list[RequestUpdate] = []
+        failed: list[RequestUpdate] = self.read_from_pool() if self._to_read else []
         now = self.clock()
         for incoming in self._parked:  # the step that ran their blocks' pending copies is over
             self._send_dest(incoming)
@@ -130,7 +146,7 @@ class DecodeSide:
         dest = KVDest(room=incoming.handle.room, block_ids=list(self.kv.block_ids(request.req_id)),
                       regions=self.regions, fingerprint=self.fingerprint, tp_size=self.tp_size,
                       num_prompt_tokens=request.num_prompt_tokens, prompt_digest=prompt_digest(request.prompt_token_ids),
-                      reply_to=self.control.address)
+                      reply_to=self.control.address, load_failure_policy=self.config.kv_load_failure_policy)
         if self.config.fault_delay_ms:  # testing only: KVDest arrives at a random point of P's prefill
             import random
 
@@ -158,20 +174,98 @@ class DecodeSide:
         if isinstance(message, KVAbort):
             return [self._fail(incoming, RequestError(502, "kv_transfer_failed",
                                                       f"the prefill instance aborted: {message.reason}"), False)]
+        if self.config.is_storage and (message.status == "ok" or message.code == WRITE_FAILED):
+            incoming.done = message
+            self._to_read.append(incoming)
+            return self.read_from_pool()
         if message.status != "ok":
             return [self._fail(incoming, RequestError(502, message.code or "kv_transfer_failed",
                                                       f"the prefill instance failed the KV transfer: {message.error}"),
                                False)]
-        del self.receiving[message.room]
+        num_blocks = math.ceil(incoming.request.num_prompt_tokens / self.kv.block_size)
+        self.stats.bytes_received += num_blocks * self.bytes_per_block
+        return [self._start(incoming, message, num_blocks)]
+
+    def _start(self, incoming: _Incoming, message: KVDone, num_blocks: int) -> RequestUpdate:
+        """The first `num_blocks` prompt blocks are (or will be, before the next forward) in the request's
+        blocks: decode it, or with some missing, prefill the rest here."""
+        del self.receiving[incoming.handle.room]
         del self._by_req[incoming.request.req_id]
         request = incoming.request
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = min(request.num_prompt_tokens, num_blocks * self.kv.block_size)
         self.kv.cache_computed(request)
-        num_blocks = math.ceil(request.num_prompt_tokens / self.kv.block_size)
-        self.stats.bytes_received += num_blocks * self.bytes_per_block
         self.stats.observe(self.clock() - incoming.sent_at)
         logger.info("request %s: KV of %d blocks received (room %s)", request.req_id, num_blocks, message.room)
-        return [self.scheduler.add_computed(request, message.first_token, message.logprobs)]
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            update = self.scheduler.add_computed(request, None)
+            return RequestUpdate(update.request, [])
+        return self.scheduler.add_computed(request, message.first_token, message.logprobs)
+
+    # ---- storage mode: the prompt's blocks from the pool --------------------------------
+
+    def read_from_pool(self) -> list[RequestUpdate]:
+        """Read the blocks of every request whose KVDone came, as far as the host tier has room (the rest
+        wait for the next step, within their receive deadline); start or fail each."""
+        assert self.read_pool is not None
+        pending, self._to_read = self._to_read, []
+        loads: list[tuple[_Incoming, PoolLoad]] = []
+        for incoming in pending:
+            message = incoming.done
+            assert message is not None
+            if message.status != "ok":  # P wrote nothing
+                continue
+            load = self.kv.plan_prompt_load(incoming.request)
+            if load is None:
+                self._to_read.append(incoming)
+            else:
+                loads.append((incoming, load))
+        started = self.clock()
+        num_read = self.read_pool([load for _, load in loads]) if loads else []
+        if loads:
+            self.stats.pool_seconds_get += self.clock() - started
+        read = {id(incoming): (load, n) for (incoming, load), n in zip(loads, num_read)}
+        updates = []
+        for incoming in pending:
+            if incoming in self._to_read:
+                continue
+            load_n = read.get(id(incoming))
+            updates.append(self._on_read(incoming, *(load_n if load_n is not None else (None, 0))))
+        return updates
+
+    def _on_read(self, incoming: _Incoming, load: PoolLoad | None, num_read: int) -> RequestUpdate:
+        message = incoming.done
+        assert message is not None
+        request = incoming.request
+        num_blocks = math.ceil(request.num_prompt_tokens / self.kv.block_size)
+        self.stats.bytes_received += num_read * self.bytes_per_block
+        policy = self.config.kv_load_failure_policy
+        if num_read == num_blocks or policy == "recompute":
+            if load is not None:
+                self.kv.finish_prompt_load(request, load, num_read)
+            if num_read < num_blocks:
+                self.stats.fail("load_failed")
+                self.stats.num_load_recomputes += 1
+                self.stats.num_recomputed_tokens += request.num_prompt_tokens - num_read * self.kv.block_size
+                logger.warning("request %s: %d of %d prompt blocks missing from the KV pool (%s); prefilling "
+                               "them here (--kv-load-failure-policy recompute)", request.req_id,
+                               num_blocks - num_read, num_blocks, self._why_missing(message))
+            return self._start(incoming, message, num_read)
+        if load is not None:
+            self.kv.finish_prompt_load(request, load, 0)
+        return self._fail(incoming, RequestError(
+            502, "kv_load_failed", f"{num_blocks - num_read} of the prompt's {num_blocks} KV blocks were missing "
+            f"from the KV pool or could not be read ({self._why_missing(message)}); retry the request, or run the "
+            "decode instance with --kv-load-failure-policy recompute to prefill missing blocks there"), False)
+
+    def _why_missing(self, message: KVDone) -> str:
+        if message.status != "ok":
+            return message.error
+        if message.tp_size and message.tp_size != self.tp_size:
+            return (f"they were written by a prefill instance with TP size {message.tp_size}, and this decode "
+                    f"instance runs TP size {self.tp_size}: each rank reads its own objects")
+        if message.fingerprint and message.fingerprint != self.fingerprint:
+            return "they were written by a prefill instance with another model, dtype, block size or layout"
+        return "evicted, or the pool failed: see pdserve_kv_store_errors_total"
 
     # ---- failures and the end --------------------------------------------------------
 
@@ -197,7 +291,8 @@ class DecodeSide:
         return True
 
     def _fail(self, incoming: _Incoming, error: RequestError, peer_may_write: bool = True) -> RequestUpdate:
-        self.stats.fail({"kv_transfer_timeout": "timeout", "no_capacity": "no_capacity"}.get(error.code, "peer_error"))
+        self.stats.fail({"kv_transfer_timeout": "timeout", "no_capacity": "no_capacity",
+                         "kv_load_failed": "load_failed"}.get(error.code, "peer_error"))
         logger.warning("request %s failed: %s", incoming.request.req_id, error.message)
         self._remove(incoming, error.code if peer_may_write else None)
         return RequestUpdate(incoming.request, [], finished=True, error=error)
@@ -214,6 +309,8 @@ class DecodeSide:
         self.receiving.pop(room, None)
         if incoming in self._parked:
             self._parked.remove(incoming)
+        if incoming in self._to_read:
+            self._to_read.remove(incoming)
         if incoming in self.waiting:
             self.waiting.remove(incoming)
         self._by_req.pop(request.req_id, None)

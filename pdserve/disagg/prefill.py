@@ -6,6 +6,11 @@ computes prompt tokens [start, end), blocks [sent, start // bs) already computed
 catch-up; blocks completed by this step go layer by layer (the last, partial block only with the last
 chunk). A request whose prefill ends before its KVDest arrived keeps its blocks (a hold) until they are
 caught up. KVDone goes to D once every rank has confirmed every block. Pure Python: no tensors.
+
+Storage mode: no KVDest is awaited before the prefill. The step that computes a prompt's last chunk also
+writes all its blocks to the pool (PoolSend: staged into host blocks after the forward, put by every
+rank). Once every rank confirmed and KVDest has come, KVDone goes to D. A failed write does not fail the
+request here: KVDone tells D (code kv_store_write_failed), whose --kv-load-failure-policy decides.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from dataclasses import dataclass, field
 from pdserve.disagg.control import ControlChannel, layout_mismatch, prompt_digest
 from pdserve.disagg.counters import TransferStats
 from pdserve.kvcache.manager import KVCacheManager
-from pdserve.messages import ForwardOutput, KVAbort, KVDest, KVDone, KVSend, StepPlan, TransferHandle
+from pdserve.messages import ForwardOutput, KVAbort, KVDest, KVDone, KVSend, PoolSend, StepPlan, TransferHandle
 from pdserve.request import Request
 from pdserve.scheduler.scheduler import RequestError, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+WRITE_FAILED = "kv_store_write_failed"  # KVDone code: P could not write the prompt's blocks to the pool
 
 
 @dataclass
@@ -41,6 +48,9 @@ class _Outgoing:
     started: float | None = None
     num_bytes: int = 0
     failures: dict[str, str] = field(default_factory=dict)
+    is_staged: bool = False  # storage mode: its pool write is in a plan
+    is_written: bool = False  # storage mode: every rank wrote every block
+    write_error: str | None = None  # storage mode: why the write failed
 
     @property
     def room(self) -> str:
@@ -49,8 +59,10 @@ class _Outgoing:
 
 class PrefillSide:
     def __init__(self, kv: KVCacheManager, control: ControlChannel, fingerprint: str, tp_size: int,
-                 transfer_timeout: float, clock: Callable[[], float] = time.monotonic, dest_wait: float = 0.0) -> None:
+                 transfer_timeout: float, clock: Callable[[], float] = time.monotonic, dest_wait: float = 0.0,
+                 storage: bool = False) -> None:
         self.kv = kv
+        self.storage = storage
         self.control = control
         self.fingerprint = fingerprint
         self.tp_size = tp_size
@@ -72,7 +84,7 @@ class PrefillSide:
         if request.req_id in self._by_req:
             raise ValueError(f"request id {request.req_id!r} is already in use")
         now = self.clock()
-        out = _Outgoing(request, handle, now + self.timeout, release_at=now + self.dest_wait)
+        out = _Outgoing(request, handle, now + self.timeout, release_at=now + (0.0 if self.storage else self.dest_wait))
         self._by_room[handle.room] = out
         self._by_req[request.req_id] = out
         early = self._early.pop(handle.room, None)
@@ -110,6 +122,8 @@ class PrefillSide:
             return self._fail(out, "kv_transfer_failed", problem, reply_to=dest.reply_to)
         out.dest = dest
         logger.debug("room %s: KVDest with %d blocks", out.room, len(dest.block_ids))
+        if self.storage:
+            self._complete_written(out)
         return []
 
     def take_ready(self) -> list[Request]:
@@ -145,6 +159,30 @@ class PrefillSide:
                 self._add_send(sends, out, out.held, math.ceil(out.request.num_prompt_tokens / bs), layerwise=False)
         return sends
 
+    def plan_pool_sends(self, sched: SchedulerOutput) -> list[PoolSend]:
+        """Storage mode: pool writes of the prompts whose last chunk this step computes, and of held prompts
+        the host tier had no room for before."""
+        sends: list[PoolSend] = []
+        for seq in sched.plan.seqs:
+            out = self._by_req.get(seq.req_id)
+            if out is not None and not out.is_staged \
+                    and seq.start_pos + len(seq.token_ids) >= out.request.num_prompt_tokens:
+                self._stage(sends, out, seq.block_ids)
+        scheduled = {seq.req_id for seq in sched.plan.seqs}
+        for out in self._by_room.values():
+            if out.held is not None and not out.is_staged and out.request.req_id not in scheduled:
+                self._stage(sends, out, out.held)
+        return sends
+
+    def _stage(self, sends: list[PoolSend], out: _Outgoing, block_ids: list[int]) -> None:
+        host_ids = self.kv.stage_prompt(out.request)
+        if host_ids is None:  # the host tier is busy this step: the blocks are held and staged in a later one
+            return
+        sends.append(PoolSend(room=out.room, device_block_ids=block_ids[:len(host_ids)], host_block_ids=host_ids,
+                              keys=self.kv.prompt_object_keys(out.request)))
+        out.is_staged = True
+        out.started = self.clock()
+
     def _add_send(self, sends: list[KVSend], out: _Outgoing, block_ids: list[int], end: int, layerwise: bool) -> None:
         assert out.dest is not None
         if end <= out.num_sent:
@@ -165,7 +203,9 @@ class PrefillSide:
                 if out is not None:
                     out.failures[f"rank{report.rank}"] = f"rank {report.rank}: {error}"
             self.stats.bytes_sent += report.num_bytes
-            if report.rank == 0:
+            if report.rank == 0 and self.storage:
+                self.stats.pool_seconds_put += report.seconds_busy
+            elif report.rank == 0:
                 self.stats.send_seconds_busy += report.seconds_busy
                 self.stats.send_seconds_exposed += report.seconds_exposed
         sampled = dict(zip(output.req_ids, range(len(output.req_ids))))
@@ -176,6 +216,9 @@ class PrefillSide:
                 continue
             out.first_token = output.token_ids[index]
             out.logprobs = list(output.logprobs[index]) if output.logprobs is not None else None
+        if self.storage:
+            self._on_pool_output({send.room for send in plan.pool_sends})
+            return failed
         for out in list(self._by_room.values()):
             if out.failures:
                 failed += self._fail(out, "kv_transfer_failed", "; ".join(out.failures.values()))
@@ -186,14 +229,52 @@ class PrefillSide:
                 out.held = self.kv.hold(f"send:{out.room}", out.request.req_id)
         return failed
 
+    def _on_pool_output(self, written: set[str]) -> None:
+        """Storage mode, after a step: the rooms whose write ran are written (or failed); hold the blocks of
+        prompts not staged yet; send KVDone where KVDest is here."""
+        for out in list(self._by_room.values()):
+            if out.room in written:
+                if out.failures:
+                    out.write_error = "; ".join(out.failures.values())
+                    self.stats.fail("write_error")
+                    logger.warning("request %s: KV write to the pool failed (room %s): %s", out.request.req_id,
+                                   out.room, out.write_error)
+                else:
+                    out.is_written = True
+                    self.kv.note_in_pool(self.kv.keys_for(out.request)[:out.request.num_prompt_tokens
+                                                                        // self.kv.block_size])
+                if out.held is not None:
+                    self.kv.release(f"send:{out.room}")
+                    out.held = None
+            elif out.first_token is not None and not out.is_staged and out.held is None:
+                out.held = self.kv.hold(f"send:{out.room}", out.request.req_id)
+            self._complete_written(out)
+
+    def _complete_written(self, out: _Outgoing) -> None:
+        """Storage mode: tell D once the write is over (either way), the first token is known and KVDest came."""
+        if out.dest is None or out.first_token is None or not (out.is_written or out.write_error is not None):
+            return
+        if out.write_error is not None:
+            num_blocks = math.ceil(out.request.num_prompt_tokens / self.kv.block_size)
+            self.control.send(out.dest.reply_to, KVDone(
+                room=out.room, status="error", code=WRITE_FAILED, first_token=out.first_token, logprobs=out.logprobs,
+                error=f"the prefill instance could not write the prompt's {num_blocks} blocks to the KV pool: "
+                      f"{out.write_error}", tp_size=self.tp_size, fingerprint=self.fingerprint))
+            self._drop(out)
+            return
+        self._complete(out)
+
     def _complete(self, out: _Outgoing) -> None:
         assert out.dest is not None and out.first_token is not None
         self.control.send(out.dest.reply_to, KVDone(room=out.room, first_token=out.first_token,
-                                                    logprobs=out.logprobs))
+                                                    logprobs=out.logprobs, tp_size=self.tp_size,
+                                                    fingerprint=self.fingerprint))
         if out.started is not None:
             self.stats.observe(self.clock() - out.started)
-        logger.info("request %s: KV of %d blocks sent to %s (room %s)", out.request.req_id,
-                    len(out.dest.block_ids), out.dest.reply_to, out.room)
+        logger.info("request %s: KV of %d blocks %s (room %s)", out.request.req_id,
+                    math.ceil(out.request.num_prompt_tokens / self.kv.block_size),
+                    "in the pool, KVDone sent to " + out.dest.reply_to if self.storage else "sent to " + out.dest.reply_to,
+                    out.room)
         self._drop(out)
 
     # ---- failures and the end ------------------------------------------------------
@@ -242,6 +323,8 @@ class PrefillSide:
     @property
     def has_sends(self) -> bool:
         """Held blocks that can be sent now (a step with no tokens must run for them)."""
+        if self.storage:
+            return any(out.held is not None and not out.is_staged for out in self._by_room.values())
         return any(out.held is not None and out.dest is not None for out in self._by_room.values())
 
     @property

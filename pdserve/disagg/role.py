@@ -36,10 +36,11 @@ class PDRole:
         self._unscheduled: dict[str, Request] = {}  # P: waiting for KVDest (or dest_wait) before scheduling
         if config.role == "prefill":
             self.prefill = PrefillSide(core.kv, self.control, core.fingerprint, tp, config.transfer_timeout,
-                                       dest_wait=config.kv_dest_wait)
+                                       dest_wait=config.kv_dest_wait, storage=config.is_storage)
         else:
             self.decode = DecodeSide(core.kv, core.scheduler, self.control, core.executor.regions, core.fingerprint,
-                                     tp, bytes_per_block(core.config, core.arch) * tp, config)
+                                     tp, bytes_per_block(core.config, core.arch) * tp, config,
+                                     read_pool=lambda loads: core.executor.load_from_pool(loads)[0])
 
     @staticmethod
     def create(core: EngineCore, config: DisaggConfig) -> PDRole | None:
@@ -105,7 +106,9 @@ class PDRole:
         return request
 
     def plan(self, sched: SchedulerOutput) -> None:
-        if self.prefill is not None:
+        if self.prefill is not None and self.prefill.storage:
+            sched.plan.pool_sends = self.prefill.plan_pool_sends(sched)
+        elif self.prefill is not None:
             sched.plan.kv_sends = self.prefill.plan_sends(sched)
 
     def after_step(self, sched: SchedulerOutput, output: ForwardOutput) -> list[tuple[str, RequestError]]:

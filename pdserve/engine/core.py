@@ -96,7 +96,8 @@ class EngineCore:
             self.num_blocks, cache.block_size, root=fingerprint(config, self.source, self.arch).root(),
             num_host_blocks=self.num_host_blocks, has_pool=cache.kv_store is not None,
             enable_prefix_caching=cache.enable_prefix_caching, preempt_save=cache.preempt_save,
-            cache_output=cache.cache_output,
+            # storage-mode D writes prompt + output at finish, so a conversation's next turn hits on P
+            cache_output=cache.cache_output or (config.disagg.is_storage and config.disagg.role == "decode"),
         )
         self.store_counters = StoreCounters()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
@@ -186,7 +187,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if self.pd is not None:
             self.pd.plan(sched)
-        if not sched.plan.seqs and sched.plan.cache_ops.is_empty and not sched.plan.kv_sends:
+        if not sched.plan.seqs and sched.plan.cache_ops.is_empty and not sched.plan.kv_sends \
+                and not sched.plan.pool_sends:
             return []
         output = self.executor.execute(sched.plan)
         self.store_counters = output.store

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.kvcache.block_pool import BlockPool
-from pdserve.kvcache.keys import chain_keys
+from pdserve.kvcache.keys import chain_keys, partial_key
 from pdserve.messages import CacheOps
 from pdserve.request import Request
 
@@ -47,10 +47,11 @@ class MatchResult:
 
 @dataclass(frozen=True)
 class PoolLoad:
-    """Read `keys` (the blocks after a request's device and host hits) into host blocks."""
+    """Read `keys` (the blocks after a request's device and host hits; in storage mode a prompt's blocks,
+    the last maybe a `:partial:N` name) into host blocks."""
 
     req_id: str
-    keys: list[bytes]
+    keys: Sequence[bytes | str]
     host_block_ids: list[int]
 
 
@@ -181,10 +182,11 @@ class KVCacheManager:
         """Name the first `num_loaded` blocks (read completely on every rank); free the rest."""
         assert self.host is not None
         self._loading.pop(load.req_id, None)
-        for key, host_id in zip(load.keys[:num_loaded], load.host_block_ids):
+        keys = [k for k in load.keys[:num_loaded] if isinstance(k, bytes)]  # prefix loads name full blocks only
+        for key, host_id in zip(keys, load.host_block_ids):
             self.host.cache(host_id, key)
             self._remember_pool_key(key)
-        self._loaded_from_pool[load.req_id] = set(load.keys[:num_loaded])
+        self._loaded_from_pool[load.req_id] = set(keys)
         self.host.free(load.host_block_ids[num_loaded:])
         # the blocks read stay held for the request until it is admitted (or freed), so that other
         # admissions in the meantime cannot evict them
@@ -265,6 +267,59 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.device.cache(table[i], keys[i])
         self._num_named[request.req_id] = num_full
+
+    # ---- storage-mode transfer: a prompt's blocks through the pool ------------------------
+
+    def prompt_object_keys(self, request: Request) -> list[str]:
+        """The pool names of the request's prompt blocks: chained keys of the full blocks, then
+        `<key>:partial:N` for an incomplete last block (kvcache.keys)."""
+        bs = self.block_size
+        prompt = request.prompt_token_ids
+        full = self.keys_for(request)[:len(prompt) // bs]
+        partial = partial_key(self.root, full, prompt, bs)
+        return [k.hex() for k in full] + ([partial] if partial is not None else [])
+
+    def stage_prompt(self, request: Request) -> list[int] | None:
+        """P: host blocks to stage the request's prompt blocks in for a pool write carried by the plan just
+        built (held until its end_step); None if the host tier has no room for them now. Full blocks are
+        named, so they stay cached on the host after the write."""
+        num = num_blocks_for(request.num_prompt_tokens, self.block_size)
+        if self.host is None or self.host.num_free_blocks < num:
+            return None
+        host_ids, _ = self.host.allocate(num)  # evicted host blocks are dropped: the pool has them
+        for host_id, key in zip(host_ids, self.keys_for(request)[:request.num_prompt_tokens // self.block_size]):
+            self.host.cache(host_id, key)
+        self._refs_in_flight.extend(host_ids)
+        return host_ids
+
+    def note_in_pool(self, keys: Sequence[bytes]) -> None:
+        """Every rank wrote these blocks to the pool: a finished request need not write them again."""
+        for key in keys:
+            self._remember_pool_key(key)
+
+    def plan_prompt_load(self, request: Request) -> PoolLoad | None:
+        """D: host blocks to read the request's prompt blocks into (prompt_object_keys); None if the host
+        tier has no room for them now. Pass the load to finish_prompt_load once read."""
+        num = num_blocks_for(request.num_prompt_tokens, self.block_size)
+        if self.host is None or self.host.num_free_blocks < num:
+            return None
+        host_ids, _ = self.host.allocate(num)
+        self._loading[request.req_id] = host_ids
+        return PoolLoad(request.req_id, self.prompt_object_keys(request), host_ids)
+
+    def finish_prompt_load(self, request: Request, load: PoolLoad, num_used: int) -> None:
+        """Copy the first `num_used` blocks read into the request's device blocks (swap-ins before the next
+        forward) and free the other host blocks. Full blocks stay cached on the host."""
+        assert self.host is not None
+        self._loading.pop(load.req_id, None)
+        table = self._tables[request.req_id]
+        full_keys = self.keys_for(request)
+        for i, host_id in enumerate(load.host_block_ids[:num_used]):
+            if i < len(full_keys) and i < request.num_prompt_tokens // self.block_size:
+                self.host.cache(host_id, full_keys[i])
+            self._ops.swap_in.append((host_id, table[i]))
+            self._refs_pending.append(host_id)
+        self.host.free(load.host_block_ids[num_used:])
 
     # ---- holds: blocks kept past their request (e.g. while P sends them to D) ---------
 

@@ -122,15 +122,19 @@ class Scheduler:
         del self.requests[request.req_id]
         self._finished_since_last_plan.append(request.req_id)
 
-    def add_computed(self, request: Request, token_id: int,
+    def add_computed(self, request: Request, token_id: int | None,
                      logprobs: list[tuple[int, float]] | None = None) -> RequestUpdate:
         """Start running a request whose prompt was computed elsewhere (its KV is in its blocks already,
-        num_computed_tokens set), appending the token sampled there. It may finish at once (a stop token)."""
+        num_computed_tokens set), appending the token sampled there. It may finish at once (a stop token).
+        token_id None: only the first num_computed_tokens are there; the rest of the prompt is computed
+        here like any running request's, and the first token sampled here."""
         if request.req_id in self.requests:
             raise ValueError(f"request id {request.req_id!r} is already in use")
         self.requests[request.req_id] = request
         request.status = RequestStatus.RUNNING
         self.running.append(request)
+        if token_id is None:
+            return RequestUpdate(request, [])
         request.output_token_ids.append(token_id)
         self.stats.num_generation_tokens += 1
         reason = self._stop_reason(request, token_id)

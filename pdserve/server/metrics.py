@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from pdserve.messages import TRANSFER_SECONDS_BUCKETS, EngineStats
 
-TRANSFER_FAILURE_REASONS = ("timeout", "send_error", "peer_error", "no_capacity")
+TRANSFER_FAILURE_REASONS = ("timeout", "send_error", "peer_error", "no_capacity", "write_error", "load_failed")
 
 
 class _TransferCollector:
@@ -42,6 +42,21 @@ class _TransferCollector:
         sender.add_metric(["busy"], t.send_seconds_busy)
         sender.add_metric(["exposed"], t.send_seconds_exposed)
         yield sender
+        pool = CounterMetricFamily("pdserve_kv_transfer_pool_seconds",
+                                   "Storage mode: seconds P (rank 0) staged and wrote prompt blocks to the pool (put), "
+                                   "and D read them (get)", labels=["op"])
+        pool.add_metric(["put"], t.pool_seconds_put)
+        pool.add_metric(["get"], t.pool_seconds_get)
+        yield pool
+        recomputes = CounterMetricFamily("pdserve_kv_load_recomputes",
+                                         "Storage mode, D: requests whose missing prompt blocks D prefilled itself "
+                                         "(--kv-load-failure-policy recompute)")
+        recomputes.add_metric([], t.num_load_recomputes)
+        yield recomputes
+        tokens = CounterMetricFamily("pdserve_kv_load_recomputed_tokens",
+                                     "Storage mode, D: prompt tokens prefilled because their blocks were missing")
+        tokens.add_metric([], t.num_recomputed_tokens)
+        yield tokens
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)

@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import msgspec
 import zmq
@@ -78,11 +79,16 @@ class UniProcExecutor(Executor):
         return [self.runner.count_in_pool([k.hex() for k in keys]) for keys in key_lists]
 
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
-        num_loaded = [self.runner.load_from_pool([k.hex() for k in load.keys], load.host_block_ids) for load in loads]
+        num_loaded = [self.runner.load_from_pool(_names(load.keys), load.host_block_ids) for load in loads]
         return num_loaded, self.runner.store_counters()
 
     def shutdown(self) -> None:
         self.runner.close()
+
+
+def _names(keys: Sequence[bytes | str]) -> list[str]:
+    """Pool names of block keys (bytes: a chained key; str: already a name, e.g. a `:partial:N` one)."""
+    return [k.hex() if isinstance(k, bytes) else k for k in keys]
 
 
 def _free_port() -> int:
@@ -153,7 +159,7 @@ class MultiProcExecutor(Executor):
             sock.send(data)
         output: ForwardOutput | None = None
         reports: dict[int, KVSendReport] = {}
-        num_reports = self.tp_size if plan.kv_sends else 0  # every rank confirms its sends
+        num_reports = self.tp_size if plan.kv_sends or plan.pool_sends else 0  # every rank confirms its sends
         while output is None or len(reports) < num_reports:
             message = self._recv(timeout=3600)
             if isinstance(message, ForwardOutput) and message.step_id == plan.step_id:
@@ -171,7 +177,7 @@ class MultiProcExecutor(Executor):
         num_loaded = []
         counters = StoreCounters()
         for load in loads:
-            n, counters = self._pool_call([k.hex() for k in load.keys], load.host_block_ids)
+            n, counters = self._pool_call(_names(load.keys), load.host_block_ids)
             num_loaded.append(n)
         return num_loaded, counters
 

@@ -12,12 +12,13 @@ blocks concerned read as misses.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
 
 from pdserve.kvcache.keys import object_key
-from pdserve.messages import CacheOps, StoreCounters
+from pdserve.messages import CacheOps, KVSendReport, PoolSend, StoreCounters
 from pdserve.store import KVStore, StoreError, open_store
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,44 @@ class KVTiers:
             self._fail("put", f"{failed} of {len(done)} objects not written", failed)
         self._bytes_put += sum(blocks[i].nbytes for i, ok in zip(todo, done) if ok)
 
+    def send(self, sends: list[PoolSend]) -> KVSendReport:
+        """Storage mode, P: stage the sends' device blocks into their host blocks (one swap op for all), then
+        write every object the pool does not hold yet. Unlike write-through puts, a failure is reported per
+        room (never read as a miss): D must not be told the blocks are there."""
+        started = time.perf_counter()
+        swap_out(self.kv_cache, self.host, [b for s in sends for b in s.device_block_ids],
+                 [h for s in sends for h in s.host_block_ids])
+        rooms = [s.room for s in sends for _ in s.keys]
+        names = [object_key(key, self.rank) for s in sends for key in s.keys]
+        blocks = [self.host[h] for s in sends for h in s.host_block_ids]
+        failed: dict[str, str] = {}
+        num_bytes = 0
+        if self.store is None:
+            failed = {s.room: "this instance has no KV store" for s in sends}
+        else:
+            try:
+                present = self.store.exists(names)
+                todo = [i for i, p in enumerate(present) if not p]
+                done = self.store.put([names[i] for i in todo], [blocks[i] for i in todo]) if todo else []
+            except Exception as e:  # noqa: BLE001 - any backend failure fails the rooms (StoreError expected)
+                self._fail("put", e, len(names))
+                failed = {s.room: f"rank {self.rank}: the pool write failed ({e})" for s in sends}
+            else:
+                missing: dict[str, int] = {}
+                for i, ok in zip(todo, done):
+                    if ok:
+                        num_bytes += blocks[i].nbytes
+                    else:
+                        missing[rooms[i]] = missing.get(rooms[i], 0) + 1
+                for room, count in missing.items():
+                    total = rooms.count(room)
+                    failed[room] = f"rank {self.rank}: {count} of {total} prompt blocks could not be written to the pool"
+                if missing:
+                    self._fail("put", f"{sum(missing.values())} objects not written", sum(missing.values()))
+                self._bytes_put += num_bytes
+        return KVSendReport(rank=self.rank, num_bytes=num_bytes, failed=failed,
+                            seconds_busy=time.perf_counter() - started)
+
     def count_present(self, keys: list[str]) -> int:
         """How many leading `keys` the pool holds (for this rank); 0 on any store failure."""
         if self.store is None or not keys:
@@ -106,8 +145,8 @@ class KVTiers:
         return _leading_run(present)
 
     def load(self, keys: list[str], host_ids: list[int]) -> int:
-        """Read `keys` (counted present by count_present just before) into `host_ids`; returns how many
-        leading blocks were read completely."""
+        """Read `keys` (counted present by count_present just before, or a storage-mode prompt) into
+        `host_ids`; returns how many leading blocks were read completely."""
         if self.store is None or not keys:
             return 0
         blocks = [self.host[h] for h in host_ids[:len(keys)]]
@@ -118,7 +157,7 @@ class KVTiers:
             return 0
         num_read = _leading_run(done)
         if num_read < len(keys):
-            self._fail("get", f"{len(keys) - num_read} of {len(keys)} objects counted present could not be read", 1)
+            self._fail("get", f"{len(keys) - num_read} of {len(keys)} objects could not be read", 1)
         self._bytes_get += sum(b.nbytes for b in blocks[:num_read])
         return num_read
 

@@ -39,8 +39,8 @@ class ModelRunner:
         shape = (arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads // tp.size, arch.head_dim)
         self.shm_path: str | None = None
         disagg = config.disagg
-        if disagg.role == "decode" and self.device.type == "cpu" and disagg.transfer_engine != "mooncake" \
-                and shm_available():
+        if disagg.role == "decode" and not disagg.is_storage and self.device.type == "cpu" \
+                and disagg.transfer_engine != "mooncake" and shm_available():
             # a peer on this host writes received KV straight into this cache
             self.kv_cache, self.shm_path = allocate_shared(shape, self.dtype, f"rank{tp.rank}")
         else:
@@ -50,7 +50,7 @@ class ModelRunner:
         self.tiers = KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store,
                              config.cache.kv_store_options) if num_host_blocks else None
         self.engines = open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path) \
-            if disagg.role != "mixed" else {}
+            if disagg.role != "mixed" and not disagg.is_storage else {}
         self.sender = KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir,
                                disagg.fault_delay_ms) if self.engines else None
 
@@ -70,6 +70,10 @@ class ModelRunner:
         output = self._forward(plan, sender.layer_done if sender is not None and sender.has_layerwise else None)
         if sender is not None:
             output.kv_sent = [sender.finish()]
+        if plan.pool_sends:
+            if self.tiers is None:
+                raise RuntimeError("the plan has pool sends but this instance has no host tier and pool")
+            output.kv_sent = [self.tiers.send(plan.pool_sends)]
         if self.tiers is not None:
             self.tiers.put(plan.cache_ops)
             output.store = self.tiers.counters

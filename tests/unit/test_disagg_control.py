@@ -264,7 +264,7 @@ def assert_p_idle(env: PEnv) -> None:
 
 
 def done_ok(room: str = "r1", token: int = 7) -> tuple[str, KVDone]:
-    return (D_ADDR, KVDone(room=room, first_token=token))
+    return (D_ADDR, KVDone(room=room, first_token=token, tp_size=1, fingerprint=FP))
 
 
 def test_p_dest_before_prefill_one_step_sends_all_blocks_layerwise() -> None:
@@ -1118,7 +1118,7 @@ def test_p_and_d_end_to_end_over_fake_channels() -> None:
     assert p_step(p) == ([send([0], [0], False, "room-1"), send([1], [1], True, "room-1")], [])
     assert p_step(p, token=77) == ([send([2], [2], True, "room-1")], [])
     [(to, done)] = p.control.take()
-    assert to == D_ADDR and done == KVDone(room="room-1", first_token=77)
+    assert to == D_ADDR and done == KVDone(room="room-1", first_token=77, tp_size=1, fingerprint=FP)
     assert isinstance(done, KVDone)
     assert d_control(d, done) == [RequestUpdate(request, [77], None, finished=False)]
     assert request.num_computed_tokens == 10 and d.scheduler.running == [request]
