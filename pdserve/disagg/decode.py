@@ -49,6 +49,7 @@ class _Incoming:
     deadline: float  # admission deadline while waiting, then the receive deadline
     sent_at: float = 0.0
     done: KVDone | None = None  # storage mode: KVDone came, the read waits for host blocks
+    unreadable: str | None = None  # storage mode: why the blocks cannot be read at all
 
 
 class DecodeSide:
@@ -214,6 +215,12 @@ class DecodeSide:
             assert message is not None
             if message.status != "ok":  # P wrote nothing
                 continue
+            num_blocks = math.ceil(incoming.request.num_prompt_tokens / self.kv.block_size)
+            if num_blocks > self.kv.num_host_blocks:
+                incoming.unreadable = (f"the prompt's {num_blocks} blocks do not fit in this decode instance's host "
+                                       f"tier ({self.kv.num_host_blocks} blocks), which stages pool reads; raise "
+                                       "--host-kv-cache-memory")
+                continue
             load = self.kv.plan_prompt_load(incoming.request)
             if load is None:
                 self._to_read.append(incoming)
@@ -248,16 +255,20 @@ class DecodeSide:
                 self.stats.num_recomputed_tokens += request.num_prompt_tokens - num_read * self.kv.block_size
                 logger.warning("request %s: %d of %d prompt blocks missing from the KV pool (%s); prefilling "
                                "them here (--kv-load-failure-policy recompute)", request.req_id,
-                               num_blocks - num_read, num_blocks, self._why_missing(message))
+                               num_blocks - num_read, num_blocks, self._why_missing(incoming))
             return self._start(incoming, message, num_read)
         if load is not None:
             self.kv.finish_prompt_load(request, load, 0)
         return self._fail(incoming, RequestError(
             502, "kv_load_failed", f"{num_blocks - num_read} of the prompt's {num_blocks} KV blocks were missing "
-            f"from the KV pool or could not be read ({self._why_missing(message)}); retry the request, or run the "
+            f"from the KV pool or could not be read ({self._why_missing(incoming)}); retry the request, or run the "
             "decode instance with --kv-load-failure-policy recompute to prefill missing blocks there"), False)
 
-    def _why_missing(self, message: KVDone) -> str:
+    def _why_missing(self, incoming: _Incoming) -> str:
+        message = incoming.done
+        assert message is not None
+        if incoming.unreadable is not None:
+            return incoming.unreadable
         if message.status != "ok":
             return message.error
         if message.tp_size and message.tp_size != self.tp_size:
@@ -304,8 +315,9 @@ class DecodeSide:
         room = incoming.handle.room
         if abort_reason is not None and room in self.receiving:
             self.control.send(incoming.handle.peer, KVAbort(room=room, reason=abort_reason))
-            self.kv.hold(f"quarantine:{room}", request.req_id)
-            self._quarantine[room] = self.clock() + min(QUARANTINE_SECONDS, self.config.transfer_timeout)
+            if not self.config.is_storage:  # in storage mode P never writes these blocks
+                self.kv.hold(f"quarantine:{room}", request.req_id)
+                self._quarantine[room] = self.clock() + min(QUARANTINE_SECONDS, self.config.transfer_timeout)
         self.receiving.pop(room, None)
         if incoming in self._parked:
             self._parked.remove(incoming)

@@ -175,6 +175,15 @@ class PrefillSide:
         return sends
 
     def _stage(self, sends: list[PoolSend], out: _Outgoing, block_ids: list[int]) -> None:
+        num_blocks = math.ceil(out.request.num_prompt_tokens / self.kv.block_size)
+        if num_blocks > self.kv.num_host_blocks:  # it would never fit: fail the write now, D's policy decides
+            out.is_staged = True
+            out.write_error = (f"the prompt's {num_blocks} blocks do not fit in the prefill instance's host tier "
+                               f"({self.kv.num_host_blocks} blocks), which stages pool writes; raise "
+                               "--host-kv-cache-memory")
+            self.stats.fail("write_error")
+            logger.warning("request %s: %s", out.request.req_id, out.write_error)
+            return
         host_ids = self.kv.stage_prompt(out.request)
         if host_ids is None:  # the host tier is busy this step: the blocks are held and staged in a later one
             return
@@ -248,6 +257,9 @@ class PrefillSide:
                     out.held = None
             elif out.first_token is not None and not out.is_staged and out.held is None:
                 out.held = self.kv.hold(f"send:{out.room}", out.request.req_id)
+                # the pool send to come writes these blocks: the request's finish must not write them through
+                self.kv.note_in_pool(self.kv.keys_for(out.request)[:out.request.num_prompt_tokens
+                                                                    // self.kv.block_size])
             self._complete_written(out)
 
     def _complete_written(self, out: _Outgoing) -> None:

@@ -170,7 +170,14 @@ class EngineCore:
 
     def step(self) -> list[RequestUpdate]:
         updates = self.pd.before_step() if self.pd is not None else []
-        return updates + self._step()
+        updates += self._step()
+        for update in updates:
+            if update.finished:
+                r = update.request
+                logger.info("request %s finished (%s): %d output tokens, %d preemptions", r.req_id,
+                            r.finish_reason.value if r.finish_reason else None, len(r.output_token_ids),
+                            r.num_preemptions)
+        return updates
 
     def _step(self) -> list[RequestUpdate]:
         lookups = self.scheduler.pool_lookups()
@@ -195,12 +202,6 @@ class EngineCore:
         failed = self.pd.after_step(sched, output) if self.pd is not None else []
         updates = self.scheduler.update(sched, output)
         updates += [self.fail(req_id, error) for req_id, error in failed if req_id in self.scheduler.requests]
-        for update in updates:
-            if update.finished:
-                r = update.request
-                logger.info("request %s finished (%s): %d output tokens, %d preemptions", r.req_id,
-                            r.finish_reason.value if r.finish_reason else None, len(r.output_token_ids),
-                            r.num_preemptions)
         return updates
 
     def fail(self, req_id: str, error: RequestError) -> RequestUpdate:

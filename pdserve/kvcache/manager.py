@@ -108,6 +108,10 @@ class KVCacheManager:
         """Device blocks an allocation can take (free or cached)."""
         return self.device.num_free_blocks
 
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host.num_blocks if self.host is not None else 0
+
     def block_ids(self, req_id: str) -> list[int]:
         return self._tables.get(req_id, [])
 
@@ -317,6 +321,7 @@ class KVCacheManager:
         for i, host_id in enumerate(load.host_block_ids[:num_used]):
             if i < len(full_keys) and i < request.num_prompt_tokens // self.block_size:
                 self.host.cache(host_id, full_keys[i])
+                self._remember_pool_key(full_keys[i])  # read from the pool: no need to write it back
             self._ops.swap_in.append((host_id, table[i]))
             self._refs_pending.append(host_id)
         self.host.free(load.host_block_ids[num_used:])

@@ -116,7 +116,7 @@ class KVTiers:
                 done = self.store.put([names[i] for i in todo], [blocks[i] for i in todo]) if todo else []
             except Exception as e:  # noqa: BLE001 - any backend failure fails the rooms (StoreError expected)
                 self._fail("put", e, len(names))
-                failed = {s.room: f"rank {self.rank}: the pool write failed ({e})" for s in sends}
+                failed = {s.room: f"the pool write failed ({e})" for s in sends}
             else:
                 missing: dict[str, int] = {}
                 for i, ok in zip(todo, done):
@@ -126,7 +126,7 @@ class KVTiers:
                         missing[rooms[i]] = missing.get(rooms[i], 0) + 1
                 for room, count in missing.items():
                     total = rooms.count(room)
-                    failed[room] = f"rank {self.rank}: {count} of {total} prompt blocks could not be written to the pool"
+                    failed[room] = f"{count} of {total} prompt blocks could not be written to the pool"
                 if missing:
                     self._fail("put", f"{sum(missing.values())} objects not written", sum(missing.values()))
                 self._bytes_put += num_bytes

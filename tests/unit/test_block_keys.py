@@ -157,3 +157,108 @@ def test_token_ids_up_to_uint32_max_are_accepted() -> None:
         chain_keys(root, [2**32, 0, 0, 0], 4)
     with pytest.raises(struct.error):
         chain_keys(root, [-1, 0, 0, 0], 4)
+
+
+# ---- partial-block names (storage-mode PD writes a prompt's last incomplete block under one) ----------
+
+
+def test_partial_keys_differ_from_the_full_keys_of_the_same_prefix() -> None:
+    root = b"r" * 16
+    tokens = list(range(12))
+    full = chain_keys(root, tokens, 4)  # three full blocks
+    full_names = {k.hex() for k in full}
+    for length in range(1, 12):  # every prefix that ends inside a block
+        if length % 4 == 0:
+            assert partial_key(root, full[:length // 4], tokens[:length], 4) is None
+            continue
+        name = partial_key(root, full[:length // 4], tokens[:length], 4)
+        assert name is not None
+        hex_part = name.split(":")[0]
+        assert name not in full_names and hex_part not in full_names
+        # the block it completes, once full, has another name
+        assert hex_part != full[length // 4].hex()
+    # nor do their pool objects
+    name = partial_key(root, full[:1], tokens[:6], 4)
+    assert name is not None
+    assert all(object_key(name, rank) != object_key(k, rank) for k in full for rank in (0, 1))
+
+
+def test_partial_keys_differ_by_count_and_by_tail_tokens() -> None:
+    root = b"r" * 16
+    tokens = list(range(10))
+    full = chain_keys(root, tokens, 4)
+    names = [partial_key(root, full, tokens[:8] + tail, 4) for tail in ([8], [8, 9], [8, 9, 10])]
+    assert [n.rsplit(":", 1)[1] for n in names if n] == ["1", "2", "3"]
+    assert len(set(names)) == 3
+    # the same count, other tail tokens
+    assert partial_key(root, full, [*tokens[:8], 8, 9], 4) != partial_key(root, full, [*tokens[:8], 8, 10], 4)
+    assert partial_key(root, full, [*tokens[:8], 8, 9], 4) != partial_key(root, full, [*tokens[:8], 9, 8], 4)
+    # the same tail after another prefix
+    other = chain_keys(root, list(range(50, 58)), 4)
+    assert partial_key(root, other, [*range(50, 58), 8, 9], 4) != partial_key(root, full, tokens, 4)
+    # no full block: chained from the root, so another root gives another name
+    assert partial_key(root, [], [1, 2], 4) != partial_key(b"s" * 16, [], [1, 2], 4)
+    # extra bytes are part of the partial name as they are of full keys
+    assert partial_key(root, full, tokens, 4, extra=b"lora-1") != partial_key(root, full, tokens, 4)
+
+
+_PARTIAL_CHILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("keys", sys.argv[1])
+keys = sys.modules["keys"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(keys)
+root = keys.ModelFingerprint("m", "float16", 4, "L2x2xT4xH1xD8", 2).root()
+for n in (1, 3, 5, 6, 7, 9, 11):
+    tokens = list(range(1000, 1000 + n))
+    print(keys.partial_key(root, keys.chain_keys(root, tokens, 4), tokens, 4))
+"""
+
+
+def _partial_names_here() -> list[str]:
+    root = ModelFingerprint("m", "float16", 4, "L2x2xT4xH1xD8", 2).root()
+    names = []
+    for n in (1, 3, 5, 6, 7, 9, 11):
+        tokens = list(range(1000, 1000 + n))
+        name = partial_key(root, chain_keys(root, tokens, 4), tokens, 4)
+        assert name is not None
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("hash_seed", ["0", "4242"])
+def test_same_partial_keys_in_another_process(hash_seed: str) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    path = str(Path(keys_module.__file__))
+    out = subprocess.run([sys.executable, "-c", _PARTIAL_CHILD, path], env=env, capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    here = _partial_names_here()
+    assert out == here
+    assert len(set(here)) == len(here) and all(":partial:" in name for name in here)
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 8, 12, 10, 13])
+def test_prompt_object_keys_are_the_chained_keys_then_the_partial_one(length: int) -> None:
+    from pdserve.kvcache.manager import KVCacheManager
+    from pdserve.request import Request, SamplingParams
+
+    bs, root = 4, b"root-for-this-test"
+    kv = KVCacheManager(16, bs, root=root, num_host_blocks=4, has_pool=True)
+    prompt = tuple(range(300, 300 + length))
+    request = Request("r", prompt, SamplingParams())
+    full = chain_keys(root, prompt, bs)
+    assert len(full) == length // bs
+    tail = prompt[len(full) * bs:]
+    expected = [k.hex() for k in full]
+    if tail:
+        expected.append(f"{chain_key(full[-1] if full else root, tail).hex()}:partial:{len(tail)}")
+        assert expected[-1] == partial_key(root, full, prompt, bs)
+    names = kv.prompt_object_keys(request)
+    assert names == expected
+    assert len(names) == -(-length // bs)
+    # output tokens (D decoding, or P's sampled token) never change the names of the prompt's objects
+    request.output_token_ids.extend(range(900, 906))
+    kv.keys_for(request)  # extends the cached chain past the prompt
+    assert kv.prompt_object_keys(request) == expected
+    # another root (another model, dtype, block size, layout or TP size) names other objects
+    other = KVCacheManager(16, bs, root=b"another-root", num_host_blocks=4, has_pool=True)
+    assert not set(other.prompt_object_keys(Request("r", prompt, SamplingParams()))) & set(expected)
