@@ -1,5 +1,6 @@
 """`pdserve launch` end to end: a prefill and a decode instance of the default model behind the router, one
-completion through the OpenAI API, then SIGTERM: exit code 0 and no process of the deployment left."""
+completion through the OpenAI API, then SIGTERM: exit code 0 and no process of the deployment left. With
+--kv-transfer storage, the launcher's Mooncake master carries the KV."""
 
 from __future__ import annotations
 
@@ -48,13 +49,14 @@ def _wait_router(proc: subprocess.Popen[bytes], url: str, output: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_launch_serves_a_completion_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_transfer", ["direct", "storage"])
+def test_launch_serves_a_completion_and_stops_cleanly(kv_transfer: str, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_dir = tmp_path / "logs"
     output = tmp_path / "launch.out"
     argv = [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(port), "--max-model-len", "512",
-            "--num-blocks", "128", "--log-dir", str(log_dir)]
+            "--num-blocks", "128", "--log-dir", str(log_dir), "--kv-transfer", kv_transfer]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PDSERVE_API_KEY", None)
     with open(output, "wb") as out:
@@ -86,3 +88,5 @@ def test_launch_serves_a_completion_and_stops_cleanly(tmp_path: Path) -> None:
     assert not leftovers, f"left running after the launcher exited: {leftovers}\n{text[-20000:]}"
     assert f"OpenAI API: {url}/v1" in text and "[prefill-0] " in text and "[decode-0] " in text, text[-20000:]
     assert {"prefill-0.log", "decode-0.log", "router.log"} <= {f.name for f in log_dir.iterdir()}
+    if kv_transfer == "storage":
+        assert "mooncake-master" in text and "KV of 1 blocks in the pool" in text, text[-20000:]
