@@ -182,9 +182,55 @@ def check_after(p: ServerProcess, d: ServerProcess, num_requests: int) -> None:
         assert sum(v for k, v in m.items() if k.startswith("pdserve_kv_transfer_failures_total")) == 0
 
 
+def wait_store_put(url: str, above: float, timeout_s: float = 30) -> None:
+    """Wait until the instance's pool writes passed `above` bytes (D writes a finished request's blocks
+    in the step after its last token)."""
+    deadline = time.monotonic() + timeout_s
+    while metrics(url)['pdserve_kv_store_bytes_total{op="put"}'] <= above:
+        assert time.monotonic() < deadline, "the decode instance wrote nothing to the pool at finish"
+        time.sleep(0.2)
+
+
+def check_multi_turn(p: ServerProcess, d: ServerProcess, router: RouterProcess, default_hf_dir: Path) -> None:
+    """A conversation's second turn (turn 1's prompt + its answer + a new message) computes only its new
+    tokens on P: the rest comes from P's own cache and, past turn 1's prompt, from the blocks D wrote to
+    the pool when turn 1 finished."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_hf_dir)
+    # a prompt the model continues with plain text for all 40 tokens
+    turn1 = tokenizer.encode("Once upon a time, in a small village by the sea, there lived an old lighthouse "
+                             "keeper named", add_special_tokens=False)
+    put_before = metrics(d.url)['pdserve_kv_store_bytes_total{op="put"}']
+    r = httpx.post(f"{router.url}/v1/completions", timeout=180, json={"prompt": turn1, "max_tokens": 40, "temperature": 0})
+    assert r.status_code == 200, r.text
+    out1 = r.json()
+    num_out = out1["usage"]["completion_tokens"]
+    output_ids = tokenizer.encode(out1["choices"][0]["text"], add_special_tokens=False)
+    # the greedy text tokenizes back to as many tokens as were generated, so the next prompt continues them
+    assert num_out == 40 and len(output_ids) == num_out, (len(output_ids), out1)
+    wait_store_put(d.url, put_before)  # D wrote prompt + output blocks
+    before = metrics(p.url)
+    turn2 = turn1 + output_ids + tokenizer.encode(" And then what happened next?", add_special_tokens=False)
+    r = httpx.post(f"{router.url}/v1/completions", timeout=180, json={"prompt": turn2, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    after = metrics(p.url)
+    # D computed KV for turn 1's prompt and all its output tokens but the last; P may reuse the full blocks
+    # of that, except the block holding turn 2's last token (whose logits P needs)
+    reusable = min((len(turn1) + num_out - 1) // BLOCK, (len(turn2) - 1) // BLOCK) * BLOCK
+    computed = after["pdserve_prompt_tokens_total"] - before["pdserve_prompt_tokens_total"]
+    hits = {tier: after[HIT.format(tier)] - before[HIT.format(tier)] for tier in ("device", "host", "pool")}
+    assert computed == len(turn2) - reusable, (computed, hits, len(turn1), num_out, len(turn2))
+    assert sum(hits.values()) == reusable
+    # the blocks past turn 1's prompt were computed only by D: P found them in the pool
+    assert hits["pool"] >= reusable - (len(turn1) // BLOCK) * BLOCK > 0, hits
+    assert computed < len(turn2) - len(turn1) - len(output_ids) + BLOCK  # only the new tokens (block-rounded)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_storage_1p1d_equals_mixed(server: ServerProcess, master: MasterProcess, tmp_path: Path) -> None:
+def test_storage_1p1d_equals_mixed_then_a_second_turn_reuses_the_pool(server: ServerProcess, master: MasterProcess,
+                                                                       tmp_path: Path, default_hf_dir: Path) -> None:
     flags = store_flags(master)
     p, d, router = start_pd(tmp_path, [*flags, "--max-num-batched-tokens", "32", "--max-model-len", "2048"],
                             [*flags, "--max-model-len", "2048"])
@@ -194,6 +240,9 @@ def test_storage_1p1d_equals_mixed(server: ServerProcess, master: MasterProcess,
         assert got == want
         assert all(tokens for _, tokens in want) and any(len(t) == MAX_TOKENS for _, t in want)
         check_after(p, d, len(want))
+        check_multi_turn(p, d, router, default_hf_dir)
+        wait_all_free(p.url)
+        wait_all_free(d.url)
     finally:
         stop_all(router, p, d)
 
@@ -211,60 +260,6 @@ def test_storage_1p1d_tp2_equals_mixed_tp2(master: MasterProcess, tmp_path: Path
         got = asyncio.run(answers(router.url, {}))
         assert got == want
         check_after(p, d, len(want))
-    finally:
-        stop_all(router, p, d)
-
-
-def wait_store_put(url: str, above: float, timeout_s: float = 30) -> None:
-    """Wait until the instance's pool writes passed `above` bytes (D writes a finished request's blocks
-    in the step after its last token)."""
-    deadline = time.monotonic() + timeout_s
-    while metrics(url)['pdserve_kv_store_bytes_total{op="put"}'] <= above:
-        assert time.monotonic() < deadline, "the decode instance wrote nothing to the pool at finish"
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_multi_turn_second_turn_computes_only_new_tokens_on_p(master: MasterProcess, tmp_path: Path,
-                                                                default_hf_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(default_hf_dir)
-    flags = [*store_flags(master), "--max-model-len", "2048"]
-    p, d, router = start_pd(tmp_path, flags, flags)
-    try:
-        # a prompt the model continues with plain text for all 40 tokens
-        turn1 = tokenizer.encode("Once upon a time, in a small village by the sea, there lived an old lighthouse "
-                                 "keeper named", add_special_tokens=False)
-        put_before = metrics(d.url)['pdserve_kv_store_bytes_total{op="put"}']
-        r = httpx.post(f"{router.url}/v1/completions", timeout=180,
-                       json={"prompt": turn1, "max_tokens": 40, "temperature": 0})
-        assert r.status_code == 200, r.text
-        out1 = r.json()
-        num_out = out1["usage"]["completion_tokens"]
-        output_ids = tokenizer.encode(out1["choices"][0]["text"], add_special_tokens=False)
-        # the greedy text tokenizes back to as many tokens as were generated, so the next prompt continues them
-        assert num_out == 40 and len(output_ids) == num_out, (len(output_ids), out1)
-        wait_store_put(d.url, put_before)  # D wrote prompt + output blocks
-        before = metrics(p.url)
-        turn2 = turn1 + output_ids + tokenizer.encode(" And then what happened next?", add_special_tokens=False)
-        r = httpx.post(f"{router.url}/v1/completions", timeout=180,
-                       json={"prompt": turn2, "max_tokens": 8, "temperature": 0})
-        assert r.status_code == 200, r.text
-        after = metrics(p.url)
-        # D computed KV for turn 1's prompt and all its output tokens but the last; P may reuse the full blocks
-        # of that, except the block holding turn 2's last token (whose logits P needs)
-        reusable = min((len(turn1) + num_out - 1) // BLOCK, (len(turn2) - 1) // BLOCK) * BLOCK
-        computed = after["pdserve_prompt_tokens_total"] - before["pdserve_prompt_tokens_total"]
-        hits = {tier: after[HIT.format(tier)] - before[HIT.format(tier)] for tier in ("device", "host", "pool")}
-        assert computed == len(turn2) - reusable, (computed, hits, len(turn1), num_out, len(turn2))
-        assert sum(hits.values()) == reusable
-        # the blocks past turn 1's prompt were computed only by D: P found them in the pool
-        assert hits["pool"] >= reusable - (len(turn1) // BLOCK) * BLOCK > 0, hits
-        assert computed < len(turn2) - len(turn1) - len(output_ids) + BLOCK  # only the new tokens (block-rounded)
-        wait_all_free(p.url)
-        wait_all_free(d.url)
     finally:
         stop_all(router, p, d)
 
