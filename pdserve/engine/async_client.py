@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -169,7 +169,7 @@ class AsyncEngineClient:
         return len(self._streams)
 
     async def generate(self, req_id: str, prompt_token_ids: list[int], sampling: WireSamplingParams,
-                       transfer: TransferHandle | None = None) -> AsyncIterator[RequestDelta]:
+                       transfer: TransferHandle | None = None) -> AsyncGenerator[RequestDelta, None]:
         """Yield deltas until the request finishes. Leaving the loop early aborts the request."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)

@@ -162,17 +162,17 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
             except RequestRejected as exc:
                 return _rejection(exc)
             return StreamingResponse(_stream(p, first, events, include_usage, is_chat), media_type="text/event-stream")
-        events = await serving.collect(p, request)
-        text = "".join(e.text for e in events)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": events[-1].finish_reason if events else "abort"}
+        collected = await serving.collect(p, request)
+        text = "".join(e.text for e in collected)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": collected[-1].finish_reason if collected else "abort"}
         if is_chat:
-            choice.update(message={"role": "assistant", "content": text}, logprobs=serving.logprobs_chat(events))
+            choice.update(message={"role": "assistant", "content": text}, logprobs=serving.logprobs_chat(collected))
         else:
-            choice.update(text=text, logprobs=serving.logprobs_completion(events))
+            choice.update(text=text, logprobs=serving.logprobs_completion(collected))
         return JSONResponse({
             "id": p.req_id, "object": "chat.completion" if is_chat else "text_completion",
             "created": int(time.time()), "model": settings.model_name, "choices": [choice],
-            "usage": usage(p, sum(len(e.token_ids) for e in events)),
+            "usage": usage(p, sum(len(e.token_ids) for e in collected)),
         })
 
     async def _stream(p: Prepared, first: Event | None, events: AsyncIterator[Event], include_usage: bool,

@@ -88,9 +88,10 @@ class ChatMessage(BaseModel):
             parts = [p.get("text") for p in self.content if p.get("type") == "text"]
             if len(parts) != len(self.content):
                 raise ValueError("only text content parts are supported")
-            if not all(isinstance(p, str) for p in parts):
+            texts = [p for p in parts if isinstance(p, str)]
+            if len(texts) != len(parts):
                 raise ValueError('every text content part needs a string "text"')
-            return "".join(parts)
+            return "".join(texts)
         return self.content or ""
 
 

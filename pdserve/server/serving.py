@@ -114,7 +114,7 @@ class Serving:
         prompt = body.prompt
         if isinstance(prompt, str):
             _check_utf8(prompt, "the prompt")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+        ids: list[int] = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text")
         return self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl")
