@@ -187,13 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from pdserve.bench import kv_tiers, offline, pd, transfer
+    from pdserve.bench import kv_tiers, offline, pd, storage, transfer
     from pdserve.bench import serve as bench_serve
 
     offline.add_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
     kv_tiers.add_parser(bench_sub)
     transfer.add_parser(bench_sub)
+    storage.add_parser(bench_sub)
     pd.add_parser(bench_sub)
 
     from pdserve.store.master import add_store_parser

@@ -1,10 +1,11 @@
-"""A whole `pdserve launch` deployment run inside a benchmark process (bench pd, bench transfer)."""
+"""A whole `pdserve launch` deployment run inside a benchmark process (bench pd, bench transfer, bench storage)."""
 
 from __future__ import annotations
 
 import io
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pdserve.launcher import (
     port_allocator,
     usable_cpus,
 )
+from pdserve.store.master import MasterProcess
 
 
 class Deployment:
@@ -30,19 +32,31 @@ class Deployment:
 
     Logs go to `log_dir` (<part>.log, and launch.log with the launcher's own output). start() blocks until
     the router answers /health and raises BenchServerError (with the launcher's report) if a part fails.
-    NOTE: the parts get SIGTERM when the launcher thread ends (PR_SET_PDEATHSIG), which is only in stop().
+    With `config.kv_transfer == "storage"` it also runs a Mooncake master on free ports, as `pdserve launch`
+    does, started before the instances and stopped after them; `store_options` (e.g. global_segment_size) go
+    into every instance's --kv-store-config beside the master's address.
+    NOTE: the parts (and the master) get SIGTERM when the launcher thread ends (PR_SET_PDEATHSIG), which is
+    only in stop().
     """
 
-    def __init__(self, name: str, config: LaunchConfig, log_dir: Path, startup_timeout_s: float) -> None:
+    def __init__(self, name: str, config: LaunchConfig, log_dir: Path, startup_timeout_s: float,
+                 store_options: Mapping[str, Any] | None = None) -> None:
         self.name = name
         self.log_dir = log_dir
         self.startup_timeout_s = startup_timeout_s
         allocate = port_allocator()
         self.config = replace(config, port=allocate())
         self.parts = plan_parts(self.config, allocate)
+        self.master: MasterProcess | None = None
+        self.store_config: dict[str, Any] | None = None
+        if self.config.kv_transfer == "storage":
+            self.master = MasterProcess(port=allocate(), metadata_port=allocate())
+            self.store_config = self.master.store_config() | dict(store_options or {})
+        elif store_options:
+            raise ValueError("store options apply to a --kv-transfer storage deployment only")
         instances = [p for p in self.parts if p.role != ROUTER]
         self.argv = {p.name: build_router_argv(self.config, instances) if p.role == ROUTER
-                     else build_instance_argv(self.config, p) for p in self.parts}
+                     else build_instance_argv(self.config, p, self.store_config) for p in self.parts}
         self.env = child_env(os.environ, omp_num_threads(self.config.num_instances, self.config.tp, usable_cpus()))
         self._stop = threading.Event()
         self._err = io.StringIO()
@@ -59,19 +73,25 @@ class Deployment:
     def launch_argv(self) -> list[str]:
         """The `pdserve launch` command line that starts the same deployment."""
         c = self.config
+        mode = ["--kv-transfer", c.kv_transfer] if c.kv_transfer != "direct" else []
         return ["pdserve", "launch", "--num-prefill", str(c.num_prefill), "--num-decode", str(c.num_decode),
-                "--num-mixed", str(c.num_mixed), "--kv-transfer-engine", c.kv_transfer_engine, *c.engine_argv]
+                "--num-mixed", str(c.num_mixed), *mode, "--kv-transfer-engine", c.kv_transfer_engine,
+                *c.engine_argv]
 
     def describe(self) -> dict[str, Any]:
-        return {"launch_argv": self.launch_argv, "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
-                "parts": [{"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]}
-                          for p in self.parts]}
+        out: dict[str, Any] = {
+            "launch_argv": self.launch_argv, "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
+            "parts": [{"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]}
+                      for p in self.parts]}
+        if self.master is not None:
+            out["mooncake_master"] = {"argv": self.master.command(), "store_config": self.store_config}
+        return out
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / "launch.log", "w")  # noqa: SIM115 - closed when the thread ends
         launcher = Launcher(self.parts, lambda part: self.argv[part.name], self.log_dir, self.env,
-                            self.startup_timeout_s, out=out, err=self._err)
+                            self.startup_timeout_s, master=self.master, out=out, err=self._err)
 
         def run() -> None:
             try:
