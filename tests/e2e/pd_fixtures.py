@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from helpers import make_tiny_chat_model
 from server_fixtures import _LIVE, ServerProcess, free_port, metrics, sse_events
 
 STARTUP_TIMEOUT_S = 180.0
@@ -182,3 +184,20 @@ def start_pd(tmp_path: Path, p_flags: list[str], d_flags: list[str]) -> tuple[Se
 def stop_all(*parts: Any) -> None:
     for part in parts:
         part.stop()
+
+
+def tp2_pd_equals_mixed(tmp_path: Path, default_hf_dir: Path, flags: list[str],
+                        check_after: Callable[[ServerProcess, ServerProcess, int], None]) -> None:
+    """TP=2 (gloo) on both P and D. The default model's 9 heads do not split in two, so this runs a tiny
+    random-weight Llama with the default model's tokenizer. The reference is P itself answering plain
+    requests: an instance of any role serves a request without kv_transfer_params through the mixed path."""
+    model = make_tiny_chat_model(tmp_path / "tiny-chat", default_hf_dir)
+    flags = [*flags, "--model", str(model), "-tp", "2", "--max-model-len", "1024", "--num-blocks", "128"]
+    p, d, router = start_pd(tmp_path, [*flags, "--max-num-batched-tokens", "48"], flags)
+    try:
+        want = asyncio.run(answers(p.url, {}))
+        got = asyncio.run(answers(router.url, {}))
+        assert got == want
+        check_after(p, d, len(want))
+    finally:
+        stop_all(router, p, d)

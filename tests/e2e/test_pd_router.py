@@ -11,8 +11,7 @@ import pytest
 
 pytest.register_assert_rewrite("server_fixtures", "pd_fixtures")
 
-from helpers import make_tiny_chat_model  # noqa: E402
-from pd_fixtures import MAX_TOKENS, answers, start_pd, stop_all, wait_all_free  # noqa: E402
+from pd_fixtures import MAX_TOKENS, answers, start_pd, stop_all, tp2_pd_equals_mixed, wait_all_free  # noqa: E402
 from server_fixtures import API_KEY, ServerProcess, metrics  # noqa: E402
 
 pytest_plugins = ["server_fixtures"]
@@ -43,16 +42,4 @@ def test_1p1d_equals_mixed(server: ServerProcess, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_1p1d_tp2_equals_mixed_tp2(tmp_path: Path, default_hf_dir: Path) -> None:
-    """TP=2 (gloo) on both P and D. The default model's 9 heads do not split in two, so this runs a tiny
-    random-weight Llama with the default model's tokenizer. The reference is P itself answering plain
-    requests: an instance of any role serves a request without kv_transfer_params through the mixed path."""
-    model = make_tiny_chat_model(tmp_path / "tiny-chat", default_hf_dir)
-    flags = ["--model", str(model), "-tp", "2", "--max-model-len", "1024", "--num-blocks", "128"]
-    p, d, router = start_pd(tmp_path, [*flags, "--max-num-batched-tokens", "48"], flags)
-    try:
-        want = asyncio.run(answers(p.url, {}))
-        got = asyncio.run(answers(router.url, {}))
-        assert got == want
-        check_after(p, d, len(want))
-    finally:
-        stop_all(router, p, d)
+    tp2_pd_equals_mixed(tmp_path, default_hf_dir, [], check_after)

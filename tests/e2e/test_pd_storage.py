@@ -23,7 +23,6 @@ import pytest
 
 pytest.register_assert_rewrite("server_fixtures", "pd_fixtures")
 
-from helpers import make_tiny_chat_model  # noqa: E402
 from pd_fixtures import (  # noqa: E402
     MAX_TOKENS,
     RouterProcess,
@@ -31,6 +30,7 @@ from pd_fixtures import (  # noqa: E402
     start_instance,
     start_pd,
     stop_all,
+    tp2_pd_equals_mixed,
     wait_all_free,
 )
 from server_fixtures import API_KEY, ServerProcess, free_port, metrics  # noqa: E402
@@ -250,18 +250,8 @@ def test_storage_1p1d_equals_mixed_then_a_second_turn_reuses_the_pool(server: Se
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_storage_1p1d_tp2_equals_mixed_tp2(master: MasterProcess, tmp_path: Path, default_hf_dir: Path) -> None:
-    """TP=2 on P and D (per-rank pool objects): a tiny random Llama with the default model's tokenizer;
-    the reference is P answering plain requests (the mixed path)."""
-    model = make_tiny_chat_model(tmp_path / "tiny-chat", default_hf_dir)
-    flags = [*store_flags(master), "--model", str(model), "-tp", "2", "--max-model-len", "1024", "--num-blocks", "128"]
-    p, d, router = start_pd(tmp_path, [*flags, "--max-num-batched-tokens", "48"], flags)
-    try:
-        want = asyncio.run(answers(p.url, {}))
-        got = asyncio.run(answers(router.url, {}))
-        assert got == want
-        check_after(p, d, len(want))
-    finally:
-        stop_all(router, p, d)
+    """TP=2 on P and D: per-rank pool objects."""
+    tp2_pd_equals_mixed(tmp_path, default_hf_dir, store_flags(master), check_after)
 
 
 @pytest.mark.slow
