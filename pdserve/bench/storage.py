@@ -35,8 +35,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from pdserve.bench import transfer
 from pdserve.bench.common import (
-    LABEL_RE,
     MIN_RANDOM_TOKEN_ID,
     add_output_args,
     code_version,
@@ -47,44 +47,37 @@ from pdserve.bench.common import (
     write_json,
 )
 from pdserve.bench.deployment import Deployment
-from pdserve.bench.launch import BenchServerError, scrape, sigterm_interrupts
+from pdserve.bench.launch import BenchServerError, sigterm_interrupts
 from pdserve.bench.plot import finish_figure, pyplot
 from pdserve.bench.serve import BenchServeError, ServeBenchConfig
 from pdserve.bench.transfer import (
-    DEFAULT_INPUT_LENS,
     MAX_TOKENS,
     KVLayout,
-    _int_list,
     _model_name,
+    _ratio,
+    add_input_lens_arg,
+    add_instance_args,
     instance_flags,
-    model_facts,
-    resolve_input_lens,
-    send_timed,
+    lengths_and_model,
+    send_counted,
 )
-from pdserve.config import DEFAULT_STAGING_HOST_MEMORY, DTYPES, LOAD_FORMATS, parse_size
+from pdserve.config import DEFAULT_STAGING_HOST_MEMORY, parse_size
 from pdserve.launcher import KV_TRANSFER_ENGINES, LaunchConfig
 from pdserve.store.base import StoreError
 
 MODES = ("direct", "storage")
-SETTLE_TIMEOUT_S = 30.0
 DEFAULT_SEGMENT_BYTES = 256 << 20  # MooncakeStore's global_segment_size default (docs/kv-store.md)
 DEFAULT_LOCAL_BUFFER = "64MiB"  # MooncakeStore's local_buffer_size default
 SIZE_STEP = 64 << 20  # automatic segment and host tier sizes are rounded up to this
 POOL_HEADROOM = 1.25  # each segment holds every object the run puts, with this margin: no eviction
 RAW_START_TIMEOUT_S = 120.0  # a spawned client imports pdserve (torch): seconds on a loaded machine
 RAW_REPLY_TIMEOUT_S = 120.0
-# JSON name -> Prometheus sample, read on P and on D around every request
-COUNTERS = {
-    "bytes_sent": 'pdserve_kv_transfer_bytes_total{direction="send"}',
-    "bytes_received": 'pdserve_kv_transfer_bytes_total{direction="recv"}',
-    "seconds": "pdserve_kv_transfer_seconds_sum",
-    "num_transfers": "pdserve_kv_transfer_seconds_count",
-    "busy_seconds": 'pdserve_kv_transfer_send_seconds_total{kind="busy"}',
+# JSON name -> Prometheus sample, read on P and on D around every request: `bench transfer`'s and the pool's
+COUNTERS = transfer.COUNTERS | {
     "put_seconds": 'pdserve_kv_transfer_pool_seconds_total{op="put"}',
     "get_seconds": 'pdserve_kv_transfer_pool_seconds_total{op="get"}',
     "store_errors": "pdserve_kv_store_errors_total",
 }
-FAILURES_PREFIX = "pdserve_kv_transfer_failures_total{"
 NOTES = {
     "ttft": "client TTFT: POST to the first token's chunk, streaming, through the router; per length the median "
             "over the measured requests",
@@ -149,59 +142,27 @@ def deployment_for(mode: str, args: argparse.Namespace, layout: KVLayout, lens: 
 # ---- measuring a deployment ----------------------------------------------------------------------------------
 
 
-def read_counters(url: str) -> dict[str, Any]:
-    samples = scrape(url)
-    counters: dict[str, Any] = {key: samples.get(name, 0.0) for key, name in COUNTERS.items()}
-    counters["failures"] = int(sum(v for k, v in samples.items() if k.startswith(FAILURES_PREFIX)))
-    counters["is_idle"] = samples.get("pdserve_num_requests_running") == samples.get("pdserve_num_requests_waiting") == 0
-    return counters
-
-
-def settled(url: str, before: dict[str, Any]) -> dict[str, Any]:
-    """Counters of `url` once one more transfer (or failure) than `before` is counted and nothing runs."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while True:
-        now = read_counters(url)
-        if now["is_idle"] and now["num_transfers"] + now["failures"] > before["num_transfers"] + before["failures"]:
-            return now
-        if time.monotonic() > deadline:
-            raise BenchServerError(f"{url} counted no finished KV transfer within {SETTLE_TIMEOUT_S:.0f} s of the "
-                                   "request's end")
-        time.sleep(0.05)
-
-
 def measure_request(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
                     ) -> dict[str, Any]:
     """Send one request through the router; what the client and P's and D's counters saw of it."""
-    p_url, d_url = deployment.instances("prefill")[0].probe_url, deployment.instances("decode")[0].probe_url
-    p0, d0 = read_counters(p_url), read_counters(d_url)
-    result = asyncio.run(send_timed(config, model, prompt_ids))
-    record: dict[str, Any] = {"input_len": len(prompt_ids), "prompt_tokens": result.prompt_tokens,
-                              "success": result.success, "error": result.error,
-                              "ttft_ms": None if result.ttft_s is None else round(result.ttft_s * 1000, 3),
-                              "latency_ms": round(result.latency_s * 1000, 3)}
-    if not result.success:
-        deployment.check_alive()
+    record, growth = send_counted(deployment, config, model, prompt_ids, COUNTERS)
+    if growth is None:
         return record
-    p1, d1 = settled(p_url, p0), settled(d_url, d0)
-    record |= {"kv_bytes": int(p1["bytes_sent"] - p0["bytes_sent"]),
-               "d_kv_bytes": int(d1["bytes_received"] - d0["bytes_received"]),
-               "p_transfer_ms": round((p1["seconds"] - p0["seconds"]) * 1000, 3),
-               "d_transfer_ms": round((d1["seconds"] - d0["seconds"]) * 1000, 3),
-               "failures": int(p1["failures"] - p0["failures"] + d1["failures"] - d0["failures"]),
-               "store_errors": int(p1["store_errors"] - p0["store_errors"] + d1["store_errors"] - d0["store_errors"])}
+    p, d = growth
+    record |= {"kv_bytes": int(p["bytes_sent"]),
+               "d_kv_bytes": int(d["bytes_received"]),
+               "p_transfer_ms": round(p["seconds"] * 1000, 3),
+               "d_transfer_ms": round(d["seconds"] * 1000, 3),
+               "failures": int(p["failures"] + d["failures"]),
+               "store_errors": int(p["store_errors"] + d["store_errors"])}
     if deployment.config.kv_transfer == "storage":
-        put_s, get_s = p1["put_seconds"] - p0["put_seconds"], d1["get_seconds"] - d0["get_seconds"]
+        put_s, get_s = p["put_seconds"], d["get_seconds"]
         record |= {"put_s": round(put_s, 6), "get_s": round(get_s, 6),
                    "put_gb_per_s": _ratio(record["kv_bytes"], put_s, 1e9),
                    "get_gb_per_s": _ratio(record["d_kv_bytes"], get_s, 1e9)}
     else:
-        record["busy_s"] = round(p1["busy_seconds"] - p0["busy_seconds"], 6)
+        record["busy_s"] = round(p["busy_seconds"], 6)
     return record
-
-
-def _ratio(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
-    return None if a is None or not b else round(a / b / scale, 6)
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -559,13 +520,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                        "length, pool GB/s vs raw Mooncake", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_argument_group("deployments (1 prefill + 1 decode instance behind the router, direct then storage)")
-    s.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
-    s.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--max-model-len", type=int, default=None, help=f"default: the longest prompt + {MAX_TOKENS}")
-    s.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: the engine's)")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_instance_args(s)
     s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto",
                    help="the direct deployment's data plane (auto: shm to a decode instance on this host)")
     s.add_argument("--pool-config", type=_json_object, default={},
@@ -575,9 +530,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
     s.add_argument("--server-timeout", type=float, default=300.0, help="seconds for a deployment to start")
     w = p.add_argument_group("workload")
-    w.add_argument("--input-lens", type=_int_list, default=list(DEFAULT_INPUT_LENS),
-                   help="comma-separated prompt lengths in tokens, clamped to what the model accepts "
-                        f"(default {','.join(map(str, DEFAULT_INPUT_LENS))})")
+    add_input_lens_arg(w)
     w.add_argument("--num-requests", type=int, default=3, help="measured requests per length and mode, one at a time")
     w.add_argument("--num-warmup", type=int, default=1,
                    help="untimed requests of the first length when a deployment starts (default 1)")
@@ -599,11 +552,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.num_requests < 1 or args.num_warmup < 0 or args.raw_repeats < 1:
-        raise ValueError(f"--num-requests and --raw-repeats must be at least 1 and --num-warmup at least 0, got "
-                         f"{args.num_requests}, {args.raw_repeats} and {args.num_warmup}")
-    if args.label is not None and not LABEL_RE.match(args.label):
-        raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
+    transfer.check_args(args)  # --num-requests, --num-warmup, --raw-repeats, --label
     if {"--kv-store", "--kv-store-config", "--kv-transfer"} & set(shlex.split(args.server_flags)):
         raise ValueError("--server-flags must not set --kv-store, --kv-store-config or --kv-transfer: the benchmark "
                          "sets them per deployment (use --pool-config for store options)")
@@ -626,12 +575,7 @@ def combine(lens: list[int], modes: dict[str, dict[str, Any]], layout: KVLayout)
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    layout, vocab_size, model_limit = model_facts(args)
-    lens = resolve_input_lens(args.input_lens, model_limit, args.max_model_len)
-    if lens != args.input_lens:
-        print(f"[storage] input lengths {args.input_lens} clamped to {lens}: the model accepts "
-              f"{min(model_limit, args.max_model_len or model_limit)} tokens, {MAX_TOKENS} of them generated",
-              flush=True)
+    layout, vocab_size, lens = lengths_and_model(args, "storage")
     warmup, prompts = build_prompts(args, lens, vocab_size)
     modes: dict[str, dict[str, Any]] = {}
     try:

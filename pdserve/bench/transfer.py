@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,19 +144,20 @@ def engine_used(requested: str, device: str) -> str:
 # ---- measuring ----------------------------------------------------------------------------------------------
 
 
-def read_counters(url: str) -> dict[str, Any]:
+def read_counters(url: str, counters: Mapping[str, str] = COUNTERS) -> dict[str, Any]:
+    """`counters` (JSON name -> Prometheus sample) of `url`, its KV transfer failures and whether it is idle."""
     samples = scrape(url)
-    counters: dict[str, Any] = {key: samples.get(name, 0.0) for key, name in COUNTERS.items()}
-    counters["failures"] = int(sum(v for k, v in samples.items() if k.startswith(FAILURES_PREFIX)))
-    counters["is_idle"] = samples.get("pdserve_num_requests_running") == samples.get("pdserve_num_requests_waiting") == 0
-    return counters
+    values: dict[str, Any] = {key: samples.get(name, 0.0) for key, name in counters.items()}
+    values["failures"] = int(sum(v for k, v in samples.items() if k.startswith(FAILURES_PREFIX)))
+    values["is_idle"] = samples.get("pdserve_num_requests_running") == samples.get("pdserve_num_requests_waiting") == 0
+    return values
 
 
-def settled(url: str, before: dict[str, Any]) -> dict[str, Any]:
+def settled(url: str, before: dict[str, Any], counters: Mapping[str, str] = COUNTERS) -> dict[str, Any]:
     """Counters of `url` once one more transfer (or failure) than `before` is counted and nothing runs."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
-        now = read_counters(url)
+        now = read_counters(url, counters)
         if now["is_idle"] and now["num_transfers"] + now["failures"] > before["num_transfers"] + before["failures"]:
             return now
         if time.monotonic() > deadline:
@@ -221,11 +223,13 @@ async def _model_name(config: ServeBenchConfig) -> str:
         return await discover_model(session, config)
 
 
-def measure_request(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
-                    ) -> dict[str, Any]:
-    """Send one request through the router; what the client and P's and D's counters saw of it."""
+def send_counted(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int],
+                 counters: Mapping[str, str] = COUNTERS
+                 ) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, Any]] | None]:
+    """Send one request through the router: what the client saw of it and, if it succeeded, how much P's and
+    D's `counters` (and their "failures") grew, read before it and once each counted its transfer."""
     p_url, d_url = deployment.instances("prefill")[0].probe_url, deployment.instances("decode")[0].probe_url
-    p0, d0 = read_counters(p_url), read_counters(d_url)
+    p0, d0 = read_counters(p_url, counters), read_counters(d_url, counters)
     result = asyncio.run(send_timed(config, model, prompt_ids))
     record: dict[str, Any] = {"input_len": len(prompt_ids), "prompt_tokens": result.prompt_tokens,
                               "success": result.success, "error": result.error,
@@ -233,15 +237,29 @@ def measure_request(deployment: Deployment, config: ServeBenchConfig, model: str
                               "latency_ms": round(result.latency_s * 1000, 3)}
     if not result.success:
         deployment.check_alive()
+        return record, None
+    p1, d1 = settled(p_url, p0, counters), settled(d_url, d0, counters)
+    return record, (_growth(p0, p1), _growth(d0, d1))
+
+
+def _growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    return {key: after[key] - before[key] for key in after if key != "is_idle"}
+
+
+def measure_request(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
+                    ) -> dict[str, Any]:
+    """Send one request through the router; what the client and P's and D's counters saw of it."""
+    record, growth = send_counted(deployment, config, model, prompt_ids)
+    if growth is None:
         return record
-    p1, d1 = settled(p_url, p0), settled(d_url, d0)
-    record |= {"kv_bytes": int(p1["bytes_sent"] - p0["bytes_sent"]),
-               "transfer_s": round(p1["seconds"] - p0["seconds"], 6),
-               "busy_s": round(p1["busy_seconds"] - p0["busy_seconds"], 6),
-               "exposed_s": round(p1["exposed_seconds"] - p0["exposed_seconds"], 6),
-               "d_kv_bytes": int(d1["bytes_received"] - d0["bytes_received"]),
-               "d_receive_s": round(d1["seconds"] - d0["seconds"], 6),
-               "failures": p1["failures"] - p0["failures"] + d1["failures"] - d0["failures"]}
+    p, d = growth
+    record |= {"kv_bytes": int(p["bytes_sent"]),
+               "transfer_s": round(p["seconds"], 6),
+               "busy_s": round(p["busy_seconds"], 6),
+               "exposed_s": round(p["exposed_seconds"], 6),
+               "d_kv_bytes": int(d["bytes_received"]),
+               "d_receive_s": round(d["seconds"], 6),
+               "failures": p["failures"] + d["failures"]}
     record["overlapped"] = record["exposed_s"] < OVERLAP_EXPOSED_SHARE * record["busy_s"]
     return record
 
@@ -400,21 +418,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("transfer", help="P -> D KV transfer per prompt length: bytes, time, GB/s vs the raw engine, "
                        "share of TTFT", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s = p.add_argument_group("deployment (1 prefill + 1 decode instance behind the router)")
-    s.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
-    s.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--max-model-len", type=int, default=None, help=f"default: the longest prompt + {MAX_TOKENS}")
-    s.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: the engine's)")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_instance_args(s)
     s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto",
                    help="auto: shm to a decode instance on this host with a CPU cache, else mooncake")
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for both instances, one string")
     s.add_argument("--server-timeout", type=float, default=300.0, help="seconds for the deployment to start")
     w = p.add_argument_group("workload")
-    w.add_argument("--input-lens", type=_int_list, default=list(DEFAULT_INPUT_LENS),
-                   help="comma-separated prompt lengths in tokens, clamped to what the model accepts "
-                        f"(default {','.join(map(str, DEFAULT_INPUT_LENS))})")
+    add_input_lens_arg(w)
     w.add_argument("--num-requests", type=int, default=5, help="measured requests per length, one at a time")
     w.add_argument("--num-warmup", type=int, default=1, help="untimed requests before each length's (default 1)")
     w.add_argument("--raw-repeats", type=int, default=10, help="timed writes of each raw engine measurement (default 10)")
@@ -422,6 +432,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
     add_output_args(p)
     p.set_defaults(func=run)
+
+
+def add_instance_args(group: argparse._ArgumentGroup) -> None:
+    """The flags of the P and D instances' engine that `pdserve bench transfer` and `bench storage` share."""
+    group.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
+    group.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
+    group.add_argument("--dtype", choices=DTYPES, default="float32")
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--max-model-len", type=int, default=None, help=f"default: the longest prompt + {MAX_TOKENS}")
+    group.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: the engine's)")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def add_input_lens_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--input-lens", type=_int_list, default=list(DEFAULT_INPUT_LENS),
+                       help="comma-separated prompt lengths in tokens, clamped to what the model accepts "
+                            f"(default {','.join(map(str, DEFAULT_INPUT_LENS))})")
 
 
 def _int_list(text: str) -> list[int]:
@@ -452,14 +479,20 @@ def instance_flags(args: argparse.Namespace, lens: list[int]) -> list[str]:
     return flags + shlex.split(args.server_flags)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_args(args)
+def lengths_and_model(args: argparse.Namespace, tag: str) -> tuple[KVLayout, int, list[int]]:
+    """(KV layout, vocab size, --input-lens clamped to what the model accepts); says so, after `tag`, if clamped."""
     layout, vocab_size, model_limit = model_facts(args)
     lens = resolve_input_lens(args.input_lens, model_limit, args.max_model_len)
     if lens != args.input_lens:
-        print(f"[transfer] input lengths {args.input_lens} clamped to {lens}: the model accepts "
+        print(f"[{tag}] input lengths {args.input_lens} clamped to {lens}: the model accepts "
               f"{min(model_limit, args.max_model_len or model_limit)} tokens, {MAX_TOKENS} of them generated",
               flush=True)
+    return layout, vocab_size, lens
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    layout, vocab_size, lens = lengths_and_model(args, "transfer")
     engine = engine_used(args.kv_transfer_engine, args.device)
     config = LaunchConfig(num_prefill=1, num_decode=1, kv_transfer_engine=args.kv_transfer_engine,
                           engine_argv=tuple(instance_flags(args, lens)))

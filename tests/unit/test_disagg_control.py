@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import zmq
@@ -192,7 +192,6 @@ class PEnv:
     control: FakeChannel
     clock: Clock
     side: PrefillSide
-    kv_sends: list[list[KVSend]] = field(default_factory=list)
 
     def check(self) -> None:
         self.scheduler.check_integrity()
@@ -242,9 +241,17 @@ def p_step(env: PEnv, token: int = 7, failed_rooms: dict[str, str] | None = None
     sched: SchedulerOutput = env.scheduler.schedule()
     sched.plan.kv_sends = env.side.plan_sends(sched)
     env.check()
-    sampled = [seq.req_id for seq in sched.plan.seqs if seq.sample]
     reports = [KVSendReport(rank=0, num_bytes=100 * sum(len(s.src_block_ids) for s in sched.plan.kv_sends),
                             failed=dict(failed_rooms or {}))] if sched.plan.kv_sends else []
+    return sched.plan.kv_sends, p_execute(env, sched, token, reports)
+
+
+def p_execute(env: PEnv, sched: SchedulerOutput, token: int, reports: list[KVSendReport]
+              ) -> list[tuple[str, RequestError]]:
+    """The rest of a P step once its sends are planned: the (fake) forward samples `token` for each sequence
+    that samples and the ranks report `reports`; on_output BEFORE scheduler.update; failures are finished as
+    the core does, and returned."""
+    sampled = [seq.req_id for seq in sched.plan.seqs if seq.sample]
     output = ForwardOutput(step_id=sched.plan.step_id, req_ids=sampled, token_ids=[token] * len(sampled),
                            kv_sent=reports)
     failed = env.side.on_output(sched.plan, output)
@@ -252,7 +259,7 @@ def p_step(env: PEnv, token: int = 7, failed_rooms: dict[str, str] | None = None
     env.scheduler.update(sched, output)
     env.check()
     p_fail(env, failed)
-    return sched.plan.kv_sends, failed
+    return failed
 
 
 def assert_p_idle(env: PEnv) -> None:
@@ -449,6 +456,17 @@ def test_p_failure_reported_by_another_rank_only() -> None:
     assert_p_idle(env)
 
 
+def refuse_dest(env: PEnv, bad: KVDest, expected: str) -> None:
+    """P gets `bad` for room r1 and refuses it: r1 fails with 502 kv_transfer_failed (finished as the core does),
+    D is told why, nothing is pending."""
+    failed = env.side.on_control(bad)
+    assert failed == [("r1", RequestError(502, "kv_transfer_failed", expected))]
+    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
+                                                  error=expected))]
+    assert env.side.num_pending == 0
+    p_fail(env, failed)
+
+
 @pytest.mark.parametrize("bad, expected", [
     (dest(fingerprint="0" * 64), f"KV layout mismatch: this prefill instance's fingerprint is {FP[:16]}..., the "
                                  f"decode instance's {'0' * 16}...; both must serve the same model weights, "
@@ -464,12 +482,7 @@ def test_p_failure_reported_by_another_rank_only() -> None:
 def test_p_refuses_a_bad_dest(bad: KVDest, expected: str) -> None:
     env = make_p()
     p_add(env)
-    failed = env.side.on_control(bad)
-    assert failed == [("r1", RequestError(502, "kv_transfer_failed", expected))]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error=expected))]
-    assert env.side.num_pending == 0
-    p_fail(env, failed)
+    refuse_dest(env, bad, expected)
     assert_p_idle(env)
 
 
@@ -702,9 +715,9 @@ def make_d(num_blocks: int = 16, max_num_seqs: int = 8, **config: object) -> DEn
 
 
 def d_add(env: DEnv, req_id: str = "r1", room: str | None = None, prompt: Sequence[int] = PROMPT,
-          max_tokens: int = 8, incarnation: str = "") -> Request:
+          max_tokens: int = 8, incarnation: str = "", mode: str = "direct") -> Request:
     request = Request(req_id, tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_id=2)
-    env.side.add(request, TransferHandle(room=room or req_id, peer=P_ADDR, peer_incarnation=incarnation))
+    env.side.add(request, TransferHandle(room=room or req_id, peer=P_ADDR, peer_incarnation=incarnation, mode=mode))
     env.check()
     return request
 

@@ -14,6 +14,27 @@ from dataclasses import dataclass, field
 
 import pytest
 
+# the direct-mode control tests' fakes, constants and helpers (pytest's default import mode puts tests/unit on sys.path)
+import test_disagg_control as control
+from test_disagg_control import (
+    BS,
+    D_ADDR,
+    FP,
+    P_ADDR,
+    PROMPT,
+    REGIONS,
+    Clock,
+    FakeChannel,
+    d_admit,
+    d_control,
+    dest,
+    done_ok,
+    p_execute,
+    p_fail,
+    p_request,
+    refuse_dest,
+)
+
 from pdserve.config import DisaggConfig, SchedulerConfig
 from pdserve.disagg.control import prompt_digest
 from pdserve.disagg.decode import DecodeSide
@@ -28,9 +49,7 @@ from pdserve.messages import (
     KVAbort,
     KVDest,
     KVDone,
-    KVRegion,
     KVSendReport,
-    Message,
     PoolSend,
     TransferCounters,
     TransferHandle,
@@ -38,14 +57,7 @@ from pdserve.messages import (
 from pdserve.request import FinishReason, Request, RequestStatus, SamplingParams
 from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler, SchedulerOutput
 
-BS = 4
 ROOT = b"pdserve"  # KVCacheManager's default root: P and D name blocks alike
-P_ADDR = "tcp://10.0.0.1:5000"
-D_ADDR = "tcp://10.0.0.2:6000"
-FP = "f" * 64
-REGIONS = [[KVRegion(engine="shm", hostname="d-host", address="/dev/shm/pdserve-kv-0", base=0, num_layers=2,
-                     num_blocks=16, chunk_nbytes=256)]]
-PROMPT = tuple(range(100, 110))  # 10 tokens: blocks of 4, 4 and 2
 BYTES_PER_OBJECT = 100  # what a fake rank reports per block written
 BYTES_PER_BLOCK = 1000  # D: all ranks
 
@@ -63,30 +75,6 @@ def expected_keys(prompt: Sequence[int], root: bytes = ROOT) -> list[str]:
 KEYS = expected_keys(PROMPT)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeChannel:
-    """Records what would be sent; never fails."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sent: list[tuple[str, Message]] = []
-
-    def send(self, address: str, message: Message) -> bool:
-        self.sent.append((address, message))
-        return True
-
-    def take(self) -> list[tuple[str, Message]]:
-        sent, self.sent = self.sent, []
-        return sent
-
-
 def host_refs(kv: KVCacheManager) -> list[int]:
     assert kv.host is not None
     return [kv.host.ref_count(b) for b in range(kv.host.num_blocks)]
@@ -101,22 +89,9 @@ def assert_no_host_refs(kv: KVCacheManager) -> None:
 
 
 @dataclass
-class PEnv:
-    kv: KVCacheManager
-    scheduler: Scheduler
-    control: FakeChannel
-    clock: Clock
-    side: PrefillSide
+class PEnv(control.PEnv):
     tp_size: int
     plans: list[SchedulerOutput] = field(default_factory=list)
-
-    def check(self) -> None:
-        self.scheduler.check_integrity()
-        self.kv.check_integrity()
-        self.side.check_integrity()
-
-    def set_budget(self, num_tokens: int) -> None:
-        self.scheduler.config = SchedulerConfig(8, num_tokens)
 
 
 def make_p(num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 2048, timeout: float = 60.0,
@@ -130,31 +105,16 @@ def make_p(num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 2048, 
     return PEnv(kv, scheduler, control, clock, side, tp_size)
 
 
-def dest(room: str = "r1", block_ids: Sequence[int] = (20, 21, 22), prompt: Sequence[int] = PROMPT,
-         fingerprint: str = FP, tp_size: int = 1, policy: str = "fail") -> KVDest:
-    return KVDest(room=room, block_ids=list(block_ids), regions=REGIONS, fingerprint=fingerprint, tp_size=tp_size,
-                  num_prompt_tokens=len(prompt), prompt_digest=prompt_digest(list(prompt)), reply_to=D_ADDR,
-                  load_failure_policy=policy)
-
-
 def p_add(env: PEnv, req_id: str = "r1", room: str | None = None, prompt: Sequence[int] = PROMPT) -> Request:
     """What PDRole.add and before_step do on P: track the transfer; in storage mode it is ready at once
     (no KVDest is awaited before the prefill)."""
-    request = Request(req_id, tuple(prompt), SamplingParams(max_tokens=1, temperature=0, stop=[]))
+    request = p_request(req_id, prompt)
     env.side.add(request, TransferHandle(room=room or req_id, peer=D_ADDR, mode="storage"))
     assert env.side.take_ready() == [request]
     assert env.side.take_ready() == []
     env.scheduler.add_request(request)
     env.check()
     return request
-
-
-def p_fail(env: PEnv, failed: list[tuple[str, RequestError]]) -> None:
-    """What the engine core does with the failures PrefillSide reports."""
-    for req_id, _ in failed:
-        if req_id in env.scheduler.requests:
-            env.scheduler.finish(req_id, FinishReason.ABORT)
-    env.check()
 
 
 def p_step(env: PEnv, token: int = 7, failed: dict[int, dict[str, str]] | None = None,
@@ -168,7 +128,6 @@ def p_step(env: PEnv, token: int = 7, failed: dict[int, dict[str, str]] | None =
     sched.plan.pool_sends = env.side.plan_pool_sends(sched)
     env.plans.append(sched)
     env.check()
-    sampled = [seq.req_id for seq in sched.plan.seqs if seq.sample]
     reports = []
     if sched.plan.pool_sends:
         for rank in range(env.tp_size):
@@ -176,14 +135,7 @@ def p_step(env: PEnv, token: int = 7, failed: dict[int, dict[str, str]] | None =
             num_bytes = BYTES_PER_OBJECT * sum(len(s.keys) for s in sched.plan.pool_sends if s.room not in bad)
             reports.append(KVSendReport(rank=rank, num_bytes=num_bytes, failed=dict(bad),
                                         seconds_busy=0.5 if rank == 0 else 0.75))
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=sampled, token_ids=[token] * len(sampled),
-                           kv_sent=reports)
-    failures = env.side.on_output(sched.plan, output)
-    env.check()
-    env.scheduler.update(sched, output)
-    env.check()
-    p_fail(env, failures)
-    return sched.plan.pool_sends, failures
+    return sched.plan.pool_sends, p_execute(env, sched, token, reports)
 
 
 def p_drain(env: PEnv) -> None:
@@ -197,16 +149,9 @@ def p_drain(env: PEnv) -> None:
 
 def assert_p_idle(env: PEnv) -> None:
     p_drain(env)
-    env.check()
-    assert env.side.num_pending == 0 and not env.side.has_sends
-    assert not env.scheduler.has_work and not env.scheduler.requests
-    assert env.kv.num_free_blocks == env.kv.num_blocks
-    assert not env.kv._holds
+    control.assert_p_idle(env)
+    assert not env.scheduler.requests
     assert_no_host_refs(env.kv)
-
-
-def done_ok(room: str = "r1", token: int = 7, tp_size: int = 1) -> tuple[str, KVDone]:
-    return (D_ADDR, KVDone(room=room, first_token=token, tp_size=tp_size, fingerprint=FP))
 
 
 def pool_send(device: list[int], host: list[int], keys: list[str] = KEYS, room: str = "r1") -> PoolSend:
@@ -395,8 +340,9 @@ def test_p_host_tier_busy_holds_the_blocks_and_stages_them_in_a_later_step() -> 
     assert_p_idle(env)
 
 
-def test_p_host_tier_busy_staging_waits_for_the_step_in_flight() -> None:
-    """A lone request: the first staging attempt comes while blocks of the plan being built hold the host."""
+def p_step_with_the_host_tier_busy() -> PEnv:
+    """A lone request on a host tier of 3 blocks, KVDest first; its one prefill step runs while another op of
+    the plan being built holds a host block, so its blocks cannot be staged in that step."""
     env = make_p(num_host_blocks=3)
     p_add(env)
     env.side.on_control(dest())
@@ -405,11 +351,13 @@ def test_p_host_tier_busy_staging_waits_for_the_step_in_flight() -> None:
     env.kv._refs_in_flight.extend(held)
     assert env.side.plan_pool_sends(sched) == []
     env.check()
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7])
-    assert env.side.on_output(sched.plan, output) == []
-    env.check()
-    env.scheduler.update(sched, output)  # end_step: the host block is free again
-    env.check()
+    assert p_execute(env, sched, 7, []) == []  # scheduler.update's end_step: the host block is free again
+    return env
+
+
+def test_p_host_tier_busy_staging_waits_for_the_step_in_flight() -> None:
+    """A lone request: the first staging attempt comes while blocks of the plan being built hold the host."""
+    env = p_step_with_the_host_tier_busy()
     assert env.kv._holds == {"send:r1": [0, 1, 2]} and env.side.has_sends and env.control.take() == []
     sends: list[PoolSend] = []
     for _ in range(2):  # see test_p_held_blocks_are_staged_in_the_next_step_and_not_written_through
@@ -425,17 +373,7 @@ def test_p_host_tier_busy_staging_waits_for_the_step_in_flight() -> None:
 
 
 def test_p_held_blocks_are_staged_in_the_next_step_and_not_written_through() -> None:
-    env = make_p(num_host_blocks=3)
-    p_add(env)
-    env.side.on_control(dest())
-    sched = env.scheduler.schedule()
-    held, _ = env.kv.host.allocate(1)  # type: ignore[union-attr]  # another op of this plan uses a host block
-    env.kv._refs_in_flight.extend(held)
-    assert env.side.plan_pool_sends(sched) == []
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7])
-    env.side.on_output(sched.plan, output)
-    env.scheduler.update(sched, output)
-    env.check()
+    env = p_step_with_the_host_tier_busy()
     assert env.kv._ops.build() == CacheOps()  # the PoolSend to come writes these blocks
     # (host block 0, freed by the step in flight, went to the back of the free list)
     assert p_step(env) == ([pool_send([0, 1, 2], [1, 2, 0])], [])
@@ -488,12 +426,7 @@ def test_p_refuses_a_bad_dest(when: str, bad: KVDest, expected: str) -> None:
     if when == "after_write":
         assert p_step(env) == ([pool_send([0, 1, 2], [0, 1, 2])], [])
         assert request.is_finished
-    failed = env.side.on_control(bad)
-    assert failed == [("r1", RequestError(502, "kv_transfer_failed", expected))]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error=expected))]
-    assert env.side.num_pending == 0
-    p_fail(env, failed)
+    refuse_dest(env, bad, expected)
     if when == "before_prefill":
         assert request.is_finished and request.finish_reason is FinishReason.ABORT
     assert p_step(env) == ([], [])  # nothing is staged for it afterwards
@@ -622,17 +555,8 @@ class FakePool:
 
 
 @dataclass
-class DEnv:
-    kv: KVCacheManager
-    scheduler: Scheduler
-    control: FakeChannel
-    clock: Clock
-    side: DecodeSide
+class DEnv(control.DEnv):
     pool: FakePool
-
-    def check(self) -> None:
-        self.scheduler.check_integrity()
-        self.kv.check_integrity()
 
 
 def make_d(num_blocks: int = 16, num_host_blocks: int = 16, policy: str = "fail", tp_size: int = 1) -> DEnv:
@@ -650,22 +574,7 @@ def make_d(num_blocks: int = 16, num_host_blocks: int = 16, policy: str = "fail"
 
 
 def d_add(env: DEnv, req_id: str = "r1", prompt: Sequence[int] = PROMPT, max_tokens: int = 8) -> Request:
-    request = Request(req_id, tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_id=2)
-    env.side.add(request, TransferHandle(room=req_id, peer=P_ADDR, mode="storage"))
-    env.check()
-    return request
-
-
-def d_admit(env: DEnv) -> list[RequestUpdate]:
-    updates = env.side.admit()
-    env.check()
-    return updates
-
-
-def d_control(env: DEnv, message: KVDone | KVAbort) -> list[RequestUpdate]:
-    updates = env.side.on_control(message)
-    env.check()
-    return updates
+    return control.d_add(env, req_id, prompt=prompt, max_tokens=max_tokens, mode="storage")
 
 
 def d_step(env: DEnv, token: int = 60) -> tuple[SchedulerOutput, list[RequestUpdate]]:
@@ -702,11 +611,8 @@ def assert_d_idle(env: DEnv) -> None:
         if not env.scheduler.has_work:
             break
         d_step(env)
-    env.check()
-    assert env.side.num_pending == 0 and not env.side.waiting and not env.side.receiving and not env.side._to_read
-    assert not env.scheduler.has_work and not env.scheduler.requests
-    assert env.kv.num_free_blocks == env.kv.num_blocks
-    assert not env.kv._holds
+    control.assert_d_idle(env)
+    assert not env.side._to_read and not env.scheduler.has_work and not env.scheduler.requests
     assert_no_host_refs(env.kv)
 
 
@@ -940,12 +846,19 @@ def test_d_no_host_room_defers_the_read_to_a_later_admit() -> None:
     assert_d_idle(env)
 
 
-def test_d_deferred_read_still_has_the_receive_deadline() -> None:
+def make_d_with_a_deferred_read() -> tuple[DEnv, Request]:
+    """Requests a and b of 3 blocks each ready on a host tier of 4 blocks, then KVDone for both: a's read holds
+    3 host blocks until a step runs, so b's read is deferred. Returns (env, b)."""
     env = make_d(num_host_blocks=4)
     d_ready(env, "a")
     b = d_ready(env, "b", prompt=range(300, 310))
     d_control(env, kvdone("a"))
     assert d_control(env, kvdone("b")) == []  # deferred; no step runs to free the host
+    return env, b
+
+
+def test_d_deferred_read_still_has_the_receive_deadline() -> None:
+    env, b = make_d_with_a_deferred_read()
     env.clock.now += 60.0
     assert env.side.expire() == [] and d_admit(env) == []
     env.clock.now += 0.5
@@ -977,11 +890,7 @@ def test_d_receive_deadline_without_kvdone() -> None:
 
 
 def test_d_abort_while_the_read_is_deferred() -> None:
-    env = make_d(num_host_blocks=4)
-    d_ready(env, "a")
-    b = d_ready(env, "b", prompt=range(300, 310))
-    d_control(env, kvdone("a"))
-    d_control(env, kvdone("b"))
+    env, b = make_d_with_a_deferred_read()
     assert env.side.abort("b") is True
     env.check()
     assert b.is_finished and not env.side._to_read
