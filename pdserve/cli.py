@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from pdserve.config import (
+    ATTENTION_BACKENDS,
     DTYPES,
     KV_TRANSFER_MODES,
     LOAD_FAILURE_POLICIES,
@@ -35,6 +36,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk budget)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="auto: Triton paged attention on CUDA (when Triton is installed), torch elsewhere")
     g.add_argument("--seed", type=int, default=0)
     c = parser.add_argument_group("KV cache tiers (docs/kv-cache.md)")
     c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -57,7 +60,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size, device=args.device, seed=args.seed,
-        enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
+        attention_backend=args.attention_backend, enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
         num_host_blocks=args.num_host_blocks, kv_store=args.kv_store, kv_store_config=args.kv_store_config,
         preempt_save=args.preempt_save, cache_output=args.cache_output,
     )

@@ -14,6 +14,7 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -129,14 +130,33 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Where and how the model runs. attention_backend "auto": Triton paged attention on CUDA when Triton is
+    installed, else the torch reference backend."""
+
     tensor_parallel_size: int = 1
     device: str = "auto"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {self.attention_backend!r} is not one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+
+    def resolved_attention_backend(self) -> str:
+        device = self.resolved_device()
+        if self.attention_backend == "triton" and device != "cuda":
+            raise ValueError("--attention-backend triton needs a CUDA device; use torch on the CPU")
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        if device != "cuda":
+            return "torch"
+        import importlib.util
+
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -270,7 +290,7 @@ def make_engine_config(
     model: str | None = None, *, dtype: str = "float32", load_format: str = "auto", tensor_parallel_size: int = 1,
     max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
     kv_cache_memory: str | int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-    seed: int = 0, device: str = "auto", enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
+    seed: int = 0, device: str = "auto", attention_backend: str = "auto", enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
     host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
     kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
     disagg: DisaggConfig | None = None,
@@ -286,6 +306,6 @@ def make_engine_config(
             cache_output=cache_output,
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-        parallel=ParallelConfig(tensor_parallel_size, device),
+        parallel=ParallelConfig(tensor_parallel_size, device, attention_backend),
         disagg=disagg or DisaggConfig(),
     )

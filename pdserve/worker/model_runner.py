@@ -34,6 +34,7 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
         self.model = build_model(arch, source, self.dtype, self.device, max_position=max_model_len,
+                                 attention_backend=config.parallel.resolved_attention_backend(),
                                  seed=config.model.seed)
         tp = get_tp_group()
         shape = (arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads // tp.size, arch.head_dim)

@@ -65,4 +65,8 @@ def get_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, sca
         from pdserve.layers.attention.torch_ref import TorchAttention
 
         return TorchAttention(num_heads, num_kv_heads, head_dim, scale)
-    raise ValueError(f"attention backend {name!r} is not known (available: torch)")
+    if name == "triton":
+        from pdserve.layers.attention.triton_paged import TritonAttention
+
+        return TritonAttention(num_heads, num_kv_heads, head_dim, scale)
+    raise ValueError(f"attention backend {name!r} is not known (available: torch, triton)")
