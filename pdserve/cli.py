@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                    help="auto: Triton paged attention on CUDA (when Triton is installed), torch elsewhere")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (captured by default on CUDA with one rank and Triton)")
     g.add_argument("--seed", type=int, default=0)
     c = parser.add_argument_group("KV cache tiers (docs/kv-cache.md)")
     c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -60,7 +62,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size, device=args.device, seed=args.seed,
-        attention_backend=args.attention_backend, enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
         num_host_blocks=args.num_host_blocks, kv_store=args.kv_store, kv_store_config=args.kv_store_config,
         preempt_save=args.preempt_save, cache_output=args.cache_output,
     )

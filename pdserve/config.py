@@ -131,11 +131,13 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """Where and how the model runs. attention_backend "auto": Triton paged attention on CUDA when Triton is
-    installed, else the torch reference backend."""
+    installed, else the torch reference backend. enforce_eager: no CUDA graphs for decode steps (they are
+    captured on CUDA with one rank and the Triton backend)."""
 
     tensor_parallel_size: int = 1
     device: str = "auto"
     attention_backend: str = "auto"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -290,7 +292,8 @@ def make_engine_config(
     model: str | None = None, *, dtype: str = "float32", load_format: str = "auto", tensor_parallel_size: int = 1,
     max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
     kv_cache_memory: str | int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-    seed: int = 0, device: str = "auto", attention_backend: str = "auto", enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
+    seed: int = 0, device: str = "auto", attention_backend: str = "auto", enforce_eager: bool = False,
+    enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
     host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
     kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
     disagg: DisaggConfig | None = None,
@@ -306,6 +309,6 @@ def make_engine_config(
             cache_output=cache_output,
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-        parallel=ParallelConfig(tensor_parallel_size, device, attention_backend),
+        parallel=ParallelConfig(tensor_parallel_size, device, attention_backend, enforce_eager),
         disagg=disagg or DisaggConfig(),
     )

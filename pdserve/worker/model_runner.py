@@ -8,6 +8,7 @@ host tier and pool client (worker.kv_tiers), whose copies run around the forward
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource
 from pdserve.worker.kv_tiers import KVTiers
 
+if TYPE_CHECKING:
+    from pdserve.worker.cuda_graph import DecodeGraphs
+
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +41,12 @@ class ModelRunner:
                                  attention_backend=config.parallel.resolved_attention_backend(),
                                  seed=config.model.seed)
         tp = get_tp_group()
-        shape = (arch.num_layers, 2, num_blocks, self.block_size, arch.num_kv_heads // tp.size, arch.head_dim)
+        parallel = config.parallel
+        use_graphs = (self.device.type == "cuda" and tp.size == 1 and not parallel.enforce_eager
+                      and parallel.resolved_attention_backend() == "triton" and config.disagg.role != "prefill")
+        # CUDA graphs pad a batch with rows that write into a scratch block past the managed ones
+        shape = (arch.num_layers, 2, num_blocks + int(use_graphs), self.block_size, arch.num_kv_heads // tp.size,
+                 arch.head_dim)
         self.shm_path: str | None = None
         disagg = config.disagg
         if disagg.role == "decode" and not disagg.is_storage and self.device.type == "cpu" \
@@ -54,6 +63,13 @@ class ModelRunner:
             if disagg.role != "mixed" and not disagg.is_storage else {}
         self.sender = KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir,
                                disagg.fault_delay_ms) if self.engines else None
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            from pdserve.worker.cuda_graph import DecodeGraphs  # imports Triton
+
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, max_model_len,
+                                       config.scheduler.max_num_seqs, arch.num_kv_heads)
+            self.graphs.capture()
 
     def regions(self) -> list[KVRegion]:
         """How peers can write into this rank's KV cache (empty when this instance is mixed)."""
@@ -117,6 +133,10 @@ class ModelRunner:
             slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
             if seq.sample:
                 sample_rows.append(len(token_ids) - 1)
+        if self.graphs is not None and layer_done is None and self.graphs.fits(len(plan.seqs)) \
+                and all(len(s.token_ids) == 1 and s.start_pos > 0 and s.sample for s in plan.seqs):
+            hidden = self.graphs.run(token_ids, positions, slots, [s.block_ids for s in plan.seqs])
+            return self._sample(plan, hidden)
         layout = BatchLayout(
             q_lens=[len(s.token_ids) for s in plan.seqs],
             seq_lens=[s.start_pos + len(s.token_ids) for s in plan.seqs],
@@ -129,10 +149,14 @@ class ModelRunner:
             torch.tensor(token_ids, device=self.device), torch.tensor(positions, device=self.device),
             self.kv_cache, meta, layer_done,
         )
+        return self._sample(plan, hidden[sample_rows])
+
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> ForwardOutput:
+        """hidden: [sampled sequences, hidden], in plan order."""
         sampled = [s for s in plan.seqs if s.sample]
         if not sampled:
             return ForwardOutput(step_id=plan.step_id, req_ids=[], token_ids=[])
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden)
         req_ids = [s.req_id for s in sampled]
         tokens, logprobs = self.sampler(logits, req_ids, [s.sampling for s in sampled])
         return ForwardOutput(step_id=plan.step_id, req_ids=req_ids, token_ids=tokens, logprobs=logprobs)
