@@ -108,7 +108,7 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-transfer", choices=KV_TRANSFER_MODES, default="direct",
                    help="direct: P writes KV into D's blocks layer by layer; storage: through the KV pool")
     g.add_argument("--kv-transfer-engine", choices=TRANSFER_ENGINES, default="auto",
-                   help="auto: shared memory to a peer on this host, else the Mooncake Transfer Engine")
+                   help="auto: shared memory (CPU) or CUDA IPC (GPU) to a peer on this host, else the Mooncake Transfer Engine")
     g.add_argument("--control-host", default="127.0.0.1", help="address of the KVDest/KVDone control socket")
     g.add_argument("--control-port", type=int, default=0, help="control socket port (default: a free one)")
     g.add_argument("--kv-transfer-timeout", type=float, default=60.0,

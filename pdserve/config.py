@@ -170,7 +170,7 @@ class ParallelConfig:
 
 ROLES = ("mixed", "prefill", "decode")
 KV_TRANSFER_MODES = ("direct", "storage")
-TRANSFER_ENGINES = ("auto", "shm", "mooncake")
+TRANSFER_ENGINES = ("auto", "shm", "cuda_ipc", "mooncake")
 LOAD_FAILURE_POLICIES = ("fail", "recompute")
 
 

@@ -32,7 +32,7 @@ from pdserve.store.base import StoreError
 from pdserve.store.master import MasterProcess, is_port_open
 
 KV_TRANSFER_MODES = ("direct", "storage")
-KV_TRANSFER_ENGINES = ("auto", "shm", "mooncake")
+KV_TRANSFER_ENGINES = ("auto", "shm", "cuda_ipc", "mooncake")
 INSTANCE_ROLES = ("prefill", "decode", "mixed")
 ROUTER = "router"
 HEALTH_POLL_S = (0.1, 2.0)  # first and longest pause between /health polls (each probe is an access-log line)

@@ -59,7 +59,8 @@ class ModelRunner:
         self.backend = self.model.attention_backend
         self.tiers = KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store,
                              config.cache.kv_store_options) if num_host_blocks else None
-        self.engines = open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path) \
+        self.engines = open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path,
+                                    receive=disagg.role == "decode") \
             if disagg.role != "mixed" and not disagg.is_storage else {}
         self.sender = KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir,
                                disagg.fault_delay_ms) if self.engines else None

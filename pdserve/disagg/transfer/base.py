@@ -76,13 +76,21 @@ def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[i
         raise TransferError(f"block {bad} is outside the {peer.num_blocks} blocks of the peer's cache {peer.address}")
 
 
-def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None) -> dict[str, TransferEngine]:
-    """The engines this rank runs for `--kv-transfer-engine kind` ("auto" | "shm" | "mooncake").
+def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None,
+                 receive: bool = False) -> dict[str, TransferEngine]:
+    """The engines this rank runs for `--kv-transfer-engine kind` ("auto" | "shm" | "cuda_ipc" | "mooncake").
 
-    auto: shm on CPU (receiving too when the cache lives in the shared-memory file `shm_path`), plus
-    mooncake when it is installed; a sender picks per peer by locality (pick_region).
+    auto: shm on CPU (receiving too when the cache lives in the shared-memory file `shm_path`), cuda_ipc
+    on CUDA (exporting the cache when `receive`), plus mooncake when it is installed; a sender picks per
+    peer by locality (pick_region).
     """
     engines: dict[str, TransferEngine] = {}
+    if kind in ("auto", "cuda_ipc") and kv_cache.device.type == "cuda":
+        from pdserve.disagg.transfer.cuda_ipc import CudaIpcEngine
+
+        engines["cuda_ipc"] = CudaIpcEngine(kv_cache, receive)
+    if kind == "cuda_ipc" and kv_cache.device.type != "cuda":
+        raise ValueError("--kv-transfer-engine cuda_ipc needs the KV cache on a GPU; use shm or mooncake")
     if kind in ("auto", "shm") and kv_cache.device.type == "cpu":
         from pdserve.disagg.transfer.shm import ShmEngine
 
@@ -101,17 +109,18 @@ def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None) -> dic
             if not engines:
                 raise ValueError(f"no KV transfer engine can run here: Mooncake is unavailable ({e}) and shared "
                                  "memory needs a CPU KV cache") from e
-            logger.info("KV transfer: shared memory only (Mooncake unavailable: %s)", e)
+            logger.info("KV transfer: %s only (Mooncake unavailable: %s)", ", ".join(engines), e)
     return engines
 
 
 def pick_region(engines: dict[str, TransferEngine], offered: Sequence[KVRegion]) -> tuple[TransferEngine, KVRegion]:
-    """The engine and peer region to use: shared memory on the same host first, else mooncake."""
+    """The engine and peer region to use: shared memory or CUDA IPC on the same host first, else mooncake."""
     local = hostname()
-    for preference in ("shm", "mooncake"):
+    for preference in ("shm", "cuda_ipc", "mooncake"):
         engine = engines.get(preference)
         for region in offered:
-            if engine is not None and region.engine == preference and (preference != "shm" or region.hostname == local):
+            if engine is not None and region.engine == preference \
+                    and (preference == "mooncake" or region.hostname == local):
                 return engine, region
     kinds = ", ".join(sorted({r.engine for r in offered})) or "none"
     raise TransferError(f"no common transfer engine: the peer offers {kinds}; this rank runs "

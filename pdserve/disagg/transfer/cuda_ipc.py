@@ -1,0 +1,103 @@
+"""Same-host GPU transfers through CUDA IPC: P's ranks copy blocks straight into D's GPU KV cache.
+
+D exports its cache's memory once (a CUDA IPC handle, sent as hex text inside the KVRegion, never
+pickled); P opens it once per peer and copies whole (layer, K|V, block run) slices device to device
+(over NVLink between GPUs, in place on one GPU) on a side stream of its own. The sender thread waits
+for the layer's KV to be written (an event recorded after the layer) before it queues the copy, and
+`write` returns once the copy is done. A handle from this very process (P and D in one process, as in
+tests) is resolved to the tensor itself: CUDA cannot open its own IPC handles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+
+from pdserve.disagg.transfer.base import TransferEngine, TransferError, check_peer, hostname
+from pdserve.disagg.transfer.shm import _block_runs, _runs
+from pdserve.messages import KVRegion
+
+_EXPORTED: dict[str, torch.Tensor] = {}  # this process's exported caches, by handle text
+
+
+def export_handle(tensor: torch.Tensor) -> str:
+    """The IPC handle of the memory under `tensor` (which must start its storage), as JSON text."""
+    if tensor.storage_offset() != 0 or not tensor.is_contiguous():
+        raise ValueError("only a whole contiguous tensor can be exported")
+    fields = tensor.untyped_storage()._share_cuda_()  # type: ignore[attr-defined]
+    encoded = [f.hex() if isinstance(f, bytes) else f for f in fields]
+    return json.dumps({"pid": os.getpid(), "fields": encoded, "kinds": [type(f).__name__ for f in fields]})
+
+
+def open_handle(text: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of `shape` over memory exported by export_handle (in another process)."""
+    local = _EXPORTED.get(text)
+    if local is not None:
+        return local
+    info = json.loads(text)
+    fields = [bytes.fromhex(f) if kind == "bytes" else f for f, kind in zip(info["fields"], info["kinds"])]
+    storage = torch.UntypedStorage._new_shared_cuda(*fields)  # type: ignore[attr-defined]
+    strides: list[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.insert(0, step)
+        step *= size
+    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, tuple(shape), tuple(strides))
+
+
+class CudaIpcEngine(TransferEngine):
+    name = "cuda_ipc"
+
+    def __init__(self, kv_cache: torch.Tensor, receive: bool) -> None:
+        super().__init__(kv_cache)
+        if kv_cache.device.type != "cuda":
+            raise TransferError("cuda_ipc needs the KV cache on a CUDA device")
+        self.handle: str | None = None
+        if receive:
+            self.handle = export_handle(kv_cache)
+            _EXPORTED[self.handle] = kv_cache
+        self._stream = torch.cuda.Stream(device=kv_cache.device)
+        self._peers: dict[str, torch.Tensor] = {}
+
+    def region(self) -> KVRegion | None:
+        if self.handle is None:
+            return None
+        return KVRegion(engine="cuda_ipc", hostname=hostname(), address=self.handle, base=0,
+                        num_layers=self.num_layers, num_blocks=self.num_blocks, chunk_nbytes=self.chunk_nbytes)
+
+    def _map(self, peer: KVRegion) -> torch.Tensor:
+        tensor = self._peers.get(peer.address)
+        if tensor is None:
+            shape = (peer.num_layers, 2, peer.num_blocks, *self.kv_cache.shape[3:])
+            try:
+                with torch.cuda.device(self.kv_cache.device):
+                    tensor = open_handle(peer.address, shape, self.kv_cache.dtype)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise TransferError(f"cannot open the peer's CUDA IPC handle (did the peer exit?): {e}") from e
+            if len(self._peers) >= 64:  # peers come and go; keep the mappings bounded
+                self._peers.pop(next(iter(self._peers)))
+            self._peers[peer.address] = tensor
+        return tensor
+
+    def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
+              dst_block_ids: Sequence[int]) -> int:
+        check_peer(self, peer, dst_block_ids)
+        dst = self._map(peer)
+        try:
+            with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
+                for l0, l1 in _runs(list(layers)):
+                    for s0, d0, n in _block_runs(src_block_ids, dst_block_ids):
+                        dst[l0:l1, :, d0:d0 + n].copy_(self.kv_cache[l0:l1, :, s0:s0 + n], non_blocking=True)
+            self._stream.synchronize()
+        except RuntimeError as e:
+            self._peers.pop(peer.address, None)
+            raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
+        return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
+
+    def close(self) -> None:
+        self._peers.clear()
+        if self.handle is not None:
+            _EXPORTED.pop(self.handle, None)
