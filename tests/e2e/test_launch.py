@@ -37,7 +37,8 @@ def _wait_router(proc: subprocess.Popen[bytes], url: str, output: Path) -> None:
         assert proc.poll() is None, f"pdserve launch exited with code {proc.returncode}:\n{output.read_text()}"
         try:
             r = httpx.get(f"{url}/health", timeout=5)
-            if r.status_code == 200:
+            # the router can answer before the launcher has seen every part ready and printed its table
+            if r.status_code == 200 and "OpenAI API:" in output.read_text(errors="replace"):
                 return
             last = f"{r.status_code} {r.text}"
         except httpx.TransportError as e:
