@@ -17,7 +17,6 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +27,13 @@ from pdserve.messages import KVSend, KVSendReport
 logger = logging.getLogger(__name__)
 
 
-def _device_ready() -> Callable[[], None] | None:
-    """On CUDA: a wait for the work queued so far (KV writes, swap-ins) before a batch reads the cache."""
+def _device_ready() -> torch.cuda.Event | None:
+    """On CUDA: marks the work queued so far (KV writes, swap-ins), which a batch must follow."""
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     event = torch.cuda.Event()
     event.record()
-    return event.synchronize
+    return event
 
 
 @dataclass
@@ -42,7 +41,7 @@ class _Batch:
     step_id: int
     layers: list[int]  # one layer, or every layer for a catch-up
     sends: list[KVSend]
-    ready: Callable[[], None] | None = None  # waits until the layer's KV is written (GPU: an event)
+    ready: torch.cuda.Event | None = None  # GPU: recorded once the layer's KV write was queued
 
 
 class KVSender:
@@ -63,6 +62,7 @@ class KVSender:
         self._num_bytes = 0
         self._busy = 0.0
         self._digest = hashlib.blake2b(digest_size=16)
+        self._rooms: set[str] = set()  # rooms written this step through engines that flush at the end
         self._thread = threading.Thread(target=self._run, name=f"pdserve-kv-sender-{rank}", daemon=True)
         self._thread.start()
 
@@ -73,6 +73,7 @@ class KVSender:
         self._num_bytes = 0
         self._busy = 0.0
         self._digest = hashlib.blake2b(digest_size=16)
+        self._rooms = set()
         self._layerwise = [s for s in sends if s.layerwise]
         for send in sends:
             if not send.layerwise:
@@ -94,6 +95,13 @@ class KVSender:
         with self._done:
             while self._pending:
                 self._done.wait()
+        for engine in self.engines.values():
+            if engine.waits_on_device:
+                try:
+                    engine.flush()
+                except TransferError as e:
+                    for room in self._rooms:
+                        self._failed.setdefault(room, str(e))
         return KVSendReport(rank=self.rank, num_bytes=self._num_bytes, failed=dict(self._failed),
                             batches_digest=self._digest.hexdigest(), seconds_busy=self._busy,
                             seconds_exposed=time.perf_counter() - started)
@@ -132,14 +140,19 @@ class KVSender:
     def _write(self, batch: _Batch) -> None:
         if self.fault_delay_ms:
             time.sleep(self._rng.uniform(0, self.fault_delay_ms) / 1000)
-        if batch.ready is not None:
-            batch.ready()
         started = time.perf_counter()
+        host_waited = False
         for send in batch.sends:
             if send.room in self._failed:
                 continue
             try:
                 engine, region = pick_region(self.engines, send.regions[self.rank])
+                if batch.ready is not None and engine.waits_on_device:
+                    engine.wait(batch.ready)
+                    self._rooms.add(send.room)
+                elif batch.ready is not None and not host_waited:
+                    batch.ready.synchronize()
+                    host_waited = True
                 self._num_bytes += engine.write(region, batch.layers, send.src_block_ids, send.dst_block_ids)
             except TransferError as e:
                 self._failed[send.room] = str(e)

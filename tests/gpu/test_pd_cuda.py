@@ -53,6 +53,7 @@ def test_cuda_ipc_writes_blocks_into_another_process() -> None:
                         num_blocks=SHAPE[2], chunk_nbytes=sender.chunk_nbytes)
         written = sender.write(peer, [0, 2], [1, 2, 3, 7], [5, 6, 7, 0])  # two runs, two layers
         written += sender.write(peer, [1], [4], [9])
+        sender.flush()
         assert written == (2 * 2 * 4 + 2) * sender.chunk_nbytes
         parent.send("report")
         got = torch.from_numpy(parent.recv())

@@ -59,9 +59,20 @@ class TransferEngine(ABC):
               dst_block_ids: Sequence[int]) -> int:
         """Copy K and V of `layers` for blocks src_block_ids[i] -> dst_block_ids[i] into `peer`.
 
-        Blocks until the data is in the peer's memory; returns the bytes written. Raises TransferError
-        (never anything else) when the peer cannot be reached or the ids are out of its range.
+        Blocks until the data is in the peer's memory (with waits_on_device: until flush()); returns the
+        bytes written. Raises TransferError (never anything else) when the peer cannot be reached or the
+        ids are out of its range.
         """
+
+    # True: write() queues device work ordered after wait(event), and flush() waits for it; False: the
+    # caller waits for the event on the host first, and write() returns with the data in place
+    waits_on_device = False
+
+    def wait(self, event: torch.cuda.Event) -> None:  # noqa: B027 - only engines that wait on the device override it
+        """Order the following writes after `event` (only called when waits_on_device)."""
+
+    def flush(self) -> None:  # noqa: B027 - synchronous engines have nothing to wait for
+        """Wait until every write so far is in the peers' memory; raises TransferError if one failed."""
 
     def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this default
         """Release registrations and mappings; safe to call twice."""

@@ -2,9 +2,9 @@
 
 D exports its cache's memory once (a CUDA IPC handle, sent as hex text inside the KVRegion, never
 pickled); P opens it once per peer and copies whole (layer, K|V, block run) slices device to device
-(over NVLink between GPUs, in place on one GPU) on a side stream of its own. The sender thread waits
-for the layer's KV to be written (an event recorded after the layer) before it queues the copy, and
-`write` returns once the copy is done. A handle from this very process (P and D in one process, as in
+(over NVLink between GPUs, in place on one GPU) on a side stream of its own, ordered on the device after
+the event recorded when the layer wrote its KV (no host wait per layer). `flush`, at the end of the
+step, waits for the copies. A handle from this very process (P and D in one process, as in
 tests) is resolved to the tensor itself: CUDA cannot open its own IPC handles.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from pdserve.disagg.transfer.base import TransferEngine, TransferError, check_peer, hostname
-from pdserve.disagg.transfer.shm import _block_runs, _runs
+from pdserve.disagg.transfer.shm import _block_runs
 from pdserve.messages import KVRegion
 
 _EXPORTED: dict[str, torch.Tensor] = {}  # this process's exported caches, by handle text
@@ -50,6 +50,7 @@ def open_handle(text: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Te
 
 class CudaIpcEngine(TransferEngine):
     name = "cuda_ipc"
+    waits_on_device = True
 
     def __init__(self, kv_cache: torch.Tensor, receive: bool) -> None:
         super().__init__(kv_cache)
@@ -88,14 +89,27 @@ class CudaIpcEngine(TransferEngine):
         dst = self._map(peer)
         try:
             with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
-                for l0, l1 in _runs(list(layers)):
-                    for s0, d0, n in _block_runs(src_block_ids, dst_block_ids):
-                        dst[l0:l1, :, d0:d0 + n].copy_(self.kv_cache[l0:l1, :, s0:s0 + n], non_blocking=True)
-            self._stream.synchronize()
+                # contiguous (layer, K|V, block run) slices: each copy is one device memcpy, which runs
+                # several times faster than a strided copy kernel over [layers, 2, blocks]
+                runs = _block_runs(src_block_ids, dst_block_ids)
+                for layer in layers:
+                    for kv in (0, 1):
+                        for s0, d0, n in runs:
+                            dst[layer, kv, d0:d0 + n].copy_(self.kv_cache[layer, kv, s0:s0 + n], non_blocking=True)
         except RuntimeError as e:
             self._peers.pop(peer.address, None)
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        self._stream.wait_event(event)
+
+    def flush(self) -> None:
+        try:
+            self._stream.synchronize()
+        except RuntimeError as e:
+            self._peers.clear()
+            raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
 
     def close(self) -> None:
         self._peers.clear()
