@@ -26,16 +26,35 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 60.0  # longest wait for a timed-out store call to let go of its host blocks
 
 
+def _host_runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(index in host_ids, first host block, length) of each run of consecutive host blocks."""
+    runs: list[list[int]] = []
+    for i, h in enumerate(host_ids):
+        if runs and runs[-1][1] + runs[-1][2] == h:
+            runs[-1][2] += 1
+        else:
+            runs.append([i, h, 1])
+    return [(i, h, n) for i, h, n in runs]
+
+
 def swap_out(kv_cache: torch.Tensor, host: torch.Tensor, device_ids: list[int], host_ids: list[int]) -> None:
-    """host[h] = kv_cache[:, :, d] for each pair (gather on the device, one copy to the host)."""
-    src = kv_cache.index_select(2, torch.tensor(device_ids, device=kv_cache.device))  # [L, 2, n, bs, h, d]
-    host.index_copy_(0, torch.tensor(host_ids), src.permute(2, 0, 1, 3, 4, 5).to(host.device))
+    """host[h] = kv_cache[:, :, d] for each pair: one gather on the device straight into the block-major
+    layout, then one copy per run of consecutive host blocks (an async DMA when the host tier is pinned;
+    the caller synchronizes before the CPU reads them)."""
+    index = torch.tensor(device_ids, device=kv_cache.device)
+    staged = kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, bs, h, d]
+    for i, first, n in _host_runs(host_ids):
+        host[first:first + n].copy_(staged[i:i + n], non_blocking=True)
 
 
 def swap_in(kv_cache: torch.Tensor, host: torch.Tensor, host_ids: list[int], device_ids: list[int]) -> None:
-    """kv_cache[:, :, d] = host[h] for each pair (one copy to the device, then a scatter)."""
-    src = host.index_select(0, torch.tensor(host_ids)).to(kv_cache.device, non_blocking=True)  # [n, L, 2, bs, h, d]
-    kv_cache.index_copy_(2, torch.tensor(device_ids, device=kv_cache.device), src.permute(1, 2, 0, 3, 4, 5))
+    """kv_cache[:, :, d] = host[h] for each pair: the host blocks go to the device in one copy per run of
+    consecutive blocks, then one scatter kernel puts them in place."""
+    staged = torch.empty((len(host_ids), *host.shape[1:]), dtype=host.dtype, device=kv_cache.device)
+    for i, first, n in _host_runs(host_ids):
+        staged[i:i + n].copy_(host[first:first + n], non_blocking=True)
+    index = torch.tensor(device_ids, device=kv_cache.device)
+    kv_cache.index_copy_(2, index, staged.permute(1, 2, 0, 3, 4, 5))
 
 
 def _leading_run(flags: list[bool]) -> int:
@@ -75,8 +94,16 @@ class KVTiers:
             host_ids, device_ids = zip(*ops.swap_in)
             swap_in(self.kv_cache, self.host, list(host_ids), list(device_ids))
 
+    def _sync(self) -> None:
+        """Wait for the async copies between the device and the pinned host tier (CUDA only)."""
+        if self.kv_cache.is_cuda:
+            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+
     def put(self, ops: CacheOps) -> None:
-        """Write host blocks through to the pool, skipping objects already there."""
+        """After the forward: let this step's copies finish (their host blocks are released at the step's
+        end), then write host blocks through to the pool, skipping objects already there."""
+        if ops.swap_out or ops.swap_in:
+            self._sync()
         if self.store is None or not ops.pool_put:
             return
         names = [object_key(key, self.rank) for _, key in ops.pool_put]
@@ -102,6 +129,7 @@ class KVTiers:
         started = time.perf_counter()
         swap_out(self.kv_cache, self.host, [b for s in sends for b in s.device_block_ids],
                  [h for s in sends for h in s.host_block_ids])
+        self._sync()
         rooms = [s.room for s in sends for _ in s.keys]
         names = [object_key(key, self.rank) for s in sends for key in s.keys]
         blocks = [self.host[h] for s in sends for h in s.host_block_ids]

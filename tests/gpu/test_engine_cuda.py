@@ -57,3 +57,20 @@ def test_host_tier_and_pool_on_cuda_give_the_same_tokens(tiny_models, tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == reference * 3
     # every repeat is read from the pool into pinned host blocks and swapped in; write-through swapped out
     assert stats.prefix_hit_tokens_pool > 0 and stats.store.bytes_put > 0 and stats.store.bytes_get > 0, stats
+
+
+def test_swaps_between_the_gpu_and_pinned_host_blocks() -> None:
+    """swap_out gathers on the GPU into pinned block-major host blocks; swap_in copies them back and scatters."""
+    from pdserve.worker.kv_tiers import swap_in, swap_out
+
+    cache = torch.randn(4, 2, 32, 16, 2, 64, device="cuda").to(torch.bfloat16)
+    host = torch.zeros(10, 4, 2, 16, 2, 64, dtype=torch.bfloat16, pin_memory=True)
+    swap_out(cache, host, [5, 6, 7, 30, 1], [2, 3, 4, 0, 9])
+    torch.cuda.synchronize()
+    for d, h in zip([5, 6, 7, 30, 1], [2, 3, 4, 0, 9]):
+        assert torch.equal(host[h], cache[:, :, d].cpu())
+    target = torch.zeros_like(cache)
+    swap_in(target, host, [2, 3, 4, 0, 9], [10, 11, 12, 0, 31])
+    torch.cuda.synchronize()
+    for d, n in zip([5, 6, 7, 30, 1], [10, 11, 12, 0, 31]):
+        assert torch.equal(target[:, :, n], cache[:, :, d])
