@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_parser(bench_sub)
     storage.add_parser(bench_sub)
     pd.add_parser(bench_sub)
+    from pdserve.bench import gpu as bench_gpu
+
+    bench_gpu.add_parser(bench_sub)
 
     from pdserve.store.master import add_store_parser
 
