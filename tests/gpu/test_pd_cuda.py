@@ -19,7 +19,7 @@ from test_pd_engine import run_mixed, run_pd  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SHAPE = (3, 2, 10, 16, 2, 64)  # layers, K|V, blocks, block size, KV heads, head dim
+SHAPE = (3, 2, 40, 16, 2, 64)  # layers, K|V, blocks, block size, KV heads, head dim
 
 
 def _receiver(conn) -> None:  # type: ignore[no-untyped-def]
@@ -51,17 +51,19 @@ def test_cuda_ipc_writes_blocks_into_another_process() -> None:
         assert sender.region() is None
         peer = KVRegion(engine="cuda_ipc", hostname="h", address=handle, base=0, num_layers=SHAPE[0],
                         num_blocks=SHAPE[2], chunk_nbytes=sender.chunk_nbytes)
-        written = sender.write(peer, [0, 2], [1, 2, 3, 7], [5, 6, 7, 0])  # two runs, two layers
-        written += sender.write(peer, [1], [4], [9])
+        scattered_src = list(range(20, 32))
+        scattered_dst = [39, 10, 33, 12, 35, 14, 37, 16, 31, 18, 29, 8]  # 12 runs: the gather/scatter path
+        writes = [([0, 2], [1, 2, 3, 7], [5, 6, 7, 0]), ([1], [4], [9]), ([0, 1, 2], scattered_src, scattered_dst)]
+        written = sum(sender.write(peer, layers, s, d) for layers, s, d in writes)
         sender.flush()
-        assert written == (2 * 2 * 4 + 2) * sender.chunk_nbytes
+        assert written == sum(2 * len(layers) * len(s) for layers, s, _ in writes) * sender.chunk_nbytes
         parent.send("report")
         got = torch.from_numpy(parent.recv())
         want = torch.zeros(SHAPE)
-        for layer in (0, 2):
-            for s, d in zip([1, 2, 3, 7], [5, 6, 7, 0]):
-                want[layer, :, d] = src[layer, :, s].float().cpu()
-        want[1, :, 9] = src[1, :, 4].float().cpu()
+        for layers, s_ids, d_ids in writes:
+            for layer in layers:
+                for s_id, d_id in zip(s_ids, d_ids):
+                    want[layer, :, d_id] = src[layer, :, s_id].float().cpu()
         assert torch.equal(got, want)
         parent.send("done")
     finally:

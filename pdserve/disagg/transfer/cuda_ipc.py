@@ -4,7 +4,9 @@ D exports its cache's memory once (a CUDA IPC handle, sent as hex text inside th
 pickled); P opens it once per peer and copies whole (layer, K|V, block run) slices device to device
 (over NVLink between GPUs, in place on one GPU) on a side stream of its own, ordered on the device after
 the event recorded when the layer wrote its KV (no host wait per layer). `flush`, at the end of the
-step, waits for the copies. A handle from this very process (P and D in one process, as in
+step, waits for the copies. Blocks scattered over many runs go through a gather and a scatter kernel
+per layer when P and D share the GPU; between two GPUs each run is still its own copy (NOTE: a
+scattered prompt then costs a copy per block and layer; a staging buffer on D's GPU would fix it). A handle from this very process (P and D in one process, as in
 tests) is resolved to the tensor itself: CUDA cannot open its own IPC handles.
 """
 
@@ -20,6 +22,7 @@ from pdserve.disagg.transfer.base import TransferEngine, TransferError, check_pe
 from pdserve.disagg.transfer.shm import _block_runs
 from pdserve.messages import KVRegion
 
+MAX_MEMCPY_RUNS = 8  # more runs of consecutive blocks than this: gather + scatter kernels (one GPU)
 _EXPORTED: dict[str, torch.Tensor] = {}  # this process's exported caches, by handle text
 
 
@@ -89,13 +92,21 @@ class CudaIpcEngine(TransferEngine):
         dst = self._map(peer)
         try:
             with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
-                # contiguous (layer, K|V, block run) slices: each copy is one device memcpy, which runs
-                # several times faster than a strided copy kernel over [layers, 2, blocks]
                 runs = _block_runs(src_block_ids, dst_block_ids)
-                for layer in layers:
-                    for kv in (0, 1):
-                        for s0, d0, n in runs:
-                            dst[layer, kv, d0:d0 + n].copy_(self.kv_cache[layer, kv, s0:s0 + n], non_blocking=True)
+                if len(runs) > MAX_MEMCPY_RUNS and dst.device == self.kv_cache.device:
+                    # scattered blocks (one GPU): a gather and a scatter kernel per layer, not a copy per block
+                    src_index = torch.tensor(src_block_ids, device=dst.device)
+                    dst_index = torch.tensor(dst_block_ids, device=dst.device)
+                    for layer in layers:
+                        dst[layer].index_copy_(1, dst_index, self.kv_cache[layer].index_select(1, src_index))
+                else:
+                    # contiguous (layer, K|V, block run) slices: each copy is one device memcpy, several times
+                    # faster than a strided copy kernel over [layers, 2, blocks]
+                    for layer in layers:
+                        for kv in (0, 1):
+                            for s0, d0, n in runs:
+                                dst[layer, kv, d0:d0 + n].copy_(self.kv_cache[layer, kv, s0:s0 + n],
+                                                                non_blocking=True)
         except RuntimeError as e:
             self._peers.pop(peer.address, None)
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
