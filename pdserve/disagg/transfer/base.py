@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -76,6 +76,31 @@ class TransferEngine(ABC):
 
     def close(self) -> None:  # noqa: B027 - engines with nothing to release keep this default
         """Release registrations and mappings; safe to call twice."""
+
+
+class PeerMappings:
+    """The peers' caches this engine has mapped, by address; peers come and go, so at most MAX of them."""
+
+    MAX = 64
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, torch.Tensor] = {}
+
+    def get(self, address: str, open_peer: Callable[[], torch.Tensor]) -> torch.Tensor:
+        tensor = self._by_address.get(address)
+        if tensor is None:
+            tensor = open_peer()
+            if len(self._by_address) >= self.MAX:
+                self._by_address.pop(next(iter(self._by_address)))
+            self._by_address[address] = tensor
+        return tensor
+
+    def forget(self, address: str | None = None) -> None:
+        """Drop one mapping (None: all)."""
+        if address is None:
+            self._by_address.clear()
+        else:
+            self._by_address.pop(address, None)
 
 
 def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[int]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pdserve.disagg.transfer.base import TransferEngine, TransferError, check_peer, hostname
+from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, check_peer, hostname
 from pdserve.disagg.transfer.shm import _block_runs
 from pdserve.messages import KVRegion
 
@@ -64,7 +64,7 @@ class CudaIpcEngine(TransferEngine):
             self.handle = export_handle(kv_cache)
             _EXPORTED[self.handle] = kv_cache
         self._stream = torch.cuda.Stream(device=kv_cache.device)
-        self._peers: dict[str, torch.Tensor] = {}
+        self._peers = PeerMappings()
 
     def region(self) -> KVRegion | None:
         if self.handle is None:
@@ -73,18 +73,15 @@ class CudaIpcEngine(TransferEngine):
                         num_layers=self.num_layers, num_blocks=self.num_blocks, chunk_nbytes=self.chunk_nbytes)
 
     def _map(self, peer: KVRegion) -> torch.Tensor:
-        tensor = self._peers.get(peer.address)
-        if tensor is None:
+        def open_peer() -> torch.Tensor:
             shape = (peer.num_layers, 2, peer.num_blocks, *self.kv_cache.shape[3:])
             try:
                 with torch.cuda.device(self.kv_cache.device):
-                    tensor = open_handle(peer.address, shape, self.kv_cache.dtype)
+                    return open_handle(peer.address, shape, self.kv_cache.dtype)
             except (RuntimeError, ValueError, KeyError) as e:
                 raise TransferError(f"cannot open the peer's CUDA IPC handle (did the peer exit?): {e}") from e
-            if len(self._peers) >= 64:  # peers come and go; keep the mappings bounded
-                self._peers.pop(next(iter(self._peers)))
-            self._peers[peer.address] = tensor
-        return tensor
+
+        return self._peers.get(peer.address, open_peer)
 
     def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
               dst_block_ids: Sequence[int]) -> int:
@@ -108,7 +105,7 @@ class CudaIpcEngine(TransferEngine):
                                 dst[layer, kv, d0:d0 + n].copy_(self.kv_cache[layer, kv, s0:s0 + n],
                                                                 non_blocking=True)
         except RuntimeError as e:
-            self._peers.pop(peer.address, None)
+            self._peers.forget(peer.address)
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
 
@@ -119,10 +116,10 @@ class CudaIpcEngine(TransferEngine):
         try:
             self._stream.synchronize()
         except RuntimeError as e:
-            self._peers.clear()
+            self._peers.forget()
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
 
     def close(self) -> None:
-        self._peers.clear()
+        self._peers.forget()
         if self.handle is not None:
             _EXPORTED.pop(self.handle, None)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.disagg.transfer.base import TransferEngine, TransferError, check_peer, hostname
+from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, check_peer, hostname
 from pdserve.messages import KVRegion
 
 SHM_DIR = Path("/dev/shm")
@@ -89,7 +89,7 @@ class ShmEngine(TransferEngine):
     def __init__(self, kv_cache: torch.Tensor, path: str | None) -> None:
         super().__init__(kv_cache)
         self.path = path
-        self._peers: dict[str, torch.Tensor] = {}
+        self._peers = PeerMappings()
 
     def region(self) -> KVRegion | None:
         if self.path is None:
@@ -98,26 +98,23 @@ class ShmEngine(TransferEngine):
                         num_blocks=self.num_blocks, chunk_nbytes=self.chunk_nbytes)
 
     def _map(self, peer: KVRegion) -> torch.Tensor:
-        tensor = self._peers.get(peer.address)
-        if tensor is None:
+        def open_peer() -> torch.Tensor:
             shape = (peer.num_layers, 2, peer.num_blocks, *self.kv_cache.shape[3:])
             numel = peer.num_layers * 2 * peer.num_blocks * self.kv_cache[0, 0, 0].numel()
             if not os.path.exists(peer.address):
                 raise TransferError(f"the peer's KV cache {peer.address} does not exist (did the peer exit?)")
             try:
-                tensor = torch.from_file(peer.address, shared=True, size=numel, dtype=self.kv_cache.dtype).view(shape)
+                return torch.from_file(peer.address, shared=True, size=numel, dtype=self.kv_cache.dtype).view(shape)
             except RuntimeError as e:
                 raise TransferError(f"cannot map the peer's KV cache {peer.address}: {e}") from e
-            if len(self._peers) >= 64:  # peers come and go; keep the mappings bounded
-                self._peers.pop(next(iter(self._peers)))
-            self._peers[peer.address] = tensor
-        return tensor
+
+        return self._peers.get(peer.address, open_peer)
 
     def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
               dst_block_ids: Sequence[int]) -> int:
         check_peer(self, peer, dst_block_ids)
         if not os.path.exists(peer.address):
-            self._peers.pop(peer.address, None)
+            self._peers.forget(peer.address)
             raise TransferError(f"the peer's KV cache {peer.address} is gone (the peer exited)")
         dst = self._map(peer)
         for l0, l1 in _runs(list(layers)):
@@ -127,4 +124,4 @@ class ShmEngine(TransferEngine):
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
 
     def close(self) -> None:
-        self._peers.clear()
+        self._peers.forget()
