@@ -30,7 +30,8 @@ from pdserve.scheduler.scheduler import RequestError, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-WRITE_FAILED = "kv_store_write_failed"  # KVDone code: P could not write the prompt's blocks to the pool
+WRITE_FAILED = "kv_store_write_failed"
+ABORTED_BY_DECODE = "aborted_by_decode"  # P's error when D gave a request up (D's own answer is the client's)  # KVDone code: P could not write the prompt's blocks to the pool
 
 
 @dataclass
@@ -103,7 +104,9 @@ class PrefillSide:
                 self.control.send(out.dest.reply_to, KVDone(room=out.room, status="error", code="aborted",
                                                             error="aborted by the decode instance"))
             self._drop(out)
-            return [(out.request.req_id, RequestError(499, "aborted", f"the decode instance aborted: {message.reason}"))]
+            # D gave the request up and answers its client itself (503 no_capacity, ...); the router waits for that
+            return [(out.request.req_id, RequestError(499, ABORTED_BY_DECODE,
+                                                      f"the decode instance aborted: {message.reason}"))]
         if out is None:
             self._early[message.room] = (message, self.clock())
             return []

@@ -260,7 +260,9 @@ class Exchange:
     def _raise_if_prefill_failed(self) -> None:
         if self.p_task is not None and self.p_task.done() and not self.p_task.cancelled():
             failure = self.p_task.result()
-            if failure is not None:
+            # P fails with aborted_by_decode when D gave the request up: D's own answer (503 no_capacity, ...)
+            # is the client's, and it comes through the primary
+            if failure is not None and failure.code != "aborted_by_decode":
                 raise failure
 
     def _timeout(self) -> Failure:

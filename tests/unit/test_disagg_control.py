@@ -500,7 +500,7 @@ def test_p_abort_from_d_before_prefill_is_acknowledged() -> None:
     p_add(env)
     env.side.on_control(dest())
     failed = env.side.on_control(KVAbort(room="r1", reason="kv_transfer_timeout"))
-    assert failed == [("r1", RequestError(499, "aborted", "the decode instance aborted: kv_transfer_timeout"))]
+    assert failed == [("r1", RequestError(499, "aborted_by_decode", "the decode instance aborted: kv_transfer_timeout"))]
     assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="aborted",
                                                   error="aborted by the decode instance"))]
     p_fail(env, failed)
