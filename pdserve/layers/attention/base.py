@@ -46,6 +46,15 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = scale
 
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's K/V at their slots (one index_copy_ each); returns the K and V caches,
+        [num_blocks, block_size, kv_heads, head_dim]."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
+        return k_cache, v_cache
+
     @abstractmethod
     def prepare(self, layout: BatchLayout, device: torch.device) -> Any:
         """Build per-step metadata shared by all layers."""

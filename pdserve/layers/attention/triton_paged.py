@@ -173,9 +173,7 @@ class TritonAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata: TritonMetadata):  # type: ignore[no-untyped-def, override]
         num_tokens = q.shape[0]
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, kv_heads, head_dim]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, metadata.slot_mapping, v)
+        k_cache, v_cache = self.write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty(num_tokens, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
         paged_attention(q, k_cache, v_cache, out, metadata, self.scale)
         return out.view(num_tokens, self.num_heads * self.head_dim)
