@@ -43,9 +43,15 @@ class RotaryEmbedding(nn.Module):
         self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self.fused = False  # set by the model on CUDA with Triton: rotate in place in one kernel
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [n, heads, head_dim], k: [n, kv_heads, head_dim], positions: [n]."""
+        if self.fused:
+            from pdserve.layers.fused import rope_
+
+            rope_(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

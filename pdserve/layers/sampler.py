@@ -14,6 +14,16 @@ from pdserve.messages import SamplingSpec
 MIN_TEMPERATURE = 1e-5  # below this, logits / temperature overflows float32: sample greedily
 
 
+def to_device(values: list[float] | list[int], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor of per-row values on `device`. On CUDA it goes through pinned memory without blocking:
+    torch.tensor(list, device="cuda") copies from pageable memory and waits for the stream, that is for the
+    forward still queued before it."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -36,19 +46,48 @@ class Sampler:
         self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]
     ) -> tuple[list[int], list[list[tuple[int, float]]] | None]:
         """logits: [num_seqs, vocab] float32 -> one token id per row (and logprobs if asked)."""
+        return self.to_host(self.sample_on_device(logits, req_ids, specs), specs)
+
+    def sample_on_device(self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]) -> torch.Tensor:
+        """Everything on the device, with no host sync: [num_seqs, 1 + 2 * (1 + k)] float64 rows of (token id,
+        its logprob, top-k logprobs, top-k ids) where any spec asks for logprobs (k = the most asked), else
+        [num_seqs] token ids."""
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(specs) if s.temperature >= MIN_TEMPERATURE]
-        if random_rows:
-            sampled = self._sample(logits[random_rows], [req_ids[i] for i in random_rows],
+        if len(random_rows) == len(specs):
+            token_ids = self._sample(logits, req_ids, specs)
+        elif random_rows:
+            rows = to_device(random_rows, logits.device, torch.int64)
+            sampled = self._sample(logits.index_select(0, rows), [req_ids[i] for i in random_rows],
                                    [specs[i] for i in random_rows])
-            token_ids[random_rows] = sampled
-        token_list = token_ids.tolist()
+            token_ids.index_copy_(0, rows, sampled)
         if all(s.num_logprobs < 0 for s in specs):
-            return token_list, None
-        return token_list, self._logprobs(logits, token_ids, specs)
+            return token_ids
+        logprobs = logits.log_softmax(dim=-1)
+        k = max(1, max(s.num_logprobs for s in specs))
+        top_values, top_ids = logprobs.topk(k, dim=-1)
+        chosen = logprobs.gather(1, token_ids[:, None])
+        # one float64 tensor (token ids < 2**53 are exact), so that one copy brings everything to the host
+        return torch.cat([token_ids[:, None].double(), chosen.double(), top_values.double(), top_ids.double()], dim=1)
+
+    @staticmethod
+    def to_host(packed: torch.Tensor, specs: list[SamplingSpec]
+                ) -> tuple[list[int], list[list[tuple[int, float]]] | None]:
+        """The one host sync of a step: sample_on_device's result as token ids (and logprobs)."""
+        rows = packed.tolist()
+        if packed.dim() == 1:
+            return rows, None
+        k = (packed.shape[1] - 2) // 2
+        tokens = [int(r[0]) for r in rows]
+        out = []
+        for row, spec in zip(rows, specs):
+            k_row = max(spec.num_logprobs, 0)
+            top = zip((int(i) for i in row[2 + k:2 + k + k_row]), row[2:2 + k_row])
+            out.append([(int(row[0]), row[1]), *top])
+        return tokens, out
 
     def _sample(self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]) -> torch.Tensor:
-        temps = torch.tensor([s.temperature for s in specs], device=logits.device)
+        temps = to_device([s.temperature for s in specs], logits.device, logits.dtype)
         logits = logits / temps[:, None]
         if any(s.top_k > 0 or s.top_p < 1 or s.min_p > 0 for s in specs):
             logits = self._filter(logits, specs)
@@ -68,29 +107,18 @@ class Sampler:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         ranks = torch.arange(vocab, device=device)
-        top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs], device=device)
-        min_p = torch.tensor([s.min_p for s in specs], device=device)
+        top_k = to_device([s.top_k if s.top_k > 0 else vocab for s in specs], device)
+        min_p = to_device([s.min_p for s in specs], device, probs.dtype)
         drop = ranks[None, :] >= top_k[:, None]
         drop |= probs < min_p[:, None] * probs[:, :1]
         uses_top_p = [i for i, s in enumerate(specs) if s.top_p < 1]
         if uses_top_p:
-            top_p = torch.tensor([max(specs[i].top_p, 1e-6) for i in uses_top_p], device=device)
-            kept = probs[uses_top_p].masked_fill(drop[uses_top_p], 0.0)
+            top_p = to_device([max(specs[i].top_p, 1e-6) for i in uses_top_p], device, probs.dtype)
+            rows = to_device(uses_top_p, device, torch.int64)
+            row_drop = drop.index_select(0, rows)
+            kept = probs.index_select(0, rows).masked_fill(row_drop, 0.0)
             kept = kept / kept.sum(dim=-1, keepdim=True)
-            drop[uses_top_p] |= (kept.cumsum(dim=-1) - kept) >= top_p[:, None]  # the top token always stays
+            row_drop |= (kept.cumsum(dim=-1) - kept) >= top_p[:, None]  # the top token always stays
+            drop.index_copy_(0, rows, row_drop)
         drop_in_vocab_order = torch.empty_like(drop).scatter_(1, order, drop)
         return logits.masked_fill(drop_in_vocab_order, float("-inf"))
-
-    def _logprobs(
-        self, logits: torch.Tensor, token_ids: torch.Tensor, specs: list[SamplingSpec]
-    ) -> list[list[tuple[int, float]]]:
-        logprobs = logits.log_softmax(dim=-1)
-        k = max(s.num_logprobs for s in specs)
-        top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
-        chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
-        values, ids, tokens = top_values.tolist(), top_ids.tolist(), token_ids.tolist()
-        out = []
-        for row, spec in enumerate(specs):
-            k_row = max(spec.num_logprobs, 0)
-            out.append([(tokens[row], chosen[row]), *zip(ids[row][:k_row], values[row][:k_row])])
-        return out

@@ -63,8 +63,15 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [size, size], arch.mlp_bias, dtype)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, arch.mlp_bias, dtype)
 
+        self.fused = False  # set by the model on CUDA with Triton: silu(gate) * up in one kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from pdserve.layers.fused import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -76,9 +83,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried apart from the sublayer outputs (x): each norm adds its input to the
+        residual first, so that a fused kernel does the add and the norm in one pass. Returns (x, residual)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -95,6 +111,17 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens if arch.tie_word_embeddings
             else VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype)
         )
+        head_dim = arch.head_dim
+        if backend == "triton" and head_dim & (head_dim - 1) == 0:
+            self._use_fused_kernels()
+
+    def _use_fused_kernels(self) -> None:
+        """The Triton kernels of layers.fused for the norms, RoPE, SiLU-and-mul and the KV write."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, LlamaMLP)):
+                module.fused = True
+            if isinstance(module, LlamaAttention):
+                module.attn.fused_write = True
 
     @property
     def attention_backend(self) -> AttentionBackend:
@@ -108,11 +135,13 @@ class LlamaForCausalLM(nn.Module):
         layer_done(i), if given, is called once layer i has written its KV (e.g. to send it to a peer).
         """
         x = self.embed_tokens(token_ids)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(positions, x, kv_cache[i], meta)
+            x, residual = layer(positions, x, residual, kv_cache[i], meta)
             if layer_done is not None:
                 layer_done(i)
-        return self.norm(x)
+        x, _ = self.norm(x, residual)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)

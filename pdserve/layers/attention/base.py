@@ -45,12 +45,18 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.fused_write = False  # set by the model on CUDA with Triton (layers.fused.write_kv)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's K/V at their slots (one index_copy_ each); returns the K and V caches,
-        [num_blocks, block_size, kv_heads, head_dim]."""
+        """Write this step's K/V at their slots (one index_copy_ each, or one Triton kernel for both where
+        `fused_write` is set); returns the K and V caches, [num_blocks, block_size, kv_heads, head_dim]."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        if self.fused_write:
+            from pdserve.layers.fused import write_kv
+
+            write_kv(k, v, kv_cache, slot_mapping)
+            return k_cache, v_cache
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
         return k_cache, v_cache
