@@ -17,6 +17,7 @@ from pdserve.config import (
     ROLES,
     STORE_KINDS,
     TRANSFER_ENGINES,
+    parse_gpu_ids,
     parse_size,
 )
 
@@ -40,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="auto: Triton paged attention on CUDA (when Triton is installed), torch elsewhere")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (captured by default on CUDA with one rank and Triton)")
+    g.add_argument("--gpu-ids", type=parse_gpu_ids, default=(), metavar="I,J,...",
+                   help="CUDA device of each tensor-parallel rank, e.g. 1 or 2,3 (default: rank r on device r)")
     g.add_argument("--seed", type=int, default=0)
     c = parser.add_argument_group("KV cache tiers (docs/kv-cache.md)")
     c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
@@ -62,7 +65,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size, device=args.device, seed=args.seed,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, gpu_ids=args.gpu_ids,
+        enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
         num_host_blocks=args.num_host_blocks, kv_store=args.kv_store, kv_store_config=args.kv_store_config,
         preempt_save=args.preempt_save, cache_output=args.cache_output,
     )
@@ -129,6 +133,22 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-send-trace-dir", default=None, help=argparse.SUPPRESS)  # testing only
 
 
+def tokenizer_from(spec: str, vocab_size: int) -> Any:
+    """The tokenizer named by --tokenizer, checked to fit a model of `vocab_size` tokens."""
+    from pdserve.config import ModelConfig
+    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.models.loader import load_arch, resolve_model
+
+    source = resolve_model(ModelConfig(None if spec == "default" else spec))
+    load_arch(source)  # converts a GGUF
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise ValueError(f"--tokenizer {spec}: {source.hf_dir} holds no tokenizer")
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"--tokenizer {spec} has {len(tokenizer)} tokens, more than the model's {vocab_size}")
+    return tokenizer
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -141,10 +161,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
     config = engine_config(args, disagg_config(args))
     source = resolve_model(config.model)
-    load_arch(source)  # converts a GGUF once, before the engine process starts
-    tokenizer = load_tokenizer(source)
+    arch = load_arch(source)  # converts a GGUF once, before the engine process starts
+    tokenizer = load_tokenizer(source) if args.tokenizer is None else tokenizer_from(args.tokenizer, arch.vocab_size)
     if tokenizer is None:
-        raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one")
+        raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one: pass --tokenizer (an HF "
+                         "directory, a .gguf file, or 'default' for pdserve's default model's)")
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
     public_url = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     settings = ServerSettings(args.served_model_name or source.name, api_key, args.max_queue_len, args.role,
@@ -184,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or PDSERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    serve.add_argument("--tokenizer", default=None,
+                       help="tokenizer: an HF directory or .gguf file, or 'default' for pdserve's default model's "
+                            "(default: the model's own; needed for dummy shapes, which have none)")
     serve.add_argument("--max-queue-len", type=int, default=256,
                        help="requests that may wait beyond --max-num-seqs before new ones get 503")
     add_engine_args(serve)
@@ -192,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from pdserve.bench import kv_tiers, offline, pd, storage, transfer
+    from pdserve.bench import kv_tiers, offline, pd, storage, sweep, transfer
     from pdserve.bench import serve as bench_serve
 
     offline.add_parser(bench_sub)
@@ -201,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_parser(bench_sub)
     storage.add_parser(bench_sub)
     pd.add_parser(bench_sub)
+    sweep.add_parser(bench_sub)
     from pdserve.bench import gpu as bench_gpu
 
     bench_gpu.add_parser(bench_sub)

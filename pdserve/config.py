@@ -5,6 +5,7 @@ This is one of the two places (with cli.py) that read environment variables.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass, field
@@ -132,12 +133,14 @@ class SchedulerConfig:
 class ParallelConfig:
     """Where and how the model runs. attention_backend "auto": Triton paged attention on CUDA when Triton is
     installed, else the torch reference backend. enforce_eager: no CUDA graphs for decode steps (they are
-    captured on CUDA with one rank and the Triton backend)."""
+    captured on CUDA with one rank and the Triton backend). gpu_ids: the CUDA device of each rank (rank r
+    on gpu_ids[r]); empty: rank r on device r."""
 
     tensor_parallel_size: int = 1
     device: str = "auto"
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    gpu_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -147,6 +150,17 @@ class ParallelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend {self.attention_backend!r} is not one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.gpu_ids:
+            ids = list(self.gpu_ids)
+            if len(ids) != self.tensor_parallel_size or len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError(f"--gpu-ids needs {self.tensor_parallel_size} distinct device indices >= 0 (one "
+                                 f"per tensor-parallel rank), got {','.join(map(str, ids))}")
+            if self.device == "cpu":
+                raise ValueError("--gpu-ids places ranks on CUDA devices; it does not go with --device cpu")
+
+    def gpu_id(self, rank: int) -> int:
+        """The CUDA device index of tensor-parallel rank `rank`."""
+        return self.gpu_ids[rank] if self.gpu_ids else rank
 
     def resolved_attention_backend(self) -> str:
         device = self.resolved_device()
@@ -288,11 +302,21 @@ def parse_store_options(text: str | dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
+def parse_gpu_ids(text: str) -> tuple[int, ...]:
+    """'2,3' -> (2, 3): CUDA device indices on the command line."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated device indices like 0 or 2,3, got {text!r}") \
+            from None
+
+
 def make_engine_config(
     model: str | None = None, *, dtype: str = "float32", load_format: str = "auto", tensor_parallel_size: int = 1,
     max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
     kv_cache_memory: str | int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
     seed: int = 0, device: str = "auto", attention_backend: str = "auto", enforce_eager: bool = False,
+    gpu_ids: tuple[int, ...] = (),
     enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
     host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
     kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
@@ -309,6 +333,6 @@ def make_engine_config(
             cache_output=cache_output,
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-        parallel=ParallelConfig(tensor_parallel_size, device, attention_backend, enforce_eager),
+        parallel=ParallelConfig(tensor_parallel_size, device, attention_backend, enforce_eager, tuple(gpu_ids)),
         disagg=disagg or DisaggConfig(),
     )

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TextIO
 
 from pdserve.bench.launch import _sigterm_on_parent_death, free_port
+from pdserve.config import parse_gpu_ids
 from pdserve.store.base import StoreError
 from pdserve.store.master import MasterProcess, is_port_open
 
@@ -56,6 +57,7 @@ class LaunchConfig:
     api_key: str | None = None
     log_level: str = "INFO"
     engine_argv: tuple[str, ...] = ()
+    gpus: tuple[int, ...] = ()  # CUDA devices the instances are spread over (empty: each instance's rank r on r)
 
     def __post_init__(self) -> None:
         for flag, value in (("--num-prefill", self.num_prefill), ("--num-decode", self.num_decode),
@@ -78,6 +80,12 @@ class LaunchConfig:
         if self.kv_transfer_engine not in KV_TRANSFER_ENGINES:
             raise ValueError(f"--kv-transfer-engine {self.kv_transfer_engine!r} is not one of "
                              f"{', '.join(KV_TRANSFER_ENGINES)}")
+        if self.gpus and (len(set(self.gpus)) != len(self.gpus) or min(self.gpus) < 0 or len(self.gpus) < self.tp):
+            raise ValueError(f"--gpus needs at least --tp {self.tp} distinct device indices >= 0, got "
+                             f"{','.join(map(str, self.gpus))}")
+        if "--gpu-ids" in self.engine_argv:
+            raise ValueError("pdserve launch places instances itself: give --gpus (the devices to spread them over), "
+                             "not --gpu-ids")
         if self.kv_transfer == "storage" and {"--kv-store", "--kv-store-config"} & set(self.engine_argv):
             raise ValueError("--kv-transfer storage starts its own Mooncake master and sets --kv-store and "
                              "--kv-store-config for every instance; drop those flags")
@@ -96,6 +104,7 @@ class Part:
     port: int
     control_port: int | None = None  # prefill and decode only
     host: str = "127.0.0.1"
+    gpu_ids: tuple[int, ...] = ()  # instances placed by --gpus: the device of each rank
 
     @property
     def url(self) -> str:
@@ -118,7 +127,7 @@ def _url_host(host: str) -> str:
 # ---- pure pieces: flags, parts, command lines, environment ------------------------------------------
 
 
-def engine_argv(args: argparse.Namespace, skip: Sequence[str] = ("tensor_parallel_size",)) -> list[str]:
+def engine_argv(args: argparse.Namespace, skip: Sequence[str] = ("tensor_parallel_size", "gpu_ids")) -> list[str]:
     """The engine flags (add_engine_args) whose values differ from their defaults, as command-line tokens."""
     from pdserve.cli import add_engine_args  # here: cli imports this module
 
@@ -141,12 +150,17 @@ def launch_config_from_args(args: argparse.Namespace, env_api_key: str | None = 
     tp = args.tp if args.tp is not None else args.tensor_parallel_size
     if args.tp is not None and args.tensor_parallel_size not in (1, args.tp):
         raise ValueError(f"--tp {args.tp} and --tensor-parallel-size {args.tensor_parallel_size} disagree; give one")
-    return LaunchConfig(
+    config = LaunchConfig(
         num_prefill=args.num_prefill, num_decode=args.num_decode, num_mixed=args.num_mixed, tp=tp,
         kv_transfer=args.kv_transfer, kv_transfer_engine=args.kv_transfer_engine, policy=args.policy,
         host=args.host, port=args.port, api_key=args.api_key or env_api_key or None,
         log_level=getattr(args, "log_level", "INFO"), engine_argv=tuple(engine_argv(args)),
+        gpus=getattr(args, "gpus", ()),
     )  # fmt: skip
+    if getattr(args, "gpu_ids", ()):
+        raise ValueError("pdserve launch places instances itself: give --gpus (the devices to spread them over), "
+                         "not --gpu-ids")
+    return config
 
 
 def port_allocator() -> Callable[[], int]:
@@ -163,12 +177,15 @@ def port_allocator() -> Callable[[], int]:
 
 
 def plan_parts(config: LaunchConfig, allocate_port: Callable[[], int] = free_port) -> list[Part]:
-    """Instances in start order (prefill, decode, mixed), then the router."""
+    """Instances in start order (prefill, decode, mixed), then the router. With --gpus, instance k's ranks get
+    the next --tp devices of the list, from k * tp on, wrapping round (more instances than GPUs share them)."""
     parts: list[Part] = []
     for role, count in (("prefill", config.num_prefill), ("decode", config.num_decode), ("mixed", config.num_mixed)):
         for i in range(count):
             control_port = allocate_port() if role != "mixed" else None
-            parts.append(Part(f"{role}-{i}", role, allocate_port(), control_port))
+            first = len(parts) * config.tp
+            gpu_ids = tuple(config.gpus[(first + r) % len(config.gpus)] for r in range(config.tp)) if config.gpus else ()
+            parts.append(Part(f"{role}-{i}", role, allocate_port(), control_port, gpu_ids=gpu_ids))
     parts.append(Part(ROUTER, ROUTER, config.port, host=config.host))
     return parts
 
@@ -180,6 +197,8 @@ def build_instance_argv(config: LaunchConfig, part: Part, store_config: Mapping[
         argv += ["--control-port", str(part.control_port), "--kv-transfer", config.kv_transfer,
                  "--kv-transfer-engine", config.kv_transfer_engine]
     argv += ["--tensor-parallel-size", str(config.tp), "--log-level", config.log_level]
+    if part.gpu_ids:
+        argv += ["--gpu-ids", ",".join(map(str, part.gpu_ids))]
     if store_config is not None:
         argv += ["--kv-store", "mooncake", "--kv-store-config", json.dumps(store_config)]
     return argv + list(config.engine_argv)
@@ -520,6 +539,9 @@ def add_launch_parser(subparsers: argparse._SubParsersAction, common_parent: arg
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per instance (default: 1)")
     g.add_argument("--kv-transfer", choices=KV_TRANSFER_MODES, default="direct",
                    help="P->D KV path; 'storage' also starts a Mooncake master for the pool")
+    g.add_argument("--gpus", type=parse_gpu_ids, default=(), metavar="I,J,...",
+                   help="CUDA devices to spread the instances over: instance k's ranks take the next --tp of them "
+                        "(default: every instance on devices 0..tp-1)")
     g.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto",
                    help="the data plane of --kv-transfer direct")
     g.add_argument("--policy", default=None, help="the router's (P, D) selection policy (default: the router's)")

@@ -74,8 +74,9 @@ class Deployment:
         """The `pdserve launch` command line that starts the same deployment."""
         c = self.config
         mode = ["--kv-transfer", c.kv_transfer] if c.kv_transfer != "direct" else []
+        gpus = ["--gpus", ",".join(map(str, c.gpus))] if c.gpus else []
         return ["pdserve", "launch", "--num-prefill", str(c.num_prefill), "--num-decode", str(c.num_decode),
-                "--num-mixed", str(c.num_mixed), *mode, "--kv-transfer-engine", c.kv_transfer_engine,
+                "--num-mixed", str(c.num_mixed), *mode, *gpus, "--kv-transfer-engine", c.kv_transfer_engine,
                 *c.engine_argv]
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ host tier and pool client (worker.kv_tiers), whose copies run around the forward
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from pdserve.disagg.transfer.base import open_engines
 from pdserve.disagg.transfer.shm import allocate_shared, release_shared, shm_available
 from pdserve.layers.attention import BatchLayout
 from pdserve.layers.parallel import get_tp_group
-from pdserve.layers.sampler import Sampler
+from pdserve.layers.sampler import Sampler, to_device
 from pdserve.messages import ForwardOutput, KVRegion, StepPlan, StoreCounters
 from pdserve.models import build_model
 from pdserve.models.arch import ModelArch
@@ -34,7 +35,19 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class ModelRunner:
     def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
                  num_host_blocks: int, max_model_len: int) -> None:
+        tp = get_tp_group()
         self.device = torch.device(config.parallel.resolved_device())
+        if self.device.type == "cuda":  # this rank's GPU, current for everything the runner does
+            self.device = torch.device("cuda", config.parallel.gpu_id(tp.rank))
+        with self.on_device():
+            self._build(config, source, arch, num_blocks, num_host_blocks, max_model_len)
+
+    def on_device(self) -> contextlib.AbstractContextManager[None]:
+        """This rank's GPU as the current device (an engine process may drive runners on several)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _build(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
+               num_host_blocks: int, max_model_len: int) -> None:
         self.dtype = TORCH_DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
         self.model = build_model(arch, source, self.dtype, self.device, max_position=max_model_len,
@@ -78,6 +91,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ForwardOutput:
+        with self.on_device():
+            return self._execute(plan)
+
+    def _execute(self, plan: StepPlan) -> ForwardOutput:
         if self.tiers is not None:
             self.tiers.copy(plan.cache_ops)
         if plan.kv_sends and self.sender is None:
@@ -99,7 +116,8 @@ class ModelRunner:
 
     def load_from_pool(self, keys: list[str], host_block_ids: list[int]) -> int:
         """Read blocks from the pool into the host tier; how many leading blocks were read."""
-        return self.tiers.load(keys, host_block_ids) if self.tiers is not None else 0
+        with self.on_device():
+            return self.tiers.load(keys, host_block_ids) if self.tiers is not None else 0
 
     def count_in_pool(self, keys: list[str]) -> int:
         """How many leading `keys` the pool holds for this rank."""
@@ -150,7 +168,9 @@ class ModelRunner:
             torch.tensor(token_ids, device=self.device), torch.tensor(positions, device=self.device),
             self.kv_cache, meta, layer_done,
         )
-        return self._sample(plan, hidden[sample_rows])
+        if len(sample_rows) != hidden.shape[0]:  # (a decode-only batch samples every row)
+            hidden = hidden.index_select(0, to_device(sample_rows, self.device, torch.int64))
+        return self._sample(plan, hidden)
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> ForwardOutput:
         """hidden: [sampled sequences, hidden], in plan order."""

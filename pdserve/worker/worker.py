@@ -52,7 +52,7 @@ def worker_main(spec_json: bytes) -> None:
         config = spec.config
         device = config.parallel.resolved_device()
         if device == "cuda":
-            torch.cuda.set_device(spec.rank)
+            torch.cuda.set_device(config.parallel.gpu_id(spec.rank))
         init_tp_group(spec.rank, config.parallel.tensor_parallel_size,
                       "nccl" if device == "cuda" else "gloo", spec.dist_init_method)
         source = resolve_model(config.model)

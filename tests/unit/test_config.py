@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pdserve.config import (
     ParallelConfig,
     SchedulerConfig,
     cache_dir,
+    parse_gpu_ids,
     parse_size,
 )
 from pdserve.engine.core import resolve_max_model_len, resolve_num_blocks
@@ -78,11 +80,23 @@ def test_defaults_are_valid_and_frozen() -> None:
         (lambda: SchedulerConfig(max_num_batched_tokens=0), r"max_num_batched_tokens must be at least 1, got 0"),
         (lambda: ParallelConfig(tensor_parallel_size=0), r"tensor_parallel_size must be at least 1, got 0"),
         (lambda: ParallelConfig(device="tpu"), r"device 'tpu' is not one of auto, cpu, cuda"),
+        (lambda: ParallelConfig(2, gpu_ids=(1,)), r"--gpu-ids needs 2 distinct device indices >= 0 .*got 1$"),
+        (lambda: ParallelConfig(2, gpu_ids=(3, 3)), r"--gpu-ids needs 2 distinct .*got 3,3"),
+        (lambda: ParallelConfig(1, gpu_ids=(-1,)), r"--gpu-ids needs 1 distinct device indices >= 0"),
+        (lambda: ParallelConfig(1, "cpu", gpu_ids=(0,)), r"--gpu-ids places ranks on CUDA devices"),
     ],
 )
 def test_config_validation_messages(make, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_gpu_ids_place_ranks() -> None:
+    assert [ParallelConfig(2).gpu_id(r) for r in (0, 1)] == [0, 1]
+    assert [ParallelConfig(2, gpu_ids=(3, 1)).gpu_id(r) for r in (0, 1)] == [3, 1]
+    assert parse_gpu_ids("2,3") == (2, 3)
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated device indices like 0 or 2,3"):
+        parse_gpu_ids("0;1")
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 16, 128])

@@ -108,7 +108,21 @@ def test_mixed_replicas() -> None:
         "--port", "8000", "--host", "127.0.0.1", "--log-level", "INFO"]
 
 
+def test_gpus_spread_instances_over_devices() -> None:
+    """Instance k's ranks take the next --tp devices of --gpus, wrapping round; none without --gpus."""
+    cfg = config("--gpus", "0,1")
+    parts = plan_parts(cfg, ports())
+    assert [p.gpu_ids for p in parts] == [(0,), (1,), ()]
+    assert build_instance_argv(cfg, parts[1], python=PY)[-2:] == ["--gpu-ids", "1"]
+    cfg = config("--num-prefill", "2", "--num-decode", "1", "--tp", "2", "--gpus", "4,5,6")
+    assert [p.gpu_ids for p in plan_parts(cfg, ports())][:3] == [(4, 5), (6, 4), (5, 6)]
+    assert all("--gpu-ids" not in build_instance_argv(config(), p, python=PY) for p in plan_parts(config(), ports()))
+
+
 @pytest.mark.parametrize("argv, message", [
+    (("--gpus", "0", "--tp", "2"), "--gpus needs at least --tp 2 distinct device indices"),
+    (("--gpus", "1,1"), "--gpus needs at least --tp 1 distinct"),
+    (("--gpu-ids", "1"), "pdserve launch places instances itself: give --gpus"),
     (("--num-mixed", "1"), "--num-mixed 1 runs replicas without PD disaggregation; it needs --num-prefill 0"),
     (("--num-prefill", "0", "--num-decode", "0"), "nothing to launch"),
     (("--num-decode", "0"), "needs at least one prefill and one decode instance"),

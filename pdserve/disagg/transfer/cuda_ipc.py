@@ -1,13 +1,18 @@
 """Same-host GPU transfers through CUDA IPC: P's ranks copy blocks straight into D's GPU KV cache.
 
-D exports its cache's memory once (a CUDA IPC handle, sent as hex text inside the KVRegion, never
-pickled); P opens it once per peer and copies whole (layer, K|V, block run) slices device to device
-(over NVLink between GPUs, in place on one GPU) on a side stream of its own, ordered on the device after
-the event recorded when the layer wrote its KV (no host wait per layer). `flush`, at the end of the
-step, waits for the copies. Blocks scattered over many runs go through a gather and a scatter kernel
-per layer when P and D share the GPU; between two GPUs each run is still its own copy (NOTE: a
-scattered prompt then costs a copy per block and layer; a staging buffer on D's GPU would fix it). A handle from this very process (P and D in one process, as in
-tests) is resolved to the tensor itself: CUDA cannot open its own IPC handles.
+D exports its cache's memory once (a CUDA IPC handle and its GPU's UUID, sent as JSON text inside the
+KVRegion, never pickled); P opens it once per peer, on whichever of its visible devices has that UUID,
+and copies device to device (over NVLink between GPUs, in place on one GPU) on a side stream of its own,
+ordered on the device after the event recorded when the layer wrote its KV (no host wait per layer).
+`flush`, at the end of the step, waits for the copies.
+
+How the blocks go depends on how scattered they are (runs of blocks consecutive on both sides):
+- a few runs: one 2-D memcpy per run covering every layer of the call (cuda_copy.copy_runs);
+- many runs, one GPU: a gather and a scatter kernel per layer;
+- many runs, two GPUs: per layer, a gather on P's GPU into a contiguous buffer, one peer copy to a
+  buffer on D's GPU, and a scatter kernel there (launched by P, on a stream of P's on D's GPU).
+A handle from this very process (P and D in one process, as in tests) is resolved to the tensor itself:
+CUDA cannot open its own IPC handles.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from collections.abc import Sequence
 import torch
 
 from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, check_peer, hostname
+from pdserve.disagg.transfer.cuda_copy import copy_runs
 from pdserve.disagg.transfer.shm import _block_runs
 from pdserve.messages import KVRegion
 
-MAX_MEMCPY_RUNS = 8  # more runs of consecutive blocks than this: gather + scatter kernels (one GPU)
+MAX_MEMCPY_RUNS = 8  # more runs of consecutive blocks than this: gather + scatter kernels
 _EXPORTED: dict[str, torch.Tensor] = {}  # this process's exported caches, by handle text
 
 
@@ -32,7 +38,21 @@ def export_handle(tensor: torch.Tensor) -> str:
         raise ValueError("only a whole contiguous tensor can be exported")
     fields = tensor.untyped_storage()._share_cuda_()  # type: ignore[attr-defined]
     encoded = [f.hex() if isinstance(f, bytes) else f for f in fields]
-    return json.dumps({"pid": os.getpid(), "fields": encoded, "kinds": [type(f).__name__ for f in fields]})
+    return json.dumps({"pid": os.getpid(), "uuid": device_uuid(tensor.device.index), "fields": encoded,
+                       "kinds": [type(f).__name__ for f in fields]})
+
+
+def device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_device(uuid: str) -> int:
+    """This process's index of the GPU with `uuid` (processes may see the GPUs under other indices)."""
+    for index in range(torch.cuda.device_count()):
+        if device_uuid(index) == uuid:
+            return index
+    raise TransferError(f"the peer's GPU (UUID {uuid}) is not visible to this process: cuda_ipc needs P to see D's "
+                        "GPU (CUDA_VISIBLE_DEVICES must include it; use --gpu-ids to place instances instead)")
 
 
 def open_handle(text: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -42,6 +62,7 @@ def open_handle(text: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Te
         return local
     info = json.loads(text)
     fields = [bytes.fromhex(f) if kind == "bytes" else f for f, kind in zip(info["fields"], info["kinds"])]
+    fields[0] = local_device(info["uuid"])  # the exporter's device index is its own numbering
     storage = torch.UntypedStorage._new_shared_cuda(*fields)  # type: ignore[attr-defined]
     strides: list[int] = []
     step = 1
@@ -64,6 +85,7 @@ class CudaIpcEngine(TransferEngine):
             self.handle = export_handle(kv_cache)
             _EXPORTED[self.handle] = kv_cache
         self._stream = torch.cuda.Stream(device=kv_cache.device)
+        self._peer_streams: dict[torch.device, torch.cuda.Stream] = {}  # on D's GPU, where it is another one
         self._peers = PeerMappings()
 
     def region(self) -> KVRegion | None:
@@ -78,6 +100,8 @@ class CudaIpcEngine(TransferEngine):
             try:
                 with torch.cuda.device(self.kv_cache.device):
                     return open_handle(peer.address, shape, self.kv_cache.dtype)
+            except TransferError:
+                raise
             except (RuntimeError, ValueError, KeyError) as e:
                 raise TransferError(f"cannot open the peer's CUDA IPC handle (did the peer exit?): {e}") from e
 
@@ -90,24 +114,34 @@ class CudaIpcEngine(TransferEngine):
         try:
             with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
                 runs = _block_runs(src_block_ids, dst_block_ids)
-                if len(runs) > MAX_MEMCPY_RUNS and dst.device == self.kv_cache.device:
-                    # scattered blocks (one GPU): a gather and a scatter kernel per layer, not a copy per block
+                if len(runs) <= MAX_MEMCPY_RUNS:
+                    copy_runs(dst, self.kv_cache, layers, runs)
+                elif dst.device == self.kv_cache.device:
+                    # scattered blocks, one GPU: a gather and a scatter kernel per layer, not a copy per block
                     src_index = torch.tensor(src_block_ids, device=dst.device)
                     dst_index = torch.tensor(dst_block_ids, device=dst.device)
                     for layer in layers:
                         dst[layer].index_copy_(1, dst_index, self.kv_cache[layer].index_select(1, src_index))
                 else:
-                    # contiguous (layer, K|V, block run) slices: each copy is one device memcpy, several times
-                    # faster than a strided copy kernel over [layers, 2, blocks]
-                    for layer in layers:
-                        for kv in (0, 1):
-                            for s0, d0, n in runs:
-                                dst[layer, kv, d0:d0 + n].copy_(self.kv_cache[layer, kv, s0:s0 + n],
-                                                                non_blocking=True)
+                    self._staged_write(dst, layers, src_block_ids, dst_block_ids)
         except RuntimeError as e:
             self._peers.forget(peer.address)
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
+
+    def _staged_write(self, dst: torch.Tensor, layers: Sequence[int], src_block_ids: Sequence[int],
+                      dst_block_ids: Sequence[int]) -> None:
+        """Scattered blocks to another GPU: gather here, one peer copy, scatter on D's GPU. Torch orders the
+        peer copy after this device's current stream (the side stream) and the scatter stream after it."""
+        stream = self._peer_streams.get(dst.device)
+        if stream is None:
+            stream = self._peer_streams[dst.device] = torch.cuda.Stream(device=dst.device)
+        src_index = torch.tensor(src_block_ids, device=self.kv_cache.device)
+        with torch.cuda.stream(stream):
+            dst_index = torch.tensor(dst_block_ids, device=dst.device)
+            for layer in layers:
+                gathered = self.kv_cache[layer].index_select(1, src_index)
+                dst[layer].index_copy_(1, dst_index, gathered.to(dst.device, non_blocking=True))
 
     def wait(self, event: torch.cuda.Event) -> None:
         self._stream.wait_event(event)
@@ -115,6 +149,8 @@ class CudaIpcEngine(TransferEngine):
     def flush(self) -> None:
         try:
             self._stream.synchronize()
+            for stream in self._peer_streams.values():
+                stream.synchronize()
         except RuntimeError as e:
             self._peers.forget()
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
