@@ -1,4 +1,5 @@
-"""`pdserve bench gpu`: the engine on one GPU, each figure beside a baseline measured in the same run.
+"""`pdserve bench gpu`: the engine on a GPU (the transfer part on two when there are two), each figure beside
+a baseline measured in the same run.
 
 Three parts (--parts), each in its own engine(s), freed before the next:
 
@@ -12,12 +13,13 @@ Three parts (--parts), each in its own engine(s), freed before the next:
 - prefill: one request's prompt computed in one engine step (max_num_batched_tokens >= the prompt) at
   each --prefill-lens length: tokens/s and achieved TFLOP/s (the model's matmul FLOPs plus causal
   attention FLOPs) against the TFLOP/s of a --matmul-size cubed matmul in the same dtype.
-- transfer: (raw) the cuda_ipc engine writing one prompt's KV blocks from this process into a cache that a
-  spawned child process exported, all layers in one write and layer by layer, against a contiguous
-  device-to-device copy of the same bytes; (pd) a prefill and a decode EngineCore in this process
-  (transfer engine cuda_ipc): a PD request's TTFT (D's first token) against the prefill alone of a
-  same-length plain request on P, and P's sender busy and exposed seconds (the share of TTFT spent on
-  the transfer). P and D share one process and one GPU here.
+- transfer, P on one GPU and D on another (--transfer-gpus; default 0,1 with two GPUs, else both on 0):
+  (raw) the cuda_ipc engine writing one prompt's KV blocks from this process into a cache that a
+  spawned child process exported on D's GPU, all layers in one write, layer by layer, and into scattered
+  blocks, against one contiguous copy of the same bytes from P's GPU to D's (a peer copy); (pd) a prefill
+  and a decode EngineCore in this process (transfer engine cuda_ipc): a PD request's TTFT (D's first
+  token) against the prefill alone of a same-length plain request on P, and P's sender busy and exposed
+  seconds (the share of TTFT spent on the transfer).
 
 Writes gpu-<gpu>-<label or timestamp>.json and .png under --result-dir and prints a table. Needs a CUDA
 GPU (exit 2 without one); the hidden --allow-cpu runs what can run on the CPU (for the smoke test).
@@ -91,17 +93,18 @@ NOTES = {
                "attention 4 x layers x heads x head_dim x tokens (tokens + 1) / 2 (QK^T and PV over the "
                "keys each query sees) + 2 x hidden x vocab for the one sampled row's logits",
     "transfer_raw": "the cuda_ipc engine (CudaIpcEngine.write + flush) copying one prompt's KV blocks (every "
-                    "layer, K and V, contiguous block ids) from a cache in this process into a cache a spawned "
-                    "child process exported (same GPU): all layers in one write, or one write per layer as "
-                    "P's sender does; wall time from a synchronized start to flush(), median and best of the "
+                    "layer, K and V, contiguous block ids) from a cache in this process on P's GPU into a cache a "
+                    "spawned child process exported on D's GPU: all layers in one write, one write per layer as "
+                    "P's sender does, or all layers into every other block of D's (scattered: gather, peer copy, "
+                    "scatter); wall time from a synchronized start to flush(), median and best of the "
                     "repeats after one untimed write whose copy is checked. device_copy: one contiguous "
-                    "device-to-device copy of the same bytes in this process (the fair peer copy); local_slices: "
+                    "copy of the same bytes from P's GPU to D's in this process (the peer copy); local_slices: "
                     "the engine's pattern of copies, one per (layer, K|V) slice of the blocks, into a cache of this "
                     "process (what the launches cost without IPC and without the engine's Python). GB/s here "
                     "counts the bytes moved (once), not read + written",
-    "transfer_pd": "P (role prefill) and D (role decode) are two EngineCores in ONE process on ONE GPU, paired "
-                   "through their real control sockets; the KV goes through the cuda_ipc engine (a "
-                   "device-local copy here; the two-GPU, two-process run is for a later session on two GPUs). "
+    "transfer_pd": "P (role prefill) and D (role decode) are two EngineCores in ONE process, P on p_gpu and D on "
+                   "d_gpu, paired through their real control sockets; the KV goes through the cuda_ipc engine "
+                   "(in one process it copies into D's tensor directly, as it does into a mapped peer cache). "
                    "ttft: from adding the request to D (then to P) until D emits its first token (P's prefill, "
                    "layer-by-layer sends, KVDone), both cores stepped in turn, no HTTP; prefill_alone: a plain "
                    "request of the same length on P (max_tokens 1) from add to its token. busy: P rank 0's "
@@ -131,7 +134,8 @@ class GpuBenchConfig:
     hf_repeats: int = 2
     prefill_lens: tuple[int, ...] = (2048, 8192)
     prefill_repeats: int = 5
-    transfer_lens: tuple[int, ...] = (1024, 4096, 8192)
+    transfer_lens: tuple[int, ...] = (1024, 4096, 16384)
+    transfer_gpus: tuple[int, ...] | None = None  # (P's, D's) CUDA devices; None: (0, 1) with two GPUs, else (0, 0)
     transfer_repeats: int = 5
     raw_repeats: int = 20
     copy_bytes: int = 4 << 30
@@ -154,6 +158,8 @@ class GpuBenchConfig:
                      "raw_repeats", "copy_bytes", "copy_repeats", "matmul_size", "matmul_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.transfer_gpus is not None and (len(self.transfer_gpus) != 2 or min(self.transfer_gpus) < 0):
+            raise ValueError(f"--transfer-gpus takes two device indices P,D (e.g. 0,1), got {self.transfer_gpus}")
         if self.decode_warmup < 0:
             raise ValueError(f"--decode-warmup must be 0 or more, got {self.decode_warmup}")
         if self.label is not None and not LABEL_RE.match(self.label):
@@ -167,7 +173,20 @@ def _sync(device: str) -> None:
     import torch
 
     if device == "cuda":
-        torch.cuda.synchronize()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
+def transfer_gpus(config: GpuBenchConfig) -> tuple[int, int]:
+    """(P's device, D's device) of the transfer part."""
+    import torch
+
+    if config.transfer_gpus is not None:
+        p, d = config.transfer_gpus
+        if max(p, d) >= torch.cuda.device_count():
+            raise ValueError(f"--transfer-gpus {p},{d}: torch sees {torch.cuda.device_count()} GPU(s)")
+        return p, d
+    return (0, 1) if torch.cuda.device_count() >= 2 else (0, 0)
 
 
 def _release(device: str) -> None:
@@ -681,7 +700,7 @@ def _prefill_once(core: Any, device: str, req_id: str, prompt: list[int]) -> tup
 # ---- transfer: raw cuda_ipc between two processes ----------------------------------------------------------------
 
 
-def _ipc_receiver(conn: Connection, shape: tuple[int, ...], dtype_name: str) -> None:
+def _ipc_receiver(conn: Connection, shape: tuple[int, ...], dtype_name: str, device: str) -> None:
     """Child process: a zeroed cache of `shape` on the GPU, exported through cuda_ipc; answers JSON commands
     {"cmd": "zero"}, {"cmd": "checksum", "num_blocks": n} (sum of the bytes of blocks [0, n) of every layer),
     {"cmd": "stop"}."""
@@ -691,7 +710,8 @@ def _ipc_receiver(conn: Connection, shape: tuple[int, ...], dtype_name: str) -> 
 
         from pdserve.disagg.transfer.cuda_ipc import CudaIpcEngine
 
-        cache = torch.zeros(shape, dtype=getattr(torch, dtype_name), device="cuda")
+        torch.cuda.set_device(device)
+        cache = torch.zeros(shape, dtype=getattr(torch, dtype_name), device=device)
         engine = CudaIpcEngine(cache, receive=True)
         region = engine.region()
         assert region is not None
@@ -722,10 +742,10 @@ def _ipc_receiver(conn: Connection, shape: tuple[int, ...], dtype_name: str) -> 
 class _Child:
     """The spawned receiver process and its pipe."""
 
-    def __init__(self, shape: tuple[int, ...], dtype_name: str) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype_name: str, device: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_ipc_receiver, args=(child_conn, shape, dtype_name),
+        self.process = ctx.Process(target=_ipc_receiver, args=(child_conn, shape, dtype_name, device),
                                    name="pdserve-bench-gpu-receiver", daemon=True)
         self.process.start()
         child_conn.close()
@@ -770,7 +790,8 @@ def _timed(fn: Callable[[], None], device: str, repeats: int) -> list[float]:
 
 
 def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int]) -> list[dict[str, Any]]:
-    """cuda_ipc into another process vs a contiguous device copy of the same bytes, per prompt length."""
+    """cuda_ipc into another process (on D's GPU) vs a contiguous copy of the same bytes from P's GPU to D's
+    (a peer copy between two GPUs), per prompt length."""
     import torch
 
     from pdserve.disagg.transfer.base import hostname
@@ -781,15 +802,17 @@ def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int]) -> list
     bs = config.block_size
     max_blocks = _blocks(max(lens), bs)
     shape = (arch.num_layers, 2, max_blocks, bs, arch.num_kv_heads, arch.head_dim)
-    child = _Child(shape, config.dtype)
+    d_shape = (arch.num_layers, 2, 2 * max_blocks, *shape[3:])  # room for every other block (the scattered case)
+    p_gpu, d_gpu = transfer_gpus(config)
+    child = _Child(d_shape, config.dtype, f"cuda:{d_gpu}")
     rows = []
     try:
         address = child.recv(CHILD_START_TIMEOUT_S)["address"]
-        generator = torch.Generator(device="cuda").manual_seed(config.seed)
-        src = torch.randn(shape, device="cuda", generator=generator).to(TORCH_DTYPES[config.dtype])
+        generator = torch.Generator(device=f"cuda:{p_gpu}").manual_seed(config.seed)
+        src = torch.randn(shape, device=f"cuda:{p_gpu}", generator=generator).to(TORCH_DTYPES[config.dtype])
         engine = CudaIpcEngine(src, receive=False)
         peer = KVRegion(engine="cuda_ipc", hostname=hostname(), address=address, base=0, num_layers=arch.num_layers,
-                        num_blocks=max_blocks, chunk_nbytes=engine.chunk_nbytes)
+                        num_blocks=2 * max_blocks, chunk_nbytes=engine.chunk_nbytes)
         layers = list(range(arch.num_layers))
         try:
             for tokens in lens:
@@ -798,7 +821,7 @@ def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int]) -> list
                 print(f"[gpu] raw cuda_ipc {tokens} tokens ({row['nbytes'] / 2**20:.0f} MiB): all layers "
                       f"{row['ipc_all_layers']['gb_per_s_median']:.0f} GB/s, layer by layer "
                       f"{row['ipc_layer_by_layer']['gb_per_s_median']:.0f} GB/s, device copy "
-                      f"{row['device_copy']['gb_per_s_median']:.0f} GB/s", flush=True)
+                      f"{row['device_copy']['gb_per_s_median']:.0f} GB/s (GPU {p_gpu} -> {d_gpu})", flush=True)
         finally:
             engine.close()
     finally:
@@ -814,6 +837,7 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
 
     num_blocks = _blocks(tokens, config.block_size)
     ids = list(range(num_blocks))
+    scattered_ids = [2 * i for i in range(num_blocks)] if 2 * num_blocks <= peer.num_blocks else ids
     child.ask(cmd="zero")
     nbytes = engine.write(peer, layers, ids, ids)  # maps the peer's memory; checked, not timed
     engine.flush()
@@ -827,29 +851,34 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
         engine.write(peer, layers, ids, ids)
         engine.flush()
 
+    def scattered() -> None:  # every other block of D's: the gather / (peer copy) / scatter path
+        engine.write(peer, layers, ids, scattered_ids)
+        engine.flush()
+
     def layer_by_layer() -> None:
         for layer in layers:
             engine.write(peer, [layer], ids, ids)
         engine.flush()
 
-    flat_src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(3)
-    flat_dst = torch.empty_like(flat_src)
-    local = torch.empty_like(src)
+    dst_device = engine.peer_device(peer)
+    flat_src = torch.empty(nbytes, dtype=torch.uint8, device=src.device).fill_(3)
+    flat_dst = torch.empty(nbytes, dtype=torch.uint8, device=dst_device)
+    local = torch.empty(src.shape, dtype=src.dtype, device=dst_device)
 
-    def device_copy() -> None:
+    def device_copy() -> None:  # one contiguous copy of the same bytes, P's GPU -> D's GPU
         flat_dst.copy_(flat_src)
-        torch.cuda.synchronize()
+        _sync("cuda")
 
-    def local_slices() -> None:  # the engine's copies, (layer, K|V) slices, into this process's own memory
+    def local_slices() -> None:  # the (layer, K|V) slice copies, into this process's own memory on D's GPU
         for layer in layers:
             for kv in (0, 1):
                 local[layer, kv, :num_blocks].copy_(src[layer, kv, :num_blocks])
-        torch.cuda.synchronize()
+        _sync("cuda")
 
     row: dict[str, Any] = {"tokens": tokens, "num_blocks": num_blocks, "nbytes": nbytes,
                            "copies_per_write": 2 * len(layers)}
     for name, fn in (("ipc_all_layers", all_layers), ("ipc_layer_by_layer", layer_by_layer),
-                     ("device_copy", device_copy), ("local_slices", local_slices)):
+                     ("ipc_scattered", scattered), ("device_copy", device_copy), ("local_slices", local_slices)):
         fn()  # warm-up
         t = _timing(_timed(fn, "cuda", config.raw_repeats))
         row[name] = t | {"gb_per_s_best": _r(nbytes / t["seconds_best"] / 1e9, 2),
@@ -857,6 +886,7 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
     copy = row["device_copy"]["gb_per_s_median"]
     row["all_layers_over_copy"] = _ratio(row["ipc_all_layers"]["gb_per_s_median"], copy)
     row["layer_by_layer_over_copy"] = _ratio(row["ipc_layer_by_layer"]["gb_per_s_median"], copy)
+    row["scattered_over_copy"] = _ratio(row["ipc_scattered"]["gb_per_s_median"], copy)
     return row
 
 
@@ -872,13 +902,16 @@ def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[i
     num_blocks = 4 * _blocks(max_model_len, config.block_size) + 16
     common = dict(max_model_len=max_model_len, num_blocks=num_blocks, max_num_batched_tokens=max_model_len,
                   max_num_seqs=8)
+    p_gpu, d_gpu = transfer_gpus(config) if device == "cuda" else (None, None)
     out: dict[str, Any] = {"engine": engine_name, "max_model_len": max_model_len, "num_blocks_per_core": num_blocks,
                            "kv_dest_wait_s": 1.0, "max_tokens": PD_MAX_TOKENS, "repeats": config.transfer_repeats,
-                           "same_process": True, "same_gpu": device == "cuda"}
-    p = _engine(config, device, **common, disagg=DisaggConfig(role="prefill", transfer_engine=engine_name,
-                                                             kv_dest_wait=1.0))
+                           "same_process": True, "p_gpu": p_gpu, "d_gpu": d_gpu,
+                           "same_gpu": device == "cuda" and p_gpu == d_gpu}
+    p = _engine(config, device, **common, gpu_ids=() if p_gpu is None else (p_gpu,),
+                disagg=DisaggConfig(role="prefill", transfer_engine=engine_name, kv_dest_wait=1.0))
     try:
-        d = _engine(config, device, **common, disagg=DisaggConfig(role="decode", transfer_engine=engine_name))
+        d = _engine(config, device, **common, gpu_ids=() if d_gpu is None else (d_gpu,),
+                    disagg=DisaggConfig(role="decode", transfer_engine=engine_name))
         try:
             log = _SendLog(p)
             rows = []
@@ -1013,7 +1046,8 @@ def run_transfer(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, An
     errors = []
     if device == "cuda":
         try:
-            result["raw"] = {"engine": "cuda_ipc", "repeats": config.raw_repeats,
+            p_gpu, d_gpu = transfer_gpus(config)
+            result["raw"] = {"engine": "cuda_ipc", "repeats": config.raw_repeats, "p_gpu": p_gpu, "d_gpu": d_gpu,
                              "rows": run_transfer_raw(config, arch, lens)}
         except Exception as e:  # noqa: BLE001 - recorded; the in-engine half still runs
             traceback.print_exc()
@@ -1096,8 +1130,7 @@ def _run_parts(config: GpuBenchConfig, device: str) -> dict[str, Any]:
     result = {
         "benchmark": "gpu", "date": now_iso(), "label": config.label, "pdserve_version": code_version(),
         "machine": machine_info(), "gpu": gpu, "device": device, "model": shape, "config": settings,
-        "notes": NOTES | {"same_process": "transfer.pd: P and D share one process and one GPU in this run; the "
-                                          "two-GPU, cross-process figures are for a later run on two GPUs"},
+        "notes": NOTES,
         "baselines": baselines, "parts": parts,
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(time.perf_counter() - started, 1)},
     }
@@ -1256,23 +1289,31 @@ def format_report(result: dict[str, Any]) -> str:
         else:
             raw, pd = part.get("raw") or {}, part.get("pd") or {}
             if raw.get("rows"):
-                lines.append("\ntransfer, raw cuda_ipc into another process (GB/s moved, median)")
-                lines += _table((("tokens", 7), ("MiB", 7), ("all layers", 11), ("per layer", 10), ("dev copy", 9),
-                                 ("slices", 8), ("all/copy", 9), ("layer/copy", 11)),
+                gpus = f"GPU {raw.get('p_gpu')} -> GPU {raw.get('d_gpu')}"
+                lines.append(f"\ntransfer, raw cuda_ipc into another process, {gpus} (GB/s moved, median)")
+                lines += _table((("tokens", 7), ("MiB", 7), ("all layers", 11), ("per layer", 10), ("scattered", 10),
+                                 ("peer copy", 10), ("slices", 8), ("all/copy", 9), ("layer/copy", 11),
+                                 ("scat/copy", 10)),
                                 [[r["tokens"], f"{r['nbytes'] / 2**20:.0f}",
                                   fmt(r["ipc_all_layers"]["gb_per_s_median"], "{:.0f}"),
                                   fmt(r["ipc_layer_by_layer"]["gb_per_s_median"], "{:.0f}"),
+                                  fmt(r["ipc_scattered"]["gb_per_s_median"], "{:.0f}"),
                                   fmt(r["device_copy"]["gb_per_s_median"], "{:.0f}"),
                                   fmt(r["local_slices"]["gb_per_s_median"], "{:.0f}"),
-                                  fmt(r["all_layers_over_copy"], "{:.2f}"), fmt(r["layer_by_layer_over_copy"], "{:.2f}")]
+                                  fmt(r["all_layers_over_copy"], "{:.2f}"), fmt(r["layer_by_layer_over_copy"], "{:.2f}"),
+                                  fmt(r["scattered_over_copy"], "{:.2f}")]
                                  for r in raw["rows"]])
-                lines.append("all layers / per layer: CudaIpcEngine.write (one call, or one per layer) + flush; dev copy: "
-                             "one contiguous copy of the same bytes; slices: the same (layer, K|V) copies into this "
-                             "process's memory")
+                lines.append("all layers / per layer: CudaIpcEngine.write (one call, or one per layer) + flush; "
+                             "scattered: all layers into every other block of D's; peer copy: one contiguous copy of "
+                             "the same bytes between the GPUs; slices: one copy per (layer, K|V) into this process's "
+                             "memory on D's GPU")
             else:
                 lines.append(f"\ntransfer raw: {raw.get('skipped') or 'ERROR ' + str(raw.get('error'))}")
             if pd.get("rows"):
-                lines.append(f"\ntransfer, in-engine PD over {pd['engine']} (P and D in one process; ms, median)")
+                where = (f"P on GPU {pd.get('p_gpu')}, D on GPU {pd.get('d_gpu')}" if pd.get("p_gpu") is not None
+                         else "CPU")
+                lines.append(f"\ntransfer, in-engine PD over {pd['engine']} (P and D in one process, {where}; ms, "
+                             "median)")
                 lines += _table((("tokens", 7), ("KV MiB", 7), ("TTFT", 9), ("P alone", 9), ("TTFT/alone", 11),
                                  ("busy", 8), ("exposed", 8), ("exp/TTFT", 9), ("overlap", 8), ("runs", 7),
                                  ("catch-up", 9)),
@@ -1317,7 +1358,8 @@ def _parts(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d = GpuBenchConfig()
-    p = sub.add_parser("gpu", help="decode, prefill and KV transfer on one GPU, each against a baseline in the same run",
+    p = sub.add_parser("gpu", help="decode, prefill and KV transfer (two GPUs where there are two), each against "
+                       "a baseline in the same run",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", type=_parts, default=PARTS, help=f"comma-separated subset of {','.join(PARTS)} (default all)")
     m = p.add_argument_group("model")
@@ -1341,7 +1383,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     f.add_argument("--matmul-size", type=int, default=d.matmul_size, help="n of the n^3 matmul peak")
     f.add_argument("--matmul-repeats", type=int, default=d.matmul_repeats)
     t = p.add_argument_group("transfer")
-    t.add_argument("--transfer-lens", type=_int_list, default=d.transfer_lens, help="default 1024,4096,8192")
+    t.add_argument("--transfer-lens", type=_int_list, default=d.transfer_lens, help="default 1024,4096,16384")
+    t.add_argument("--transfer-gpus", type=_int_list, default=d.transfer_gpus, metavar="P,D",
+                   help="P's and D's CUDA devices (default 0,1 with two GPUs, else 0,0)")
     t.add_argument("--transfer-repeats", type=int, default=d.transfer_repeats, help="timed PD requests per length")
     t.add_argument("--raw-repeats", type=int, default=d.raw_repeats, help="timed raw cuda_ipc writes per length")
     b = p.add_argument_group("bandwidth")
@@ -1361,6 +1405,7 @@ def config_from_args(args: argparse.Namespace) -> GpuBenchConfig:
         decode_context=args.decode_context, decode_steps=args.decode_steps, decode_warmup=args.decode_warmup,
         decode_max_model_len=args.decode_max_model_len, skip_hf=args.skip_hf, hf_repeats=args.hf_repeats,
         prefill_lens=args.prefill_lens, prefill_repeats=args.prefill_repeats, transfer_lens=args.transfer_lens,
+        transfer_gpus=args.transfer_gpus,
         transfer_repeats=args.transfer_repeats, raw_repeats=args.raw_repeats, copy_bytes=args.copy_bytes,
         copy_repeats=args.copy_repeats, matmul_size=args.matmul_size, matmul_repeats=args.matmul_repeats,
         result_dir=args.result_dir, label=args.label, allow_cpu=args.allow_cpu,

@@ -62,7 +62,7 @@ def test_bench_gpu_on_cpu_with_the_tiny_model(tmp_path, capsys) -> None:
     assert result["model"]["name"] == "tiny" and result["model"]["arch"]["num_layers"] == 2
     assert result["model"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert set(result["parts"]) == set(PARTS) and set(result["pdserve_version"]) == {"commit", "dirty"}
-    assert "P and D share one process" in result["notes"]["same_process"]
+    assert "two EngineCores in ONE process, P on p_gpu and D on d_gpu" in result["notes"]["transfer_pd"]
     copy, matmul = result["baselines"]["copy"], result["baselines"]["matmul"]
     assert copy["nbytes"] == 1 << 20 and copy["gb_per_s_best"] > 0 and matmul["tflops_best"] > 0
 

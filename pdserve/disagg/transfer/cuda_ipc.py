@@ -107,6 +107,10 @@ class CudaIpcEngine(TransferEngine):
 
         return self._peers.get(peer.address, open_peer)
 
+    def peer_device(self, peer: KVRegion) -> torch.device:
+        """The device of the peer's cache, as this process numbers it."""
+        return self._map(peer).device
+
     def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
               dst_block_ids: Sequence[int]) -> int:
         check_peer(self, peer, dst_block_ids)
