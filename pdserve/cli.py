@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -163,6 +164,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source = resolve_model(config.model)
     arch = load_arch(source)  # converts a GGUF once, before the engine process starts
     tokenizer = load_tokenizer(source) if args.tokenizer is None else tokenizer_from(args.tokenizer, arch.vocab_size)
+    if tokenizer is not None and args.tokenizer is not None and len(tokenizer) < arch.vocab_size:
+        # ids the tokenizer cannot decode would stream no text: sample below its size
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, sampled_vocab_size=len(tokenizer)))
     if tokenizer is None:
         raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one: pass --tokenizer (an HF "
                          "directory, a .gguf file, or 'default' for pdserve's default model's)")

@@ -42,13 +42,16 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which weights to load and how. `model=None` means the default model."""
+    """Which weights to load and how. `model=None` means the default model. sampled_vocab_size: sample only
+    token ids below it (set by the server when its --tokenizer knows fewer tokens than the model has rows,
+    so that every generated token has text; None: the whole vocabulary)."""
 
     model: str | None = None
     load_format: str = "auto"
     dtype: str = "float32"
     max_model_len: int | None = None
     seed: int = 0
+    sampled_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -57,6 +60,8 @@ class ModelConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.sampled_vocab_size is not None and self.sampled_vocab_size < 1:
+            raise ValueError(f"sampled_vocab_size must be at least 1, got {self.sampled_vocab_size}")
 
 
 STORE_KINDS = ("mooncake", "file", "memory")
@@ -316,7 +321,7 @@ def make_engine_config(
     max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
     kv_cache_memory: str | int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
     seed: int = 0, device: str = "auto", attention_backend: str = "auto", enforce_eager: bool = False,
-    gpu_ids: tuple[int, ...] = (),
+    gpu_ids: tuple[int, ...] = (), sampled_vocab_size: int | None = None,
     enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
     host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
     kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
@@ -324,7 +329,7 @@ def make_engine_config(
 ) -> EngineConfig:
     """The one place keyword arguments (LLM, the command line) become an EngineConfig."""
     return EngineConfig(
-        model=ModelConfig(model, load_format, dtype, max_model_len, seed),
+        model=ModelConfig(model, load_format, dtype, max_model_len, seed, sampled_vocab_size),
         cache=CacheConfig(
             block_size, num_blocks, None if kv_cache_memory is None else parse_size(kv_cache_memory),
             enable_prefix_caching=enable_prefix_caching, num_host_blocks=num_host_blocks,

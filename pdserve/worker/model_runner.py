@@ -18,8 +18,9 @@ from pdserve.disagg.sender import KVSender
 from pdserve.disagg.transfer.base import open_engines
 from pdserve.disagg.transfer.shm import allocate_shared, release_shared, shm_available
 from pdserve.layers.attention import BatchLayout
+from pdserve.layers.device import to_device
 from pdserve.layers.parallel import get_tp_group
-from pdserve.layers.sampler import Sampler, to_device
+from pdserve.layers.sampler import Sampler
 from pdserve.messages import ForwardOutput, KVRegion, StepPlan, StoreCounters
 from pdserve.models import build_model
 from pdserve.models.arch import ModelArch
@@ -69,6 +70,7 @@ class ModelRunner:
         else:
             self.kv_cache = torch.zeros(*shape, dtype=self.dtype, device=self.device)
         self.sampler = Sampler(self.device, seed=config.model.seed)
+        self.sampled_vocab_size = config.model.sampled_vocab_size
         self.backend = self.model.attention_backend
         self.tiers = KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store,
                              config.cache.kv_store_options) if num_host_blocks else None
@@ -178,6 +180,8 @@ class ModelRunner:
         if not sampled:
             return ForwardOutput(step_id=plan.step_id, req_ids=[], token_ids=[])
         logits = self.model.compute_logits(hidden)
+        if self.sampled_vocab_size is not None:
+            logits = logits[:, : self.sampled_vocab_size]
         req_ids = [s.req_id for s in sampled]
         tokens, logprobs = self.sampler(logits, req_ids, [s.sampling for s in sampled])
         return ForwardOutput(step_id=plan.step_id, req_ids=req_ids, token_ids=tokens, logprobs=logprobs)

@@ -65,3 +65,24 @@ def test_dummy_tiny_generates_reproducibly():
 def test_dummy_needs_a_known_shape():
     with pytest.raises(ValueError, match="llama3-8b"):
         LLM("llama4-9000b", load_format="dummy")
+
+
+def test_sampled_vocab_size_keeps_tokens_below_it() -> None:
+    """A server given a --tokenizer smaller than the model's vocabulary samples only ids it can decode."""
+    sampling = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True)]
+    prompts = [{"prompt_token_ids": [3, 400, 17, 250]}, {"prompt_token_ids": [480, 2]}]
+    with LLM("tiny", load_format="dummy", max_model_len=128, num_blocks=32) as llm:
+        unlimited = [t for o in llm.generate(prompts, sampling, use_tqdm=False) for t in o.outputs[0].token_ids]
+    assert max(unlimited) >= 40  # the unrestricted model does sample above the limit
+    with LLM("tiny", load_format="dummy", max_model_len=128, num_blocks=32, sampled_vocab_size=40) as llm:
+        limited = [t for o in llm.generate(prompts, sampling, use_tqdm=False) for t in o.outputs[0].token_ids]
+    assert len(limited) == 48 and max(limited) < 40
+
+
+def test_serve_tokenizer_flag_is_checked(default_hf_dir) -> None:
+    from pdserve.cli import tokenizer_from
+
+    assert len(tokenizer_from(str(default_hf_dir), 49152)) == 49152
+    with pytest.raises(ValueError, match="has 49152 tokens, more than the model's 512"):
+        tokenizer_from("default", 512)

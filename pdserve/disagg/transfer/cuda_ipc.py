@@ -20,15 +20,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, check_peer, hostname
 from pdserve.disagg.transfer.cuda_copy import copy_runs
 from pdserve.disagg.transfer.shm import _block_runs
+from pdserve.layers.device import to_device
 from pdserve.messages import KVRegion
 
 MAX_MEMCPY_RUNS = 8  # more runs of consecutive blocks than this: gather + scatter kernels
+MAX_PLANS = 64  # (src ids, dst ids) copy plans kept: a layer-by-layer send writes the same ids once per layer
 _EXPORTED: dict[str, torch.Tensor] = {}  # this process's exported caches, by handle text
 
 
@@ -72,6 +75,13 @@ def open_handle(text: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Te
     return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, tuple(shape), tuple(strides))
 
 
+@dataclass
+class _Plan:
+    runs: list[tuple[int, int, int]]
+    src_index: torch.Tensor | None = None  # scattered blocks only: on P's GPU
+    dst_index: torch.Tensor | None = None  # on D's GPU
+
+
 class CudaIpcEngine(TransferEngine):
     name = "cuda_ipc"
     waits_on_device = True
@@ -87,6 +97,7 @@ class CudaIpcEngine(TransferEngine):
         self._stream = torch.cuda.Stream(device=kv_cache.device)
         self._peer_streams: dict[torch.device, torch.cuda.Stream] = {}  # on D's GPU, where it is another one
         self._peers = PeerMappings()
+        self._plans: dict[tuple[tuple[int, ...], tuple[int, ...], torch.device], _Plan] = {}
 
     def region(self) -> KVRegion | None:
         if self.handle is None:
@@ -117,35 +128,56 @@ class CudaIpcEngine(TransferEngine):
         dst = self._map(peer)
         try:
             with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
-                runs = _block_runs(src_block_ids, dst_block_ids)
-                if len(runs) <= MAX_MEMCPY_RUNS:
-                    copy_runs(dst, self.kv_cache, layers, runs)
-                elif dst.device == self.kv_cache.device:
+                plan = self._plan(src_block_ids, dst_block_ids, dst.device)
+                if plan.src_index is None or plan.dst_index is None:
+                    copy_runs(dst, self.kv_cache, layers, plan.runs)
+                elif plan.dst_index.device == self.kv_cache.device:
                     # scattered blocks, one GPU: a gather and a scatter kernel per layer, not a copy per block
-                    src_index = torch.tensor(src_block_ids, device=dst.device)
-                    dst_index = torch.tensor(dst_block_ids, device=dst.device)
                     for layer in layers:
-                        dst[layer].index_copy_(1, dst_index, self.kv_cache[layer].index_select(1, src_index))
+                        dst[layer].index_copy_(1, plan.dst_index, self.kv_cache[layer].index_select(1, plan.src_index))
                 else:
-                    self._staged_write(dst, layers, src_block_ids, dst_block_ids)
+                    self._staged_write(dst, layers, plan)
         except RuntimeError as e:
             self._peers.forget(peer.address)
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
 
-    def _staged_write(self, dst: torch.Tensor, layers: Sequence[int], src_block_ids: Sequence[int],
-                      dst_block_ids: Sequence[int]) -> None:
+    def _plan(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int], dst_device: torch.device) -> _Plan:
+        """The runs of a write, and for scattered blocks their index tensors (copied without a host sync), made
+        once for the every-layer writes of the same blocks."""
+        key = (tuple(src_block_ids), tuple(dst_block_ids), dst_device)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            runs = _block_runs(src_block_ids, dst_block_ids)
+            if len(runs) <= MAX_MEMCPY_RUNS:
+                plan = _Plan(runs)
+            else:
+                src_index = to_device(list(src_block_ids), self.kv_cache.device, torch.int64)
+                with torch.cuda.stream(self._peer_stream(dst_device)):
+                    dst_index = to_device(list(dst_block_ids), dst_device, torch.int64)
+                plan = _Plan(runs, src_index, dst_index)
+            self._plans[key] = plan
+        return plan
+
+    def _peer_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """This engine's stream on `device`: the side stream on its own GPU, another on D's."""
+        if device == self.kv_cache.device:
+            return self._stream
+        stream = self._peer_streams.get(device)
+        if stream is None:
+            stream = self._peer_streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _staged_write(self, dst: torch.Tensor, layers: Sequence[int], plan: _Plan) -> None:
         """Scattered blocks to another GPU: gather here, one peer copy, scatter on D's GPU. Torch orders the
         peer copy after this device's current stream (the side stream) and the scatter stream after it."""
-        stream = self._peer_streams.get(dst.device)
-        if stream is None:
-            stream = self._peer_streams[dst.device] = torch.cuda.Stream(device=dst.device)
-        src_index = torch.tensor(src_block_ids, device=self.kv_cache.device)
-        with torch.cuda.stream(stream):
-            dst_index = torch.tensor(dst_block_ids, device=dst.device)
+        assert plan.src_index is not None and plan.dst_index is not None
+        with torch.cuda.stream(self._peer_stream(dst.device)):
             for layer in layers:
-                gathered = self.kv_cache[layer].index_select(1, src_index)
-                dst[layer].index_copy_(1, dst_index, gathered.to(dst.device, non_blocking=True))
+                gathered = self.kv_cache[layer].index_select(1, plan.src_index)
+                dst[layer].index_copy_(1, plan.dst_index, gathered.to(dst.device, non_blocking=True))
 
     def wait(self, event: torch.cuda.Event) -> None:
         self._stream.wait_event(event)
@@ -153,13 +185,14 @@ class CudaIpcEngine(TransferEngine):
     def flush(self) -> None:
         try:
             self._stream.synchronize()
-            for stream in self._peer_streams.values():
+            for stream in self._peer_streams.values():  # (the scatters on D's GPU)
                 stream.synchronize()
         except RuntimeError as e:
             self._peers.forget()
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
 
     def close(self) -> None:
+        self._plans.clear()
         self._peers.forget()
         if self.handle is not None:
             _EXPORTED.pop(self.handle, None)
