@@ -81,6 +81,9 @@ def run_config(name: str, args: argparse.Namespace, conversations: list[Conversa
     print(f"[pd-sweep] {name}: starting {shlex.join(deployment.launch_argv)}", flush=True)
     rates = []
     with deployment:
+        if args.warmup_prompts:  # first requests compile kernels for new shapes: not in any rate's figures
+            run_benchmark(serve_config(args, deployment.url, math.inf, work_dir / name, f"{name}-warmup"),
+                          conversations[: args.warmup_prompts])
         for rate in args.request_rates:
             before = settled_counters(deployment)
             raw = run_benchmark(serve_config(args, deployment.url, rate, work_dir / name, f"{name}-{rate:g}"),
@@ -199,6 +202,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--output-len", type=int, default=256)
     w.add_argument("--random-range-ratio", type=float, default=0.0)
     w.add_argument("--max-concurrency", type=int, default=None)
+    w.add_argument("--warmup-prompts", type=int, default=4,
+                   help="requests sent all at once to each deployment before the sweep, not measured (default 4)")
     w.add_argument("--goodput", nargs="+", default=list(DEFAULT_GOODPUT), metavar="NAME:MS",
                    help="SLOs of a good request (default: ttft:1000 tpot:40)")
     w.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -218,6 +223,9 @@ def _rates(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.warmup_prompts <= args.num_prompts:
+        raise ValueError(f"--warmup-prompts must be between 0 and --num-prompts ({args.num_prompts}), got "
+                         f"{args.warmup_prompts}")
     if args.label is not None and not LABEL_RE.match(args.label):
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
     check = serve_config(args, "http://127.0.0.1:1", args.request_rates[0], args.result_dir, "check")  # validates
@@ -247,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         "dataset": dataset_stats(conversations),
         "notes": {"rates": "each rate runs in the same deployment after the previous one finished",
                   "num_errors": "failed requests + failed KV transfers",
+                  "warmup": f"{args.warmup_prompts} requests at once to each deployment before its first rate, "
+                            "not in the figures",
                   "goodput": "completed requests meeting every SLO, per second of the rate's run"},
         "configs": records,
         "pd_over_mixed": ratios(by_name["pd"], by_name["mixed"]) if len(by_name) == 2 else None,
@@ -256,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, png_path = args.result_dir / f"{stem}.json", args.result_dir / f"{stem}.png"
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
-    gpus = f" on GPUs {','.join(map(str, args.gpus))}" if args.gpus else ""
+    gpus = f" on GPUs {','.join(map(str, args.gpus))}" if args.gpus else ", every instance on GPU 0"
     title = (f"{result['model']} ({args.dtype}){gpus}: {args.num_prompts} prompts per rate, {args.input_len} in / "
              f"{args.output_len} out; pd = 1 prefill + 1 decode, mixed = 2 replicas")
     plot(png_path, title, result)
