@@ -5,7 +5,8 @@ chunks long, a run of consecutive blocks over consecutive layers is a 2-D region
 cudaMemcpy2DAsync moves it (the rows of every layer of a run in one call), where torch would need a
 copy per (layer, K|V) row, each a separate launch from Python. The CUDA runtime is the one torch
 loaded (found in /proc/self/maps); without it, or where a row is longer than the runtime's largest
-pitch, the copies fall back to one torch copy per row. Copies go on the caller's current stream of
+pitch, the copies fall back to one torch copy per row. (cuda_ipc uses it on one GPU; between two GPUs
+it stages through plain memory on D's GPU instead.) Copies go on the caller's current stream of
 `src`'s device; pointers of another device (a peer opened through CUDA IPC) are resolved by
 unified addressing.
 """

@@ -7,10 +7,11 @@ ordered on the device after the event recorded when the layer wrote its KV (no h
 `flush`, at the end of the step, waits for the copies.
 
 How the blocks go depends on how scattered they are (runs of blocks consecutive on both sides):
-- a few runs: one 2-D memcpy per run covering every layer of the call (cuda_copy.copy_runs);
-- many runs, one GPU: a gather and a scatter kernel per layer;
-- many runs, two GPUs: per layer, a gather on P's GPU into a contiguous buffer, one peer copy to a
-  buffer on D's GPU, and a scatter kernel there (launched by P, on a stream of P's on D's GPU).
+- one GPU, a few runs: one 2-D memcpy per run covering every layer of the call (cuda_copy.copy_runs);
+- one GPU, many runs: a gather and a scatter kernel per layer;
+- two GPUs: per layer, a gather on P's GPU into a contiguous buffer, one peer copy to a buffer on D's
+  GPU, and a copy or scatter kernel there into D's cache (launched by P, on a stream of P's on D's GPU):
+  a peer copy straight into the IPC mapping ran at a tenth of the speed of one into plain memory.
 A handle from this very process (P and D in one process, as in tests) is resolved to the tensor itself:
 CUDA cannot open its own IPC handles.
 """
@@ -129,14 +130,14 @@ class CudaIpcEngine(TransferEngine):
         try:
             with torch.cuda.device(self.kv_cache.device), torch.cuda.stream(self._stream):
                 plan = self._plan(src_block_ids, dst_block_ids, dst.device)
-                if plan.src_index is None or plan.dst_index is None:
+                if dst.device != self.kv_cache.device:
+                    self._staged_write(dst, layers, plan)
+                elif plan.src_index is None or plan.dst_index is None:
                     copy_runs(dst, self.kv_cache, layers, plan.runs)
-                elif plan.dst_index.device == self.kv_cache.device:
+                else:
                     # scattered blocks, one GPU: a gather and a scatter kernel per layer, not a copy per block
                     for layer in layers:
                         dst[layer].index_copy_(1, plan.dst_index, self.kv_cache[layer].index_select(1, plan.src_index))
-                else:
-                    self._staged_write(dst, layers, plan)
         except RuntimeError as e:
             self._peers.forget(peer.address)
             raise TransferError(f"CUDA IPC copy to the peer failed: {e}") from e
@@ -171,13 +172,20 @@ class CudaIpcEngine(TransferEngine):
         return stream
 
     def _staged_write(self, dst: torch.Tensor, layers: Sequence[int], plan: _Plan) -> None:
-        """Scattered blocks to another GPU: gather here, one peer copy, scatter on D's GPU. Torch orders the
-        peer copy after this device's current stream (the side stream) and the scatter stream after it."""
-        assert plan.src_index is not None and plan.dst_index is not None
+        """To another GPU, per layer: gather the blocks into one buffer here, one peer copy into a buffer on D's
+        GPU, and a copy (or scatter) from it into D's cache there. Measured on two H200s, a peer copy straight
+        into the CUDA IPC mapping ran at a tenth of NVLink speed, a peer copy into plain memory at full speed.
+        Torch orders the peer copy after this device's current stream (the side stream), and D's stream
+        after the peer copy."""
         with torch.cuda.stream(self._peer_stream(dst.device)):
             for layer in layers:
-                gathered = self.kv_cache[layer].index_select(1, plan.src_index)
-                dst[layer].index_copy_(1, plan.dst_index, gathered.to(dst.device, non_blocking=True))
+                if plan.src_index is None or plan.dst_index is None:
+                    for s0, d0, n in plan.runs:
+                        gathered = self.kv_cache[layer, :, s0:s0 + n].contiguous()
+                        dst[layer, :, d0:d0 + n].copy_(gathered.to(dst.device, non_blocking=True))
+                else:
+                    gathered = self.kv_cache[layer].index_select(1, plan.src_index)
+                    dst[layer].index_copy_(1, plan.dst_index, gathered.to(dst.device, non_blocking=True))
 
     def wait(self, event: torch.cuda.Event) -> None:
         self._stream.wait_event(event)
