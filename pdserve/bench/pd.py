@@ -22,6 +22,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,12 +263,9 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
 # ---- command line -----------------------------------------------------------------------------------------
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("pd", help="1 prefill + 1 decode vs 2 mixed replicas behind the router: TTFT, TPOT, ITL, "
-                       "throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s = p.add_argument_group("deployments (every instance of both gets the same engine flags)")
-    s.add_argument("--configs", type=_config_list, default=list(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)")
+def add_engine_flag_args(group: argparse._ArgumentGroup) -> None:
+    """The engine flags every instance of both deployments gets (instance_flags), shared with bench pd-sweep."""
+    s = group
     s.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
     s.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -277,6 +275,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--max-num-batched-tokens", type=int, default=None)
     s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto", help="of the pd deployment")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("pd", help="1 prefill + 1 decode vs 2 mixed replicas behind the router: TTFT, TPOT, ITL, "
+                       "throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_argument_group("deployments (every instance of both gets the same engine flags)")
+    s.add_argument("--configs", type=_config_list, default=list(CONFIGS),
+                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)")
+    add_engine_flag_args(s)
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
     s.add_argument("--server-timeout", type=float, default=300.0,
                    help="seconds for a deployment to answer /health (default 300)")
@@ -302,22 +309,32 @@ def _config_list(text: str) -> list[str]:
     return [n for n in CONFIGS if n in names]
 
 
+def run_deployments(command: str, names: list[str], run_one: Callable[[str, Path], dict[str, Any]]
+                    ) -> list[dict[str, Any]] | int:
+    """run_one(name, work_dir) for every config, one after another, in a temporary directory, SIGTERM taken as
+    Ctrl-C: the records, or the exit code once a clear error was printed (every deployment stopped)."""
+    records: list[dict[str, Any]] = []
+    try:
+        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix=f"pdserve-bench-{command}-") as tmp:
+            for name in names:
+                records.append(run_one(name, Path(tmp)))
+    except (BenchServerError, BenchServeError) as e:
+        print(f"pdserve bench {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pdserve bench {command}: interrupted; every deployment was stopped", file=sys.stderr)
+        return 130
+    return records
+
+
 def run(args: argparse.Namespace) -> int:
     if args.label is not None and not LABEL_RE.match(args.label):
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
     check = bench_config(args, "http://127.0.0.1:1", args.result_dir, "check")  # validates the workload flags
     conversations = build_dataset(check.dataset, load_tokenizer(check.tokenizer))
-    records: list[dict[str, Any]] = []
-    try:
-        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-pd-") as tmp:
-            for name in args.configs:
-                records.append(run_config(name, args, conversations, Path(tmp)))
-    except (BenchServerError, BenchServeError) as e:
-        print(f"pdserve bench pd: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pdserve bench pd: interrupted; every deployment was stopped", file=sys.stderr)
-        return 130
+    records = run_deployments("pd", args.configs, lambda name, work: run_config(name, args, conversations, work))
+    if isinstance(records, int):
+        return records
     by_name = {r["name"]: r for r in records}
     result = {
         "benchmark": "pd-serve", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),

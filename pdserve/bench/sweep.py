@@ -15,7 +15,6 @@ import argparse
 import math
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,21 @@ from typing import Any
 from pdserve.bench.common import LABEL_RE, add_output_args, code_version, fmt, machine_info, now_iso, write_json
 from pdserve.bench.datasets import Conversation, DatasetConfig, build_dataset, dataset_stats, load_tokenizer
 from pdserve.bench.deployment import Deployment
-from pdserve.bench.launch import BenchServerError, sigterm_interrupts
 from pdserve.bench.metrics import parse_goodput
-from pdserve.bench.pd import CONFIGS, DESCRIPTIONS, _config_list, counter_delta, instance_flags, settled_counters
+from pdserve.bench.pd import (
+    CONFIGS,
+    DESCRIPTIONS,
+    _config_list,
+    add_engine_flag_args,
+    counter_delta,
+    instance_flags,
+    run_deployments,
+    settled_counters,
+)
 from pdserve.bench.plot import finish_figure, pyplot
-from pdserve.bench.serve import ENDPOINTS, BenchServeError, ServeBenchConfig, run_benchmark
-from pdserve.config import DTYPES, LOAD_FORMATS, parse_gpu_ids
-from pdserve.launcher import KV_TRANSFER_ENGINES, LaunchConfig
+from pdserve.bench.serve import ENDPOINTS, ServeBenchConfig, run_benchmark
+from pdserve.config import parse_gpu_ids
+from pdserve.launcher import LaunchConfig
 
 DEFAULT_GOODPUT = ("ttft:1000", "tpot:40")
 STATS = ("mean_ms", "p50_ms", "p99_ms")
@@ -179,15 +186,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)")
     s.add_argument("--gpus", type=parse_gpu_ids, default=(), metavar="I,J",
                    help="CUDA devices to spread each deployment's two instances over (pdserve launch --gpus)")
-    s.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
-    s.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
-    s.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: the engine's)")
-    s.add_argument("--max-num-seqs", type=int, default=None)
-    s.add_argument("--max-num-batched-tokens", type=int, default=None)
-    s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto", help="of the pd deployment")
+    add_engine_flag_args(s)
     s.add_argument("--server-tokenizer", default=None,
                    help="the instances' --tokenizer (needed for dummy shapes, which have none; e.g. 'default')")
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
@@ -230,18 +229,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
     check = serve_config(args, "http://127.0.0.1:1", args.request_rates[0], args.result_dir, "check")  # validates
     conversations = build_dataset(check.dataset, load_tokenizer(check.tokenizer))
-    records: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
-        with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-sweep-") as tmp:
-            for name in args.configs:
-                records.append(run_config(name, args, conversations, Path(tmp)))
-    except (BenchServerError, BenchServeError) as e:
-        print(f"pdserve bench pd-sweep: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("pdserve bench pd-sweep: interrupted; every deployment was stopped", file=sys.stderr)
-        return 130
+    records = run_deployments("pd-sweep", args.configs,
+                              lambda name, work: run_config(name, args, conversations, work))
+    if isinstance(records, int):
+        return records
     by_name = {r["name"]: r for r in records}
     result = {
         "benchmark": "pd-sweep", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
