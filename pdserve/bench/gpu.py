@@ -33,7 +33,6 @@ import gc
 import importlib.metadata
 import json
 import logging
-import multiprocessing as mp
 import os
 import re
 import statistics
@@ -59,6 +58,7 @@ from pdserve.bench.common import (
 )
 from pdserve.bench.plot import finish_figure, pyplot
 from pdserve.config import DTYPES, LOAD_FORMATS, parse_size
+from pdserve.piped_child import PipedChild
 
 PARTS = ("decode", "prefill", "transfer")
 TARGET_BATCH1_OVER_ROOFLINE = 1.3  # decode at batch 1 with CUDA graphs, over the weight-read roofline
@@ -740,43 +740,24 @@ def _ipc_receiver(conn: Connection, shape: tuple[int, ...], dtype_name: str, dev
 
 
 class _Child:
-    """The spawned receiver process and its pipe."""
+    """The spawned receiver process and its pipe (JSON messages)."""
 
     def __init__(self, shape: tuple[int, ...], dtype_name: str, device: str) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_ipc_receiver, args=(child_conn, shape, dtype_name, device),
-                                   name="pdserve-bench-gpu-receiver", daemon=True)
-        self.process.start()
-        child_conn.close()
+        self.child = PipedChild(_ipc_receiver, (shape, dtype_name, device), "pdserve-bench-gpu-receiver",
+                                "the receiver process")
 
     def recv(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while not self.conn.poll(0.1):
-            if not self.process.is_alive() and not self.conn.poll(0):
-                raise RuntimeError(f"the receiver process exited (exit code {self.process.exitcode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the receiver process did not answer within {timeout:.0f} s")
-        reply = json.loads(self.conn.recv_bytes())
+        reply = json.loads(self.child.recv(timeout))
         if "error" in reply:
             raise RuntimeError(f"the receiver process failed: {reply['error']}")
         return reply
 
     def ask(self, **message: Any) -> dict[str, Any]:
-        self.conn.send_bytes(json.dumps(message).encode())
+        self.child.send(json.dumps(message).encode())
         return self.recv(CHILD_REPLY_TIMEOUT_S)
 
     def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send_bytes(json.dumps({"cmd": "stop"}).encode())
-            except OSError:
-                pass
-            self.process.join(15.0)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5.0)
-        self.conn.close()
+        self.child.close(json.dumps({"cmd": "stop"}).encode(), 15.0)
 
 
 def _timed(fn: Callable[[], None], device: str, repeats: int) -> list[float]:

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import shlex
 import statistics
@@ -63,6 +62,7 @@ from pdserve.bench.transfer import (
 )
 from pdserve.config import DEFAULT_STAGING_HOST_MEMORY, parse_size
 from pdserve.launcher import KV_TRANSFER_ENGINES, LaunchConfig
+from pdserve.piped_child import PipedChild
 from pdserve.store.base import StoreError
 
 MODES = ("direct", "storage")
@@ -314,12 +314,8 @@ class RawClient:
         self.name = name
         self.log_path = log_dir / f"raw-{name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
-        ctx = mp.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_raw_client, args=(child_conn, options | {"log_path": str(self.log_path)}),
-                                    name=f"pdserve-raw-{name}", daemon=True)
-        self._process.start()
-        child_conn.close()
+        self._child = PipedChild(_raw_client, (options | {"log_path": str(self.log_path)},), f"pdserve-raw-{name}",
+                                 f"the raw {name}", StoreError, self._tail)
         try:
             self.hostname = str(self._recv(RAW_START_TIMEOUT_S)["hostname"])
         except BaseException:
@@ -327,10 +323,7 @@ class RawClient:
             raise
 
     def ask(self, op: str, keys: Sequence[str] = (), size: int = 0) -> dict[str, Any]:
-        try:
-            self._conn.send_bytes(json.dumps({"op": op, "keys": list(keys), "size": size}).encode())
-        except OSError as e:
-            raise StoreError(f"the raw {self.name} exited (exit code {self._process.exitcode}){self._tail()}") from e
+        self._child.send(json.dumps({"op": op, "keys": list(keys), "size": size}).encode())
         return self._recv(RAW_REPLY_TIMEOUT_S)
 
     def _tail(self, num_lines: int = 20) -> str:
@@ -341,30 +334,14 @@ class RawClient:
         return f"; the last lines of its log ({self.log_path}):\n" + "\n".join(lines) if lines else ""
 
     def _recv(self, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.1):
-            if not self._process.is_alive() and not self._conn.poll(0):
-                raise StoreError(f"the raw {self.name} exited (exit code {self._process.exitcode}){self._tail()}")
-            if time.monotonic() > deadline:
-                raise StoreError(f"the raw {self.name} did not answer within {timeout_s:.0f} s{self._tail()}")
-        try:
-            reply = json.loads(self._conn.recv_bytes())
-        except (EOFError, OSError) as e:
-            raise StoreError(f"the raw {self.name} exited (exit code {self._process.exitcode}){self._tail()}") from e
+        reply = json.loads(self._child.recv(timeout_s))
         if "error" in reply:
             raise StoreError(f"the raw {self.name} failed: {reply['error']}{self._tail()}")
         return dict(reply)
 
     def close(self) -> None:
         """Stop the child (killing it after 30 s: Mooncake's teardown takes seconds); safe twice."""
-        if self._process.is_alive():
-            with contextlib.suppress(OSError):
-                self._conn.send_bytes(json.dumps({"op": "stop"}).encode())
-            self._process.join(30.0)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(5.0)
-        self._conn.close()
+        self._child.close(json.dumps({"op": "stop"}).encode(), 30.0)
 
 
 def _checked(reply: dict[str, Any], op: str, num_keys: int) -> float:

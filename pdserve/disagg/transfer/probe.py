@@ -10,7 +10,6 @@ rather than reporting a speed. This module knows nothing about models or request
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import torch
 
 from pdserve.disagg.transfer.base import TransferEngine, TransferError
 from pdserve.messages import KVRegion
+from pdserve.piped_child import PipedChild
 
 ENGINES = ("shm", "mooncake")
 _START_TIMEOUT_S = 120.0  # a spawned child imports torch and pdserve: seconds on a loaded machine
@@ -89,41 +89,22 @@ class Receiver:
             raise ValueError(f"transfer engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.shape = tuple(int(n) for n in shape)
         self.dtype = dtype
-        ctx = mp.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child_conn, engine, self.shape, str(dtype).split(".")[-1]),
-                                    name=f"pdserve-probe-{engine}", daemon=True)
-        self._process.start()
-        child_conn.close()
+        self._child = PipedChild(_serve, (engine, self.shape, str(dtype).split(".")[-1]), f"pdserve-probe-{engine}",
+                                 "the receiver process", TransferError)
         self.region: KVRegion | None = None
         try:
-            self.region = msgspec.convert(self._decode(self._recv(_START_TIMEOUT_S)), KVRegion)
+            self.region = msgspec.convert(self._decode(self._child.recv(_START_TIMEOUT_S)), KVRegion)
         except BaseException:
             self.close()
             raise
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._child.process.pid
 
     def _ask(self, command: bytes) -> bytes:
-        try:
-            self._conn.send_bytes(command)
-        except OSError as e:
-            raise TransferError(f"the receiver process exited (exit code {self._process.exitcode})") from e
-        return self._recv(_REPLY_TIMEOUT_S)
-
-    def _recv(self, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.1):
-            if not self._process.is_alive() and not self._conn.poll(0):
-                raise TransferError(f"the receiver process exited (exit code {self._process.exitcode})")
-            if time.monotonic() > deadline:
-                raise TransferError(f"the receiver process did not answer within {timeout:.0f} s")
-        try:
-            return self._conn.recv_bytes()
-        except (EOFError, OSError) as e:
-            raise TransferError(f"the receiver process exited (exit code {self._process.exitcode})") from e
+        self._child.send(command)
+        return self._child.recv(_REPLY_TIMEOUT_S)
 
     @staticmethod
     def _decode(data: bytes) -> dict[str, Any]:
@@ -155,16 +136,7 @@ class Receiver:
 
     def close(self) -> None:
         """Stop the child (killing it after 10 s); safe twice."""
-        if self._process.is_alive():
-            try:
-                self._conn.send_bytes(b"stop")
-            except OSError:
-                pass
-            self._process.join(10.0)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(5.0)
-        self._conn.close()
+        self._child.close(b"stop", 10.0)
         if self.region is not None and self.region.engine == "shm":
             from pdserve.disagg.transfer.shm import release_shared
 
