@@ -127,7 +127,7 @@ def _url_host(host: str) -> str:
 # ---- pure pieces: flags, parts, command lines, environment ------------------------------------------
 
 
-def engine_argv(args: argparse.Namespace, skip: Sequence[str] = ("tensor_parallel_size", "gpu_ids")) -> list[str]:
+def engine_argv(args: argparse.Namespace, skip: Sequence[str] = ("tensor_parallel_size",)) -> list[str]:
     """The engine flags (add_engine_args) whose values differ from their defaults, as command-line tokens."""
     from pdserve.cli import add_engine_args  # here: cli imports this module
 
@@ -141,7 +141,8 @@ def engine_argv(args: argparse.Namespace, skip: Sequence[str] = ("tensor_paralle
         if value == action.default:
             continue
         option = next(s for s in action.option_strings if s.startswith("--"))
-        argv += [option] if action.nargs == 0 else [option, str(value)]  # nargs 0: store_true / store_false
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)  # tuples: --gpu-ids 2,3
+        argv += [option] if action.nargs == 0 else [option, text]  # nargs 0: store_true / store_false
     return argv
 
 
@@ -150,17 +151,13 @@ def launch_config_from_args(args: argparse.Namespace, env_api_key: str | None = 
     tp = args.tp if args.tp is not None else args.tensor_parallel_size
     if args.tp is not None and args.tensor_parallel_size not in (1, args.tp):
         raise ValueError(f"--tp {args.tp} and --tensor-parallel-size {args.tensor_parallel_size} disagree; give one")
-    config = LaunchConfig(
+    return LaunchConfig(
         num_prefill=args.num_prefill, num_decode=args.num_decode, num_mixed=args.num_mixed, tp=tp,
         kv_transfer=args.kv_transfer, kv_transfer_engine=args.kv_transfer_engine, policy=args.policy,
         host=args.host, port=args.port, api_key=args.api_key or env_api_key or None,
         log_level=getattr(args, "log_level", "INFO"), engine_argv=tuple(engine_argv(args)),
         gpus=getattr(args, "gpus", ()),
     )  # fmt: skip
-    if getattr(args, "gpu_ids", ()):
-        raise ValueError("pdserve launch places instances itself: give --gpus (the devices to spread them over), "
-                         "not --gpu-ids")
-    return config
 
 
 def port_allocator() -> Callable[[], int]:

@@ -770,7 +770,8 @@ def _timed(fn: Callable[[], None], device: str, repeats: int) -> list[float]:
     return seconds
 
 
-def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int]) -> list[dict[str, Any]]:
+def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int], gpus: tuple[int, int]
+                     ) -> list[dict[str, Any]]:
     """cuda_ipc into another process (on D's GPU) vs a contiguous copy of the same bytes from P's GPU to D's
     (a peer copy between two GPUs), per prompt length."""
     import torch
@@ -784,7 +785,7 @@ def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int]) -> list
     max_blocks = _blocks(max(lens), bs)
     shape = (arch.num_layers, 2, max_blocks, bs, arch.num_kv_heads, arch.head_dim)
     d_shape = (arch.num_layers, 2, 2 * max_blocks, *shape[3:])  # room for every other block (the scattered case)
-    p_gpu, d_gpu = transfer_gpus(config)
+    p_gpu, d_gpu = gpus
     child = _Child(d_shape, config.dtype, f"cuda:{d_gpu}")
     rows = []
     try:
@@ -874,7 +875,9 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
 # ---- transfer: P and D engine cores in one process ---------------------------------------------------------------
 
 
-def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[int]) -> dict[str, Any]:
+def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[int],
+                    gpus: tuple[int, int] | None) -> dict[str, Any]:
+    """P on gpus[0] and D on gpus[1] (None: the CPU)."""
     from pdserve.config import DisaggConfig
 
     engine_name = "cuda_ipc" if device == "cuda" else "shm"
@@ -883,7 +886,7 @@ def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[i
     num_blocks = 4 * _blocks(max_model_len, config.block_size) + 16
     common = dict(max_model_len=max_model_len, num_blocks=num_blocks, max_num_batched_tokens=max_model_len,
                   max_num_seqs=8)
-    p_gpu, d_gpu = transfer_gpus(config) if device == "cuda" else (None, None)
+    p_gpu, d_gpu = gpus if gpus is not None else (None, None)
     out: dict[str, Any] = {"engine": engine_name, "max_model_len": max_model_len, "num_blocks_per_core": num_blocks,
                            "kv_dest_wait_s": 1.0, "max_tokens": PD_MAX_TOKENS, "repeats": config.transfer_repeats,
                            "same_process": True, "p_gpu": p_gpu, "d_gpu": d_gpu,
@@ -1025,11 +1028,11 @@ def run_transfer(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, An
     result: dict[str, Any] = {"lens_requested": list(config.transfer_lens), "lens": lens,
                               "notes": [note] if note else []}
     errors = []
-    if device == "cuda":
+    gpus = transfer_gpus(config) if device == "cuda" else None
+    if gpus is not None:
         try:
-            p_gpu, d_gpu = transfer_gpus(config)
-            result["raw"] = {"engine": "cuda_ipc", "repeats": config.raw_repeats, "p_gpu": p_gpu, "d_gpu": d_gpu,
-                             "rows": run_transfer_raw(config, arch, lens)}
+            result["raw"] = {"engine": "cuda_ipc", "repeats": config.raw_repeats, "p_gpu": gpus[0], "d_gpu": gpus[1],
+                             "rows": run_transfer_raw(config, arch, lens, gpus)}
         except Exception as e:  # noqa: BLE001 - recorded; the in-engine half still runs
             traceback.print_exc()
             result["raw"] = {"error": f"{type(e).__name__}: {e}"}
@@ -1037,7 +1040,7 @@ def run_transfer(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, An
         _release(device)
     else:
         result["raw"] = {"skipped": "cuda_ipc needs a CUDA device"}
-    result["pd"] = run_transfer_pd(config, device, arch, lens)
+    result["pd"] = run_transfer_pd(config, device, arch, lens, gpus)
     if errors:
         result["error"] = f"transfer {', '.join(errors)} failed (see its record)"
     return result

@@ -117,10 +117,13 @@ def instance_flags(args: argparse.Namespace) -> list[str]:
     return flags + shlex.split(args.server_flags)
 
 
-def launch_config(name: str, args: argparse.Namespace) -> LaunchConfig:
+def launch_config(name: str, args: argparse.Namespace, flags: list[str] | None = None,
+                  gpus: tuple[int, ...] = ()) -> LaunchConfig:
+    """The deployment of config `name`: every instance gets `flags` (default instance_flags(args))."""
     is_pd = name == "pd"
     return LaunchConfig(num_prefill=int(is_pd), num_decode=int(is_pd), num_mixed=0 if is_pd else 2,
-                        kv_transfer_engine=args.kv_transfer_engine, engine_argv=tuple(instance_flags(args)))
+                        kv_transfer_engine=args.kv_transfer_engine,
+                        engine_argv=tuple(instance_flags(args) if flags is None else flags), gpus=gpus)
 
 
 def bench_config(args: argparse.Namespace, url: str, result_dir: Path, label: str) -> ServeBenchConfig:

@@ -30,24 +30,17 @@ from pdserve.bench.pd import (
     add_engine_flag_args,
     counter_delta,
     instance_flags,
+    launch_config,
     run_deployments,
     settled_counters,
 )
 from pdserve.bench.plot import finish_figure, pyplot
 from pdserve.bench.serve import ENDPOINTS, ServeBenchConfig, run_benchmark
 from pdserve.config import parse_gpu_ids
-from pdserve.launcher import LaunchConfig
 
 DEFAULT_GOODPUT = ("ttft:1000", "tpot:40")
 STATS = ("mean_ms", "p50_ms", "p99_ms")
 COLORS = {"pd": "#1f77b4", "mixed": "#ff7f0e"}
-
-
-def launch_config(name: str, args: argparse.Namespace) -> LaunchConfig:
-    is_pd = name == "pd"
-    return LaunchConfig(num_prefill=int(is_pd), num_decode=int(is_pd), num_mixed=0 if is_pd else 2,
-                        kv_transfer_engine=args.kv_transfer_engine, engine_argv=tuple(sweep_flags(args)),
-                        gpus=args.gpus)
 
 
 def sweep_flags(args: argparse.Namespace) -> list[str]:
@@ -84,7 +77,8 @@ def rate_record(rate: float, raw: dict[str, Any], delta: dict[str, dict[str, Any
 def run_config(name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
                ) -> dict[str, Any]:
     """Start the deployment of `name`, run every rate through its router, stop it; the config's record."""
-    deployment = Deployment(name, launch_config(name, args), work_dir / name / "logs", args.server_timeout)
+    deployment = Deployment(name, launch_config(name, args, sweep_flags(args), args.gpus), work_dir / name / "logs",
+                            args.server_timeout)
     print(f"[pd-sweep] {name}: starting {shlex.join(deployment.launch_argv)}", flush=True)
     rates = []
     with deployment:
