@@ -925,7 +925,7 @@ class _SendLog:
     """Reads the KV sends of every step plan P executes (rooms, block counts, copy runs); changes nothing."""
 
     def __init__(self, core: Any) -> None:
-        from pdserve.disagg.transfer.shm import _block_runs
+        from pdserve.disagg.transfer.base import block_runs
 
         self.sends: list[dict[str, Any]] = []
         execute = core.executor.execute
@@ -934,7 +934,7 @@ class _SendLog:
             for send in plan.kv_sends:
                 self.sends.append({"room": send.room, "layerwise": send.layerwise,
                                    "num_blocks": len(send.src_block_ids),
-                                   "runs": len(_block_runs(send.src_block_ids, send.dst_block_ids))})
+                                   "runs": len(block_runs(send.src_block_ids, send.dst_block_ids))})
             return execute(plan)
 
         core.executor.execute = logged

@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from pdserve.disagg.transfer.base import block_runs
 from pdserve.kvcache.keys import object_key
+from pdserve.layers.device import to_device
 from pdserve.messages import CacheOps, KVSendReport, PoolSend, StoreCounters
 from pdserve.store import KVStore, StoreError, open_store
 
@@ -28,20 +30,14 @@ IDLE_WAIT_S = 60.0  # longest wait for a timed-out store call to let go of its h
 
 def _host_runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
     """(index in host_ids, first host block, length) of each run of consecutive host blocks."""
-    runs: list[list[int]] = []
-    for i, h in enumerate(host_ids):
-        if runs and runs[-1][1] + runs[-1][2] == h:
-            runs[-1][2] += 1
-        else:
-            runs.append([i, h, 1])
-    return [(i, h, n) for i, h, n in runs]
+    return block_runs(range(len(host_ids)), host_ids)
 
 
 def swap_out(kv_cache: torch.Tensor, host: torch.Tensor, device_ids: list[int], host_ids: list[int]) -> None:
     """host[h] = kv_cache[:, :, d] for each pair: one gather on the device straight into the block-major
     layout, then one copy per run of consecutive host blocks (an async DMA when the host tier is pinned;
     the caller synchronizes before the CPU reads them)."""
-    index = torch.tensor(device_ids, device=kv_cache.device)
+    index = to_device(device_ids, kv_cache.device, torch.int64)
     staged = kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, bs, h, d]
     for i, first, n in _host_runs(host_ids):
         host[first:first + n].copy_(staged[i:i + n], non_blocking=True)
@@ -53,7 +49,7 @@ def swap_in(kv_cache: torch.Tensor, host: torch.Tensor, host_ids: list[int], dev
     staged = torch.empty((len(host_ids), *host.shape[1:]), dtype=host.dtype, device=kv_cache.device)
     for i, first, n in _host_runs(host_ids):
         staged[i:i + n].copy_(host[first:first + n], non_blocking=True)
-    index = torch.tensor(device_ids, device=kv_cache.device)
+    index = to_device(device_ids, kv_cache.device, torch.int64)
     kv_cache.index_copy_(2, index, staged.permute(1, 2, 0, 3, 4, 5))
 
 

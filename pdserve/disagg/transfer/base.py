@@ -103,6 +103,17 @@ class PeerMappings:
             self._by_address.pop(address, None)
 
 
+def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) runs where both sides are consecutive."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [(s, d, n) for s, d, n in runs]
+
+
 def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[int]) -> None:
     if peer.num_layers != engine.num_layers or peer.chunk_nbytes != engine.chunk_nbytes:
         raise TransferError(f"peer cache {peer.address} has {peer.num_layers} layers of {peer.chunk_nbytes}-byte "

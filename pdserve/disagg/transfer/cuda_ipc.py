@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, check_peer, hostname
+from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, block_runs, check_peer, hostname
 from pdserve.disagg.transfer.cuda_copy import copy_runs
-from pdserve.disagg.transfer.shm import _block_runs
 from pdserve.layers.device import to_device
 from pdserve.messages import KVRegion
 
@@ -151,7 +150,7 @@ class CudaIpcEngine(TransferEngine):
         if plan is None:
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
-            runs = _block_runs(src_block_ids, dst_block_ids)
+            runs = block_runs(src_block_ids, dst_block_ids)
             if len(runs) <= MAX_MEMCPY_RUNS:
                 plan = _Plan(runs)
             else:

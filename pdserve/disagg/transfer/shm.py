@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, check_peer, hostname
+from pdserve.disagg.transfer.base import PeerMappings, TransferEngine, TransferError, block_runs, check_peer, hostname
 from pdserve.messages import KVRegion
 
 SHM_DIR = Path("/dev/shm")
@@ -72,17 +72,6 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) runs where both sides are consecutive."""
-    runs: list[list[int]] = []
-    for s, d in zip(src, dst):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1][2] += 1
-        else:
-            runs.append([s, d, 1])
-    return [(s, d, n) for s, d, n in runs]
-
-
 class ShmEngine(TransferEngine):
     name = "shm"
 
@@ -118,7 +107,7 @@ class ShmEngine(TransferEngine):
             raise TransferError(f"the peer's KV cache {peer.address} is gone (the peer exited)")
         dst = self._map(peer)
         for l0, l1 in _runs(list(layers)):
-            for s0, d0, n in _block_runs(src_block_ids, dst_block_ids):
+            for s0, d0, n in block_runs(src_block_ids, dst_block_ids):
                 # [layers, 2, n, block_size, heads, dim]: plain slice copies (gathers run ~7x slower)
                 dst[l0:l1, :, d0:d0 + n].copy_(self.kv_cache[l0:l1, :, s0:s0 + n])
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
