@@ -25,10 +25,17 @@ from pdserve.config import (
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="HF model directory, .gguf file, or a dummy shape name (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
-                   help="'dummy' gives random weights in a named real shape (llama3-8b, qwen2.5-7b, tiny, ...)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory, .gguf file, or a dummy shape name (default: SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default="auto",
+        help="'dummy' gives random weights in a named real shape (llama3-8b, qwen2.5-7b, tiny, ...)",
+    )
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -38,46 +45,91 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk budget)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                   help="auto: Triton paged attention on CUDA (when Triton is installed), torch elsewhere")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs for decode steps (captured by default on CUDA with one rank and Triton)")
-    g.add_argument("--gpu-ids", type=parse_gpu_ids, default=(), metavar="I,J,...",
-                   help="CUDA device of each tensor-parallel rank, e.g. 1 or 2,3 (default: rank r on device r)")
+    g.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
+        help="auto: Triton paged attention on CUDA (when Triton is installed), torch elsewhere",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs for decode steps (captured by default on CUDA with one rank and Triton)",
+    )
+    g.add_argument(
+        "--gpu-ids",
+        type=parse_gpu_ids,
+        default=(),
+        metavar="I,J,...",
+        help="CUDA device of each tensor-parallel rank, e.g. 1 or 2,3 (default: rank r on device r)",
+    )
     g.add_argument("--seed", type=int, default=0)
     c = parser.add_argument_group("KV cache tiers (docs/kv-cache.md)")
-    c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="do not reuse cached prefixes (preempted requests still reuse their own saved blocks)")
-    c.add_argument("--host-kv-cache-memory", type=parse_size, default=None,
-                   help="host tier bytes per rank, e.g. 8GiB (default: none; 256MiB when --kv-store is set)")
+    c.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="do not reuse cached prefixes (preempted requests still reuse their own saved blocks)",
+    )
+    c.add_argument(
+        "--host-kv-cache-memory",
+        type=parse_size,
+        default=None,
+        help="host tier bytes per rank, e.g. 8GiB (default: none; 256MiB when --kv-store is set)",
+    )
     c.add_argument("--num-host-blocks", type=int, default=None, help="host tier blocks per rank (overrides memory)")
     c.add_argument("--kv-store", choices=STORE_KINDS, default=None, help="pool tier behind the host tier")
-    c.add_argument("--kv-store-config", default=None,
-                   help="pool options as JSON or a JSON file, e.g. '{\"master\": \"127.0.0.1:50051\"}'")
-    c.add_argument("--no-preempt-save", dest="preempt_save", action="store_false",
-                   help="recompute preempted requests instead of saving their blocks to the host tier")
-    c.add_argument("--cache-output", action="store_true",
-                   help="also write generated tokens' full blocks to the pool at finish (for multi-turn reuse)")
+    c.add_argument(
+        "--kv-store-config",
+        default=None,
+        help='pool options as JSON or a JSON file, e.g. \'{"master": "127.0.0.1:50051"}\'',
+    )
+    c.add_argument(
+        "--no-preempt-save",
+        dest="preempt_save",
+        action="store_false",
+        help="recompute preempted requests instead of saving their blocks to the host tier",
+    )
+    c.add_argument(
+        "--cache-output",
+        action="store_true",
+        help="also write generated tokens' full blocks to the pool at finish (for multi-turn reuse)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        model=args.model, dtype=args.dtype, load_format=args.load_format, max_model_len=args.max_model_len,
-        block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        tensor_parallel_size=args.tensor_parallel_size, device=args.device, seed=args.seed,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, gpu_ids=args.gpu_ids,
-        enable_prefix_caching=args.enable_prefix_caching, host_kv_cache_memory=args.host_kv_cache_memory,
-        num_host_blocks=args.num_host_blocks, kv_store=args.kv_store, kv_store_config=args.kv_store_config,
-        preempt_save=args.preempt_save, cache_output=args.cache_output,
+        model=args.model,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        device=args.device,
+        seed=args.seed,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        gpu_ids=args.gpu_ids,
+        enable_prefix_caching=args.enable_prefix_caching,
+        host_kv_cache_memory=args.host_kv_cache_memory,
+        num_host_blocks=args.num_host_blocks,
+        kv_store=args.kv_store,
+        kv_store_config=args.kv_store_config,
+        preempt_save=args.preempt_save,
+        cache_output=args.cache_output,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pdserve import LLM, SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.sampling_seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.sampling_seed
+    )
     with LLM(**engine_kwargs(args)) as llm:
         if args.chat:
             outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
@@ -97,9 +149,15 @@ def disagg_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pdserve.config import DisaggConfig
 
     return DisaggConfig(
-        role=args.role, kv_transfer=args.kv_transfer, transfer_engine=args.kv_transfer_engine,
-        control_host=args.control_host, control_port=args.control_port, transfer_timeout=args.kv_transfer_timeout,
-        admission_timeout=args.admission_timeout, kv_dest_wait=args.kv_dest_wait, fault_delay_ms=args.fault_delay_ms,
+        role=args.role,
+        kv_transfer=args.kv_transfer,
+        transfer_engine=args.kv_transfer_engine,
+        control_host=args.control_host,
+        control_port=args.control_port,
+        transfer_timeout=args.kv_transfer_timeout,
+        admission_timeout=args.admission_timeout,
+        kv_dest_wait=args.kv_dest_wait,
+        fault_delay_ms=args.fault_delay_ms,
         kv_load_failure_policy=args.kv_load_failure_policy,
         send_trace_dir=args.kv_send_trace_dir,
     )
@@ -107,29 +165,62 @@ def disagg_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("PD disaggregation (docs/disaggregation.md)")
-    g.add_argument("--role", choices=ROLES, default="mixed",
-                   help="prefill: compute prompts and send their KV; decode: receive KV and decode; mixed: both "
-                        "(any role also serves plain requests end to end)")
-    g.add_argument("--kv-transfer", choices=KV_TRANSFER_MODES, default="direct",
-                   help="direct: P writes KV into D's blocks layer by layer; storage: through the KV pool")
-    g.add_argument("--kv-transfer-engine", choices=TRANSFER_ENGINES, default="auto",
-                   help="auto: shared memory (CPU) or CUDA IPC (GPU) to a peer on this host, else the Mooncake Transfer Engine")
+    g.add_argument(
+        "--role",
+        choices=ROLES,
+        default="mixed",
+        help="prefill: compute prompts and send their KV; decode: receive KV and decode; mixed: both "
+        "(any role also serves plain requests end to end)",
+    )
+    g.add_argument(
+        "--kv-transfer",
+        choices=KV_TRANSFER_MODES,
+        default="direct",
+        help="direct: P writes KV into D's blocks layer by layer; storage: through the KV pool",
+    )
+    g.add_argument(
+        "--kv-transfer-engine",
+        choices=TRANSFER_ENGINES,
+        default="auto",
+        help="auto: shared memory (CPU) or CUDA IPC (GPU) to a peer on this host, else the Mooncake Transfer Engine",
+    )
     g.add_argument("--control-host", default="127.0.0.1", help="address of the KVDest/KVDone control socket")
     g.add_argument("--control-port", type=int, default=0, help="control socket port (default: a free one)")
-    g.add_argument("--kv-transfer-timeout", type=float, default=60.0,
-                   help="seconds D waits for the KV after allocating blocks (and P for D's block ids)")
-    g.add_argument("--admission-timeout", type=float, default=30.0,
-                   help="seconds D may wait for free blocks before answering 503 no_capacity")
-    g.add_argument("--kv-dest-wait", type=float, default=0.05,
-                   help="seconds P holds a request back for D's block ids so its KV can go layer by layer during "
-                        "the prefill (then it prefills anyway and catches the early blocks up)")
-    g.add_argument("--kv-load-failure-policy", choices=LOAD_FAILURE_POLICIES, default="fail",
-                   help="storage mode, decode: when prompt blocks are missing from the pool, fail the request (502 "
-                        "kv_load_failed) or recompute the missing part here")
-    g.add_argument("--register-with", default=None, metavar="ROUTER_URL",
-                   help="join this router (POST /register with heartbeats) instead of being listed on its command line")
-    g.add_argument("--public-url", default=None, help="this server's URL as the router reaches it "
-                                                      "(default: http://HOST:PORT)")
+    g.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds D waits for the KV after allocating blocks (and P for D's block ids)",
+    )
+    g.add_argument(
+        "--admission-timeout",
+        type=float,
+        default=30.0,
+        help="seconds D may wait for free blocks before answering 503 no_capacity",
+    )
+    g.add_argument(
+        "--kv-dest-wait",
+        type=float,
+        default=0.05,
+        help="seconds P holds a request back for D's block ids so its KV can go layer by layer during "
+        "the prefill (then it prefills anyway and catches the early blocks up)",
+    )
+    g.add_argument(
+        "--kv-load-failure-policy",
+        choices=LOAD_FAILURE_POLICIES,
+        default="fail",
+        help="storage mode, decode: when prompt blocks are missing from the pool, fail the request (502 "
+        "kv_load_failed) or recompute the missing part here",
+    )
+    g.add_argument(
+        "--register-with",
+        default=None,
+        metavar="ROUTER_URL",
+        help="join this router (POST /register with heartbeats) instead of being listed on its command line",
+    )
+    g.add_argument(
+        "--public-url", default=None, help="this server's URL as the router reaches it (default: http://HOST:PORT)"
+    )
     g.add_argument("--fault-delay-ms", type=int, default=0, help=argparse.SUPPRESS)  # testing only
     g.add_argument("--kv-send-trace-dir", default=None, help=argparse.SUPPRESS)  # testing only
 
@@ -168,16 +259,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # ids the tokenizer cannot decode would stream no text: sample below its size
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, sampled_vocab_size=len(tokenizer)))
     if tokenizer is None:
-        raise ValueError(f"{source.name} has no tokenizer; the HTTP server needs one: pass --tokenizer (an HF "
-                         "directory, a .gguf file, or 'default' for pdserve's default model's)")
+        raise ValueError(
+            f"{source.name} has no tokenizer; the HTTP server needs one: pass --tokenizer (an HF "
+            "directory, a .gguf file, or 'default' for pdserve's default model's)"
+        )
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
     public_url = args.public_url or f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    settings = ServerSettings(args.served_model_name or source.name, api_key, args.max_queue_len, args.role,
-                              args.kv_transfer, args.register_with, public_url)
+    settings = ServerSettings(
+        args.served_model_name or source.name,
+        api_key,
+        args.max_queue_len,
+        args.role,
+        args.kv_transfer,
+        args.register_with,
+        public_url,
+    )
     client = AsyncEngineClient(config, args.log_level.upper())
     app = build_app(client, tokenizer, settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5
+        )
+    )
     client.on_start_failure = lambda _: setattr(server, "should_exit", True)  # a server with no engine is no use
     server.run()
     if client.start_failure is not None:
@@ -189,8 +292,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
-                        help="DEBUG, INFO, WARNING or ERROR (PDSERVE_LOG_LEVEL)")
+    common.add_argument(
+        "--log-level",
+        default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (PDSERVE_LOG_LEVEL)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt", parents=[common])
@@ -203,17 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (API process + engine core process)",
-                           parents=[common])
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (API process + engine core process)", parents=[common]
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or PDSERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
-    serve.add_argument("--tokenizer", default=None,
-                       help="tokenizer: an HF directory or .gguf file, or 'default' for pdserve's default model's "
-                            "(default: the model's own; needed for dummy shapes, which have none)")
-    serve.add_argument("--max-queue-len", type=int, default=256,
-                       help="requests that may wait beyond --max-num-seqs before new ones get 503")
+    serve.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer: an HF directory or .gguf file, or 'default' for pdserve's default model's "
+        "(default: the model's own; needed for dummy shapes, which have none)",
+    )
+    serve.add_argument(
+        "--max-queue-len",
+        type=int,
+        default=256,
+        help="requests that may wait beyond --max-num-seqs before new ones get 503",
+    )
     add_engine_args(serve)
     add_disagg_args(serve)
     serve.set_defaults(func=cmd_serve)

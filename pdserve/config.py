@@ -153,13 +153,16 @@ class ParallelConfig:
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {self.attention_backend!r} is not one of "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
+            raise ValueError(
+                f"attention backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         if self.gpu_ids:
             ids = list(self.gpu_ids)
             if len(ids) != self.tensor_parallel_size or len(set(ids)) != len(ids) or min(ids) < 0:
-                raise ValueError(f"--gpu-ids needs {self.tensor_parallel_size} distinct device indices >= 0 (one "
-                                 f"per tensor-parallel rank), got {','.join(map(str, ids))}")
+                raise ValueError(
+                    f"--gpu-ids needs {self.tensor_parallel_size} distinct device indices >= 0 (one "
+                    f"per tensor-parallel rank), got {','.join(map(str, ids))}"
+                )
             if self.device == "cpu":
                 raise ValueError("--gpu-ids places ranks on CUDA devices; it does not go with --device cpu")
 
@@ -237,8 +240,7 @@ class DisaggConfig:
         if self.kv_transfer not in KV_TRANSFER_MODES:
             raise ValueError(f"kv_transfer {self.kv_transfer!r} is not one of {', '.join(KV_TRANSFER_MODES)}")
         if self.transfer_engine not in TRANSFER_ENGINES:
-            raise ValueError(f"kv transfer engine {self.transfer_engine!r} is not one of "
-                             f"{', '.join(TRANSFER_ENGINES)}")
+            raise ValueError(f"kv transfer engine {self.transfer_engine!r} is not one of {', '.join(TRANSFER_ENGINES)}")
         if not 0 <= self.control_port < 65536:
             raise ValueError(f"control_port must be in [0, 65535], got {self.control_port}")
         if self.kv_dest_wait < 0:
@@ -254,8 +256,10 @@ class DisaggConfig:
         if self.fault_delay_ms < 0:
             raise ValueError("fault_delay_ms must be 0 or more")
         if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
-            raise ValueError(f"--kv-load-failure-policy {self.kv_load_failure_policy!r} is not one of "
-                             f"{', '.join(LOAD_FAILURE_POLICIES)}")
+            raise ValueError(
+                f"--kv-load-failure-policy {self.kv_load_failure_policy!r} is not one of "
+                f"{', '.join(LOAD_FAILURE_POLICIES)}"
+            )
 
     @property
     def is_storage(self) -> bool:
@@ -277,7 +281,8 @@ class EngineConfig:
                 f"--kv-transfer storage moves KV through a pool that P and D share; --kv-store "
                 f"{self.cache.kv_store or '(none)'} is not one. Add --kv-store mooncake --kv-store-config "
                 "'{\"master\": ...}' (pdserve store start runs a master; pdserve launch --kv-transfer storage "
-                "does it all), or --kv-store file with a shared directory")
+                "does it all), or --kv-store file with a shared directory"
+            )
 
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30
@@ -300,8 +305,9 @@ def parse_store_options(text: str | dict[str, Any] | None) -> dict[str, Any]:
     try:
         options = json.loads(source)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--kv-store-config is not valid JSON ({e}); write it like "
-                         '\'{"master": "127.0.0.1:50051"}\'') from e
+        raise ValueError(
+            f'--kv-store-config is not valid JSON ({e}); write it like \'{{"master": "127.0.0.1:50051"}}\''
+        ) from e
     if not isinstance(options, dict):
         raise ValueError("--kv-store-config must be a JSON object")
     return options
@@ -312,29 +318,51 @@ def parse_gpu_ids(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated device indices like 0 or 2,3, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated device indices like 0 or 2,3, got {text!r}"
+        ) from None
 
 
 def make_engine_config(
-    model: str | None = None, *, dtype: str = "float32", load_format: str = "auto", tensor_parallel_size: int = 1,
-    max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
-    kv_cache_memory: str | int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-    seed: int = 0, device: str = "auto", attention_backend: str = "auto", enforce_eager: bool = False,
-    gpu_ids: tuple[int, ...] = (), sampled_vocab_size: int | None = None,
-    enable_prefix_caching: bool = True, num_host_blocks: int | None = None,
-    host_kv_cache_memory: str | int | None = None, kv_store: str | None = None,
-    kv_store_config: str | dict[str, Any] | None = None, preempt_save: bool = True, cache_output: bool = False,
+    model: str | None = None,
+    *,
+    dtype: str = "float32",
+    load_format: str = "auto",
+    tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    block_size: int = 16,
+    num_blocks: int | None = None,
+    kv_cache_memory: str | int | None = None,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    seed: int = 0,
+    device: str = "auto",
+    attention_backend: str = "auto",
+    enforce_eager: bool = False,
+    gpu_ids: tuple[int, ...] = (),
+    sampled_vocab_size: int | None = None,
+    enable_prefix_caching: bool = True,
+    num_host_blocks: int | None = None,
+    host_kv_cache_memory: str | int | None = None,
+    kv_store: str | None = None,
+    kv_store_config: str | dict[str, Any] | None = None,
+    preempt_save: bool = True,
+    cache_output: bool = False,
     disagg: DisaggConfig | None = None,
 ) -> EngineConfig:
     """The one place keyword arguments (LLM, the command line) become an EngineConfig."""
     return EngineConfig(
         model=ModelConfig(model, load_format, dtype, max_model_len, seed, sampled_vocab_size),
         cache=CacheConfig(
-            block_size, num_blocks, None if kv_cache_memory is None else parse_size(kv_cache_memory),
-            enable_prefix_caching=enable_prefix_caching, num_host_blocks=num_host_blocks,
+            block_size,
+            num_blocks,
+            None if kv_cache_memory is None else parse_size(kv_cache_memory),
+            enable_prefix_caching=enable_prefix_caching,
+            num_host_blocks=num_host_blocks,
             host_kv_cache_memory=None if host_kv_cache_memory is None else parse_size(host_kv_cache_memory),
-            kv_store=kv_store, kv_store_options=parse_store_options(kv_store_config), preempt_save=preempt_save,
+            kv_store=kv_store,
+            kv_store_options=parse_store_options(kv_store_config),
+            preempt_save=preempt_save,
             cache_output=cache_output,
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),

@@ -60,35 +60,48 @@ class LaunchConfig:
     gpus: tuple[int, ...] = ()  # CUDA devices the instances are spread over (empty: each instance's rank r on r)
 
     def __post_init__(self) -> None:
-        for flag, value in (("--num-prefill", self.num_prefill), ("--num-decode", self.num_decode),
-                            ("--num-mixed", self.num_mixed)):
+        for flag, value in (
+            ("--num-prefill", self.num_prefill),
+            ("--num-decode", self.num_decode),
+            ("--num-mixed", self.num_mixed),
+        ):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         if self.num_instances == 0:
             raise ValueError("nothing to launch: --num-prefill, --num-decode and --num-mixed are all 0")
         if self.num_mixed and (self.num_prefill or self.num_decode):
-            raise ValueError(f"--num-mixed {self.num_mixed} runs replicas without PD disaggregation; it needs "
-                             f"--num-prefill 0 --num-decode 0 (got {self.num_prefill} and {self.num_decode})")
+            raise ValueError(
+                f"--num-mixed {self.num_mixed} runs replicas without PD disaggregation; it needs "
+                f"--num-prefill 0 --num-decode 0 (got {self.num_prefill} and {self.num_decode})"
+            )
         if not self.num_mixed and not (self.num_prefill and self.num_decode):
-            raise ValueError(f"PD disaggregation needs at least one prefill and one decode instance (got "
-                             f"--num-prefill {self.num_prefill} --num-decode {self.num_decode}); for replicas that "
-                             "serve requests end to end use --num-prefill 0 --num-decode 0 --num-mixed N")
+            raise ValueError(
+                f"PD disaggregation needs at least one prefill and one decode instance (got "
+                f"--num-prefill {self.num_prefill} --num-decode {self.num_decode}); for replicas that "
+                "serve requests end to end use --num-prefill 0 --num-decode 0 --num-mixed N"
+            )
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
         if self.kv_transfer not in KV_TRANSFER_MODES:
             raise ValueError(f"--kv-transfer {self.kv_transfer!r} is not one of {', '.join(KV_TRANSFER_MODES)}")
         if self.kv_transfer_engine not in KV_TRANSFER_ENGINES:
-            raise ValueError(f"--kv-transfer-engine {self.kv_transfer_engine!r} is not one of "
-                             f"{', '.join(KV_TRANSFER_ENGINES)}")
+            raise ValueError(
+                f"--kv-transfer-engine {self.kv_transfer_engine!r} is not one of {', '.join(KV_TRANSFER_ENGINES)}"
+            )
         if self.gpus and (len(set(self.gpus)) != len(self.gpus) or min(self.gpus) < 0 or len(self.gpus) < self.tp):
-            raise ValueError(f"--gpus needs at least --tp {self.tp} distinct device indices >= 0, got "
-                             f"{','.join(map(str, self.gpus))}")
+            raise ValueError(
+                f"--gpus needs at least --tp {self.tp} distinct device indices >= 0, got "
+                f"{','.join(map(str, self.gpus))}"
+            )
         if "--gpu-ids" in self.engine_argv:
-            raise ValueError("pdserve launch places instances itself: give --gpus (the devices to spread them over), "
-                             "not --gpu-ids")
+            raise ValueError(
+                "pdserve launch places instances itself: give --gpus (the devices to spread them over), not --gpu-ids"
+            )
         if self.kv_transfer == "storage" and {"--kv-store", "--kv-store-config"} & set(self.engine_argv):
-            raise ValueError("--kv-transfer storage starts its own Mooncake master and sets --kv-store and "
-                             "--kv-store-config for every instance; drop those flags")
+            raise ValueError(
+                "--kv-transfer storage starts its own Mooncake master and sets --kv-store and "
+                "--kv-store-config for every instance; drop those flags"
+            )
 
     @property
     def num_instances(self) -> int:
@@ -181,18 +194,27 @@ def plan_parts(config: LaunchConfig, allocate_port: Callable[[], int] = free_por
         for i in range(count):
             control_port = allocate_port() if role != "mixed" else None
             first = len(parts) * config.tp
-            gpu_ids = tuple(config.gpus[(first + r) % len(config.gpus)] for r in range(config.tp)) if config.gpus else ()
+            gpu_ids = (
+                tuple(config.gpus[(first + r) % len(config.gpus)] for r in range(config.tp)) if config.gpus else ()
+            )
             parts.append(Part(f"{role}-{i}", role, allocate_port(), control_port, gpu_ids=gpu_ids))
     parts.append(Part(ROUTER, ROUTER, config.port, host=config.host))
     return parts
 
 
-def build_instance_argv(config: LaunchConfig, part: Part, store_config: Mapping[str, object] | None = None,
-                        python: str = sys.executable) -> list[str]:
+def build_instance_argv(
+    config: LaunchConfig, part: Part, store_config: Mapping[str, object] | None = None, python: str = sys.executable
+) -> list[str]:
     argv = [python, "-m", "pdserve.cli", "serve", "--role", part.role, "--port", str(part.port)]
     if part.role != "mixed":
-        argv += ["--control-port", str(part.control_port), "--kv-transfer", config.kv_transfer,
-                 "--kv-transfer-engine", config.kv_transfer_engine]
+        argv += [
+            "--control-port",
+            str(part.control_port),
+            "--kv-transfer",
+            config.kv_transfer,
+            "--kv-transfer-engine",
+            config.kv_transfer_engine,
+        ]
     argv += ["--tensor-parallel-size", str(config.tp), "--log-level", config.log_level]
     if part.gpu_ids:
         argv += ["--gpu-ids", ",".join(map(str, part.gpu_ids))]
@@ -251,17 +273,24 @@ def describe_exit(code: int) -> str:
 class Child:
     """One started part: the leader of its own process group, its log file, and the thread that fills and echoes it."""
 
-    def __init__(self, part: Part, argv: list[str], env: Mapping[str, str], log_path: Path,
-                 echo: Callable[[str], None]) -> None:
+    def __init__(
+        self, part: Part, argv: list[str], env: Mapping[str, str], log_path: Path, echo: Callable[[str], None]
+    ) -> None:
         self.part = part
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "wb")
         self._log.write(f"$ {shlex.join(_mask_secrets(argv))}\n".encode())
         self._log.flush()
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, env=dict(env), start_new_session=True,
-                                         preexec_fn=_sigterm_on_parent_death())
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,
+                preexec_fn=_sigterm_on_parent_death(),
+            )
         except OSError:
             self._log.close()
             raise
@@ -327,7 +356,7 @@ def _live_group_members(pgid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, ...
+        fields = stat[stat.rindex(b")") + 2 :].split()  # state, ppid, pgrp, ...
         if int(fields[2]) == pgid and fields[0] != b"Z":
             members.append(int(entry))
     return members
@@ -350,9 +379,18 @@ class Launcher:
     PR_SET_PDEATHSIG): call `run` from a thread that outlives it, normally the main one.
     """
 
-    def __init__(self, parts: Sequence[Part], argv_for: Callable[[Part], list[str]], log_dir: Path,
-                 env: Mapping[str, str], startup_timeout_s: float = 900.0, stop_timeout_s: float = STOP_TIMEOUT_S,
-                 master: MasterProcess | None = None, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        parts: Sequence[Part],
+        argv_for: Callable[[Part], list[str]],
+        log_dir: Path,
+        env: Mapping[str, str],
+        startup_timeout_s: float = 900.0,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+        master: MasterProcess | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ) -> None:
         self.parts = list(parts)
         self.argv_for = argv_for
         self.log_dir = Path(log_dir)
@@ -399,8 +437,9 @@ class Launcher:
         routers = [p for p in self.parts if p.role == ROUTER]
         for group in (instances, routers):
             for part in group:
-                self.children.append(Child(part, self.argv_for(part), self.env, self.log_dir / f"{part.name}.log",
-                                           self._echo))
+                self.children.append(
+                    Child(part, self.argv_for(part), self.env, self.log_dir / f"{part.name}.log", self._echo)
+                )
             if not self._wait_healthy(group, deadline, stop):
                 return False
         return True
@@ -416,14 +455,17 @@ class Launcher:
                 if status == 200:
                     pending.remove(part)
                 elif '"failed' in body:  # {"status": "failed: ..."}: the engine died, the API server stays up
-                    self._error(f"{part.name} ({part.role}) failed to start: {body.strip()[:500]}\n"
-                                f"{self._tail_of(part)}")
+                    self._error(
+                        f"{part.name} ({part.role}) failed to start: {body.strip()[:500]}\n{self._tail_of(part)}"
+                    )
                     return False
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.name for p in pending)
                 tails = "\n".join(self._tail_of(p) for p in pending)
-                self._error(f"{names} did not answer /health with 200 within {self.startup_timeout_s:g} s "
-                            f"(--startup-timeout)\n{tails}")
+                self._error(
+                    f"{names} did not answer /health with 200 within {self.startup_timeout_s:g} s "
+                    f"(--startup-timeout)\n{tails}"
+                )
                 return False
             if pending and stop.wait(pause):
                 return False
@@ -473,8 +515,15 @@ class Launcher:
         rows = [("PART", "ROLE", "URL", "PID", "LOG")]
         if self.master is not None:
             config = self.master.store_config()
-            rows.append(("mooncake-master", "kv store", f"{config['master']} (metadata {config['metadata']})",
-                         str(self.master.pid), "(shown if it fails)"))
+            rows.append(
+                (
+                    "mooncake-master",
+                    "kv store",
+                    f"{config['master']} (metadata {config['metadata']})",
+                    str(self.master.pid),
+                    "(shown if it fails)",
+                )
+            )
         rows += [(c.part.name, c.part.role, c.part.url, str(c.pid), str(c.log_path)) for c in self.children]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -524,30 +573,58 @@ def run_until_signal(launcher: Launcher) -> int:
 # ---- the command -------------------------------------------------------------------------------------
 
 
-def add_launch_parser(subparsers: argparse._SubParsersAction, common_parent: argparse.ArgumentParser,  # type: ignore[type-arg]
-                      ) -> argparse.ArgumentParser:
-    launch = subparsers.add_parser("launch", parents=[common_parent],
-                                   help="a whole PD deployment on this host: instances and router (Ctrl-C stops it)")
+def add_launch_parser(
+    subparsers: argparse._SubParsersAction,
+    common_parent: argparse.ArgumentParser,  # type: ignore[type-arg]
+) -> argparse.ArgumentParser:
+    launch = subparsers.add_parser(
+        "launch",
+        parents=[common_parent],
+        help="a whole PD deployment on this host: instances and router (Ctrl-C stops it)",
+    )
     g = launch.add_argument_group("deployment")
     g.add_argument("--num-prefill", type=int, default=1, help="prefill instances")
     g.add_argument("--num-decode", type=int, default=1, help="decode instances")
-    g.add_argument("--num-mixed", type=int, default=0,
-                   help="mixed replicas behind the router, for comparisons (needs --num-prefill 0 --num-decode 0)")
+    g.add_argument(
+        "--num-mixed",
+        type=int,
+        default=0,
+        help="mixed replicas behind the router, for comparisons (needs --num-prefill 0 --num-decode 0)",
+    )
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks per instance (default: 1)")
-    g.add_argument("--kv-transfer", choices=KV_TRANSFER_MODES, default="direct",
-                   help="P->D KV path; 'storage' also starts a Mooncake master for the pool")
-    g.add_argument("--gpus", type=parse_gpu_ids, default=(), metavar="I,J,...",
-                   help="CUDA devices to spread the instances over: instance k's ranks take the next --tp of them "
-                        "(default: every instance on devices 0..tp-1)")
-    g.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto",
-                   help="the data plane of --kv-transfer direct")
+    g.add_argument(
+        "--kv-transfer",
+        choices=KV_TRANSFER_MODES,
+        default="direct",
+        help="P->D KV path; 'storage' also starts a Mooncake master for the pool",
+    )
+    g.add_argument(
+        "--gpus",
+        type=parse_gpu_ids,
+        default=(),
+        metavar="I,J,...",
+        help="CUDA devices to spread the instances over: instance k's ranks take the next --tp of them "
+        "(default: every instance on devices 0..tp-1)",
+    )
+    g.add_argument(
+        "--kv-transfer-engine",
+        choices=KV_TRANSFER_ENGINES,
+        default="auto",
+        help="the data plane of --kv-transfer direct",
+    )
     g.add_argument("--policy", default=None, help="the router's (P, D) selection policy (default: the router's)")
     g.add_argument("--host", default="127.0.0.1", help="the router's bind address (default: loopback only)")
     g.add_argument("--port", type=int, default=8000, help="the router's port")
-    g.add_argument("--api-key", default=None, help="the router requires 'Authorization: Bearer KEY' (or PDSERVE_API_KEY)")
+    g.add_argument(
+        "--api-key", default=None, help="the router requires 'Authorization: Bearer KEY' (or PDSERVE_API_KEY)"
+    )
     g.add_argument("--log-dir", default=None, help="where <part>.log files go (default: a new temporary directory)")
-    g.add_argument("--startup-timeout", type=float, default=900.0,
-                   help="seconds for every part to answer /health before the launch is abandoned")
+    g.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=900.0,
+        help="seconds for every part to answer /health before the launch is abandoned",
+    )
     from pdserve.cli import add_engine_args  # here: cli imports this module
 
     add_engine_args(launch)

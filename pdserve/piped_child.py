@@ -17,8 +17,15 @@ class PipedChild:
     """`target(conn, *args)` in a spawned daemon process. Errors are `error(f"{what} ...{detail()}")`, where
     `detail` may add, say, the tail of the child's log."""
 
-    def __init__(self, target: Callable[..., None], args: tuple[Any, ...], name: str, what: str,
-                 error: type[Exception] = RuntimeError, detail: Callable[[], str] = lambda: "") -> None:
+    def __init__(
+        self,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        name: str,
+        what: str,
+        error: type[Exception] = RuntimeError,
+        detail: Callable[[], str] = lambda: "",
+    ) -> None:
         self.what = what
         self.error = error
         self.detail = detail

@@ -25,17 +25,39 @@ def make_tiny_model(path: Path, kind: str, seed: int = 0) -> Path:
         Qwen2ForCausalLM,
     )
 
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=0.2, rms_norm_eps=1e-6, eos_token_id=0, bos_token_id=1)
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        rms_norm_eps=1e-6,
+        eos_token_id=0,
+        bos_token_id=1,
+    )
     if kind == "llama":
         cfg, cls = LlamaConfig(**common, tie_word_embeddings=False), LlamaForCausalLM
     elif kind == "llama-tied":
         cfg, cls = LlamaConfig(**common, tie_word_embeddings=True), LlamaForCausalLM
     elif kind == "llama3-rope":
-        cfg, cls = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64}), LlamaForCausalLM
+        cfg, cls = (
+            LlamaConfig(
+                **common,
+                tie_word_embeddings=False,
+                rope_theta=500000.0,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
+            LlamaForCausalLM,
+        )
     elif kind == "qwen2":
         cfg, cls = Qwen2Config(**common, tie_word_embeddings=False), Qwen2ForCausalLM
     elif kind == "mistral":
@@ -80,8 +102,9 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) ->
     return tokens
 
 
-def assert_greedy_equal(ours: list[int], expected: list[int], prompt: list[int], oracle: torch.nn.Module,
-                        what: str = "") -> Divergence | None:
+def assert_greedy_equal(
+    ours: list[int], expected: list[int], prompt: list[int], oracle: torch.nn.Module, what: str = ""
+) -> Divergence | None:
     """Token-for-token equality, except at a genuine near-tie of the oracle's top two logits.
 
     At the first differing position the oracle (an HF model) scores prompt +
@@ -122,10 +145,20 @@ def make_tiny_chat_model(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      initializer_range=0.2, rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=1,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        rms_norm_eps=1e-6,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).float().save_pretrained(path, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):

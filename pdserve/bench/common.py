@@ -60,8 +60,12 @@ class Stopwatch:
         self.load_avg_after = _load_avg()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"wall_s": round(self.wall_s, 3), "cpu_s": round(self.cpu_s, 3),
-                "load_avg_before": self.load_avg_before, "load_avg_after": self.load_avg_after}
+        return {
+            "wall_s": round(self.wall_s, 3),
+            "cpu_s": round(self.cpu_s, 3),
+            "load_avg_before": self.load_avg_before,
+            "load_avg_after": self.load_avg_after,
+        }
 
 
 def _load_avg() -> float | None:

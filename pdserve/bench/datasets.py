@@ -57,15 +57,18 @@ class DatasetConfig:
         if self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be at least 1, got {self.num_prompts}")
         if self.input_len < 1 or self.output_len < 1:
-            raise ValueError(f"--input-len and --output-len must be at least 1, got {self.input_len} "
-                             f"and {self.output_len}")
+            raise ValueError(
+                f"--input-len and --output-len must be at least 1, got {self.input_len} and {self.output_len}"
+            )
         if not 0.0 <= self.range_ratio < 1.0:
             raise ValueError(f"--random-range-ratio must be in [0, 1), got {self.range_ratio}")
         if self.num_turns < 1:
             raise ValueError(f"--num-turns must be at least 1, got {self.num_turns}")
         if self.name == "shared-prefix" and not 0 <= self.shared_prefix_len < self.input_len:
-            raise ValueError(f"--prefix-len ({self.shared_prefix_len}) must be in [0, --input-len) "
-                             f"(= [0, {self.input_len})) so every prompt keeps a unique suffix")
+            raise ValueError(
+                f"--prefix-len ({self.shared_prefix_len}) must be in [0, --input-len) "
+                f"(= [0, {self.input_len})) so every prompt keeps a unique suffix"
+            )
 
     @property
     def shared_prefix_len(self) -> int:
@@ -88,8 +91,10 @@ def load_tokenizer(name_or_path: str | None) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load tokenizer {name_or_path!r} ({e}); pass --tokenizer with an HF "
-                         "tokenizer directory (the served model's, for exact lengths)") from e
+        raise ValueError(
+            f"cannot load tokenizer {name_or_path!r} ({e}); pass --tokenizer with an HF "
+            "tokenizer directory (the served model's, for exact lengths)"
+        ) from e
 
 
 def num_tokens(tokenizer: Any, text: str) -> int:
@@ -151,8 +156,10 @@ def word_pool(tokenizer: Any) -> tuple[list[str], str]:
         return spaced, ""
     plain = sorted({t.strip() for t in texts if _is_word(t.strip())})
     if len(plain) < 10:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has only {len(plain)} alphabetic tokens; "
-                         "pass a text tokenizer with --tokenizer")
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has only {len(plain)} alphabetic tokens; "
+            "pass a text tokenizer with --tokenizer"
+        )
     return plain, " "
 
 
@@ -170,8 +177,10 @@ def build_dataset(config: DatasetConfig, tokenizer: Any) -> list[Conversation]:
         prefix = maker.text(prefix_len) if prefix_len else ""
         suffix_len = config.input_len - prefix_len
         return [_single(maker, prefix, suffix_len, config) for _ in range(config.num_prompts)]
-    return [Conversation(tuple(_turn(maker, "", config.input_len, config) for _ in range(config.num_turns)))
-            for _ in range(config.num_prompts)]
+    return [
+        Conversation(tuple(_turn(maker, "", config.input_len, config) for _ in range(config.num_turns)))
+        for _ in range(config.num_prompts)
+    ]
 
 
 def _single(maker: PromptMaker, head: str, new_len: int, config: DatasetConfig) -> Conversation:
@@ -189,10 +198,14 @@ def dataset_stats(conversations: Sequence[Conversation]) -> dict[str, Any]:
     turns = [t for c in conversations for t in c.turns]
     in_lens, out_lens = [t.input_len for t in turns], [t.output_len for t in turns]
     return {
-        "num_conversations": len(conversations), "num_requests": len(turns),
-        "total_input_tokens": sum(in_lens), "total_output_tokens": sum(out_lens),
-        "min_input_len": min(in_lens), "max_input_len": max(in_lens),
+        "num_conversations": len(conversations),
+        "num_requests": len(turns),
+        "total_input_tokens": sum(in_lens),
+        "total_output_tokens": sum(out_lens),
+        "min_input_len": min(in_lens),
+        "max_input_len": max(in_lens),
         "mean_input_len": round(sum(in_lens) / len(turns), 2),
-        "min_output_len": min(out_lens), "max_output_len": max(out_lens),
+        "min_output_len": min(out_lens),
+        "max_output_len": max(out_lens),
         "mean_output_len": round(sum(out_lens) / len(turns), 2),
     }

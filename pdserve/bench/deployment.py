@@ -39,8 +39,14 @@ class Deployment:
     only in stop().
     """
 
-    def __init__(self, name: str, config: LaunchConfig, log_dir: Path, startup_timeout_s: float,
-                 store_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: LaunchConfig,
+        log_dir: Path,
+        startup_timeout_s: float,
+        store_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self.log_dir = log_dir
         self.startup_timeout_s = startup_timeout_s
@@ -55,8 +61,12 @@ class Deployment:
         elif store_options:
             raise ValueError("store options apply to a --kv-transfer storage deployment only")
         instances = [p for p in self.parts if p.role != ROUTER]
-        self.argv = {p.name: build_router_argv(self.config, instances) if p.role == ROUTER
-                     else build_instance_argv(self.config, p, self.store_config) for p in self.parts}
+        self.argv = {
+            p.name: build_router_argv(self.config, instances)
+            if p.role == ROUTER
+            else build_instance_argv(self.config, p, self.store_config)
+            for p in self.parts
+        }
         self.env = child_env(os.environ, omp_num_threads(self.config.num_instances, self.config.tp, usable_cpus()))
         self._stop = threading.Event()
         self._err = io.StringIO()
@@ -75,15 +85,30 @@ class Deployment:
         c = self.config
         mode = ["--kv-transfer", c.kv_transfer] if c.kv_transfer != "direct" else []
         gpus = ["--gpus", ",".join(map(str, c.gpus))] if c.gpus else []
-        return ["pdserve", "launch", "--num-prefill", str(c.num_prefill), "--num-decode", str(c.num_decode),
-                "--num-mixed", str(c.num_mixed), *mode, *gpus, "--kv-transfer-engine", c.kv_transfer_engine,
-                *c.engine_argv]
+        return [
+            "pdserve",
+            "launch",
+            "--num-prefill",
+            str(c.num_prefill),
+            "--num-decode",
+            str(c.num_decode),
+            "--num-mixed",
+            str(c.num_mixed),
+            *mode,
+            *gpus,
+            "--kv-transfer-engine",
+            c.kv_transfer_engine,
+            *c.engine_argv,
+        ]
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "launch_argv": self.launch_argv, "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
-            "parts": [{"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]}
-                      for p in self.parts]}
+            "launch_argv": self.launch_argv,
+            "omp_num_threads": self.env.get("OMP_NUM_THREADS"),
+            "parts": [
+                {"name": p.name, "role": p.role, "url": p.url, "argv": self.argv[p.name][1:]} for p in self.parts
+            ],
+        }
         if self.master is not None:
             out["mooncake_master"] = {"argv": self.master.command(), "store_config": self.store_config}
         return out
@@ -91,8 +116,16 @@ class Deployment:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / "launch.log", "w")  # noqa: SIM115 - closed when the thread ends
-        launcher = Launcher(self.parts, lambda part: self.argv[part.name], self.log_dir, self.env,
-                            self.startup_timeout_s, master=self.master, out=out, err=self._err)
+        launcher = Launcher(
+            self.parts,
+            lambda part: self.argv[part.name],
+            self.log_dir,
+            self.env,
+            self.startup_timeout_s,
+            master=self.master,
+            out=out,
+            err=self._err,
+        )
 
         def run() -> None:
             try:
@@ -109,8 +142,9 @@ class Deployment:
     def check_alive(self) -> None:
         """Raise BenchServerError if a part has exited since start() (the launcher then stopped them all)."""
         if self._thread is not None and not self._thread.is_alive():
-            raise BenchServerError(f"a part of the {self.name!r} deployment failed during the run:\n"
-                                   f"{self._err.getvalue()}")
+            raise BenchServerError(
+                f"a part of the {self.name!r} deployment failed during the run:\n{self._err.getvalue()}"
+            )
 
     def stop(self) -> None:
         """Stop every part (router, instances) and wait for them; safe twice."""

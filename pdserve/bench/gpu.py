@@ -70,48 +70,48 @@ PD_TIMEOUT_S = 300.0
 OVERLAP_EXPOSED_SHARE = 0.5  # as in bench transfer: exposed below this share of busy = sends ran during the forward
 NOTES = {
     "decode_ms": "engine.step() wall time per decode step (every running sequence decodes one token; host "
-                 "scheduling, the forward, logits and sampling; torch.cuda.synchronize() around each step), "
-                 "mean over the timed steps; each batch's prompts have decode_context tokens, so the context "
-                 "grows from context + warm-up steps during the timed steps",
+    "scheduling, the forward, logits and sampling; torch.cuda.synchronize() around each step), "
+    "mean over the timed steps; each batch's prompts have decode_context tokens, so the context "
+    "grows from context + warm-up steps during the timed steps",
     "roofline_ms": "weight_bytes (every parameter of the engine's model) / copy.gb_per_s_best: the least time a "
-                   "step can take if it reads every weight once from HBM at the bandwidth a device-to-device "
-                   "copy reached in this run. roofline_read_ms counts only the weights a step reads (not the "
-                   "input embedding table, of which a step reads one row per sequence); "
-                   "roofline_weights_kv_ms adds the KV cache bytes the batch reads (mean context)",
+    "step can take if it reads every weight once from HBM at the bandwidth a device-to-device "
+    "copy reached in this run. roofline_read_ms counts only the weights a step reads (not the "
+    "input embedding table, of which a step reads one row per sequence); "
+    "roofline_weights_kv_ms adds the KV cache bytes the batch reads (mean context)",
     "hf_ms": "HF transformers generate (DynamicCache, the model's default attention, greedy, no EOS) on a model "
-             "built from the same shape with random weights, same dtype and device: (best time of "
-             "generate(steps + 1 new tokens) - best time of generate(1 new token)) / steps, the same prompts' "
-             "shape (batch x decode_context, no padding)",
+    "built from the same shape with random weights, same dtype and device: (best time of "
+    "generate(steps + 1 new tokens) - best time of generate(1 new token)) / steps, the same prompts' "
+    "shape (batch x decode_context, no padding)",
     "copy": "a contiguous device-to-device copy of copy_bytes, best and median of the timed repeats after "
-            "warm-up; gb_per_s counts bytes read + bytes written (HBM traffic), GB = 1e9 bytes",
+    "warm-up; gb_per_s counts bytes read + bytes written (HBM traffic), GB = 1e9 bytes",
     "matmul": "torch.matmul of two matmul_size x matmul_size matrices in the model dtype: 2 n^3 FLOPs per "
-              "product, best and median of the timed repeats after warm-up",
+    "product, best and median of the timed repeats after warm-up",
     "prefill": "one request's prompt computed in one engine step (max_num_batched_tokens >= the prompt, "
-               "max_tokens 1, a fresh random prompt per run, prefix caching off); seconds = the wall time of "
-               "the engine step(s) that computed it, median of the repeats after one warm-up. FLOPs: "
-               "2 x tokens x the linear layers' weights (q, k, v, o, gate, up, down of every layer) + causal "
-               "attention 4 x layers x heads x head_dim x tokens (tokens + 1) / 2 (QK^T and PV over the "
-               "keys each query sees) + 2 x hidden x vocab for the one sampled row's logits",
+    "max_tokens 1, a fresh random prompt per run, prefix caching off); seconds = the wall time of "
+    "the engine step(s) that computed it, median of the repeats after one warm-up. FLOPs: "
+    "2 x tokens x the linear layers' weights (q, k, v, o, gate, up, down of every layer) + causal "
+    "attention 4 x layers x heads x head_dim x tokens (tokens + 1) / 2 (QK^T and PV over the "
+    "keys each query sees) + 2 x hidden x vocab for the one sampled row's logits",
     "transfer_raw": "the cuda_ipc engine (CudaIpcEngine.write + flush) copying one prompt's KV blocks (every "
-                    "layer, K and V, contiguous block ids) from a cache in this process on P's GPU into a cache a "
-                    "spawned child process exported on D's GPU: all layers in one write, one write per layer as "
-                    "P's sender does, or all layers into every other block of D's (scattered: gather, peer copy, "
-                    "scatter); wall time from a synchronized start to flush(), median and best of the "
-                    "repeats after one untimed write whose copy is checked. device_copy: one contiguous "
-                    "copy of the same bytes from P's GPU to D's in this process (the peer copy); local_slices: "
-                    "the engine's pattern of copies, one per (layer, K|V) slice of the blocks, into a cache of this "
-                    "process (what the launches cost without IPC and without the engine's Python). GB/s here "
-                    "counts the bytes moved (once), not read + written",
+    "layer, K and V, contiguous block ids) from a cache in this process on P's GPU into a cache a "
+    "spawned child process exported on D's GPU: all layers in one write, one write per layer as "
+    "P's sender does, or all layers into every other block of D's (scattered: gather, peer copy, "
+    "scatter); wall time from a synchronized start to flush(), median and best of the "
+    "repeats after one untimed write whose copy is checked. device_copy: one contiguous "
+    "copy of the same bytes from P's GPU to D's in this process (the peer copy); local_slices: "
+    "the engine's pattern of copies, one per (layer, K|V) slice of the blocks, into a cache of this "
+    "process (what the launches cost without IPC and without the engine's Python). GB/s here "
+    "counts the bytes moved (once), not read + written",
     "transfer_pd": "P (role prefill) and D (role decode) are two EngineCores in ONE process, P on p_gpu and D on "
-                   "d_gpu, paired through their real control sockets; the KV goes through the cuda_ipc engine "
-                   "(in one process it copies into D's tensor directly, as it does into a mapped peer cache). "
-                   "ttft: from adding the request to D (then to P) until D emits its first token (P's prefill, "
-                   "layer-by-layer sends, KVDone), both cores stepped in turn, no HTTP; prefill_alone: a plain "
-                   "request of the same length on P (max_tokens 1) from add to its token. busy: P rank 0's "
-                   "sender thread time in write() (with cuda_ipc it queues the copies on a side stream, so "
-                   "this is host time, not copy time); exposed: time P's step waited for the sends after its "
-                   "forward (the copies left to finish): the transfer's share of TTFT is exposed / ttft. "
-                   "kv_dest_wait is 1 s so P prefills only once D's block ids came, sending layer by layer",
+    "d_gpu, paired through their real control sockets; the KV goes through the cuda_ipc engine "
+    "(in one process it copies into D's tensor directly, as it does into a mapped peer cache). "
+    "ttft: from adding the request to D (then to P) until D emits its first token (P's prefill, "
+    "layer-by-layer sends, KVDone), both cores stepped in turn, no HTTP; prefill_alone: a plain "
+    "request of the same length on P (max_tokens 1) from add to its token. busy: P rank 0's "
+    "sender thread time in write() (with cuda_ipc it queues the copies on a side stream, so "
+    "this is host time, not copy time); exposed: time P's step waited for the sends after its "
+    "forward (the copies left to finish): the transfer's share of TTFT is exposed / ttft. "
+    "kv_dest_wait is 1 s so P prefills only once D's block ids came, sending layer by layer",
 }
 
 logger = logging.getLogger(__name__)
@@ -149,13 +149,25 @@ class GpuBenchConfig:
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
-            raise ValueError(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {','.join(self.parts)!r}")
+            raise ValueError(
+                f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {','.join(self.parts)!r}"
+            )
         for name in ("decode_batches", "prefill_lens", "transfer_lens"):
             values = getattr(self, name)
             if not values or min(values) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} takes positive integers, got {values}")
-        for name in ("decode_context", "decode_steps", "hf_repeats", "prefill_repeats", "transfer_repeats",
-                     "raw_repeats", "copy_bytes", "copy_repeats", "matmul_size", "matmul_repeats"):
+        for name in (
+            "decode_context",
+            "decode_steps",
+            "hf_repeats",
+            "prefill_repeats",
+            "transfer_repeats",
+            "raw_repeats",
+            "copy_bytes",
+            "copy_repeats",
+            "matmul_size",
+            "matmul_repeats",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.transfer_gpus is not None and (len(self.transfer_gpus) != 2 or min(self.transfer_gpus) < 0):
@@ -207,8 +219,12 @@ def _ratio(a: float | None, b: float | None, digits: int = 4) -> float | None:
 
 
 def _timing(seconds: Sequence[float]) -> dict[str, Any]:
-    return {"seconds_best": _r(min(seconds), 7), "seconds_median": _r(statistics.median(seconds), 7),
-            "seconds_mean": _r(statistics.fmean(seconds), 7), "repeats": len(seconds)}
+    return {
+        "seconds_best": _r(min(seconds), 7),
+        "seconds_median": _r(statistics.median(seconds), 7),
+        "seconds_mean": _r(statistics.fmean(seconds), 7),
+        "repeats": len(seconds),
+    }
 
 
 def slug(name: str) -> str:
@@ -226,8 +242,12 @@ def _version(package: str) -> str | None:
 
 def _nvidia_smi(fields: str) -> str | None:
     try:
-        done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i", "0"],
-                              capture_output=True, text=True, timeout=15)
+        done = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
@@ -237,8 +257,13 @@ def gpu_info(device: str) -> dict[str, Any]:
     """The accelerator and the software that drives it."""
     import torch
 
-    info: dict[str, Any] = {"device": device, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                            "triton": _version("triton"), "transformers": _version("transformers")}
+    info: dict[str, Any] = {
+        "device": device,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+    }
     if device != "cuda":
         return info | {"name": "cpu", "slug": "cpu"}
     props = torch.cuda.get_device_properties(0)
@@ -246,9 +271,13 @@ def gpu_info(device: str) -> dict[str, Any]:
     smi = _nvidia_smi("driver_version,clocks.max.sm,clocks.max.memory,power.limit")
     parts = [p.strip() for p in smi.split(",")] if smi else []
     return info | {
-        "name": name, "slug": slug(name), "memory_gib": round(props.total_memory / 2**30, 2),
-        "multiprocessors": props.multi_processor_count, "compute_capability": f"{props.major}.{props.minor}",
-        "device_count": torch.cuda.device_count(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "name": name,
+        "slug": slug(name),
+        "memory_gib": round(props.total_memory / 2**30, 2),
+        "multiprocessors": props.multi_processor_count,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "device_count": torch.cuda.device_count(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "driver": parts[0] if parts else None,
         "max_sm_clock": parts[1] if len(parts) > 1 else None,
         "max_memory_clock": parts[2] if len(parts) > 2 else None,
@@ -263,9 +292,11 @@ def resolve_device(allow_cpu: bool) -> str:
         return "cuda"
     if allow_cpu:
         return "cpu"
-    raise ValueError(f"pdserve bench gpu needs a CUDA GPU, and torch sees none (torch {torch.__version__}, CUDA "
-                     f"build {torch.version.cuda or 'none'}); run it on a machine with an NVIDIA GPU and a CUDA "
-                     "build of torch")
+    raise ValueError(
+        f"pdserve bench gpu needs a CUDA GPU, and torch sees none (torch {torch.__version__}, CUDA "
+        f"build {torch.version.cuda or 'none'}); run it on a machine with an NVIDIA GPU and a CUDA "
+        "build of torch"
+    )
 
 
 def model_limit(arch: Any) -> int:
@@ -280,8 +311,14 @@ def clamp_lens(lens: Sequence[int], limit: int, what: str) -> tuple[list[int], s
     if top < 1:
         raise ValueError(f"the model accepts {limit} tokens, too few for {what}")
     used = list(dict.fromkeys(min(n, top) for n in lens))
-    note = None if used == list(lens) else (f"{what} {list(lens)} clamped to {used}: the model accepts {limit} "
-                                            f"tokens and {LEN_MARGIN} are kept for generated tokens")
+    note = (
+        None
+        if used == list(lens)
+        else (
+            f"{what} {list(lens)} clamped to {used}: the model accepts {limit} "
+            f"tokens and {LEN_MARGIN} are kept for generated tokens"
+        )
+    )
     return used, note
 
 
@@ -295,25 +332,41 @@ def model_facts(config: GpuBenchConfig) -> tuple[Any, dict[str, Any]]:
     arch = load_arch(source)
     dtype_size = DTYPE_SIZES[config.dtype]
     shape = {k: v for k, v in asdict(arch).items() if k not in ("eos_token_ids", "bos_token_id")}
-    return arch, {"name": source.name, "load_format": config.load_format, "dtype": config.dtype,
-                  "dtype_bytes": dtype_size, "arch": shape,
-                  "kv_bytes_per_token": arch.kv_bytes_per_token(dtype_size),
-                  "kv_bytes_per_block": arch.kv_bytes_per_token(dtype_size) * config.block_size,
-                  "block_size": config.block_size, "max_len": model_limit(arch)}
+    return arch, {
+        "name": source.name,
+        "load_format": config.load_format,
+        "dtype": config.dtype,
+        "dtype_bytes": dtype_size,
+        "arch": shape,
+        "kv_bytes_per_token": arch.kv_bytes_per_token(dtype_size),
+        "kv_bytes_per_block": arch.kv_bytes_per_token(dtype_size) * config.block_size,
+        "block_size": config.block_size,
+        "max_len": model_limit(arch),
+    }
 
 
 def _engine(config: GpuBenchConfig, device: str, **kwargs: Any) -> Any:
     from pdserve.config import make_engine_config
     from pdserve.engine.core import EngineCore
 
-    return EngineCore(make_engine_config(config.model, dtype=config.dtype, load_format=config.load_format,
-                                         device=device, block_size=config.block_size, seed=config.seed, **kwargs))
+    return EngineCore(
+        make_engine_config(
+            config.model,
+            dtype=config.dtype,
+            load_format=config.load_format,
+            device=device,
+            block_size=config.block_size,
+            seed=config.seed,
+            **kwargs,
+        )
+    )
 
 
 def _prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
     """`count` seeded random prompts of `length` token ids (no shared prefix between them)."""
-    requests = random_requests(count, (length, length), (1, 1), vocab_size, seed,
-                               min_token_id=min(MIN_RANDOM_TOKEN_ID, vocab_size // 2))
+    requests = random_requests(
+        count, (length, length), (1, 1), vocab_size, seed, min_token_id=min(MIN_RANDOM_TOKEN_ID, vocab_size // 2)
+    )
     return [r.prompt_token_ids for r in requests]
 
 
@@ -330,16 +383,26 @@ def _blocks(tokens: int, block_size: int) -> int:
 def weight_params(arch: Any) -> dict[str, int]:
     """Parameters of the shape, by where they are read: every layer's, the input embedding table, the LM
     head (none when tied to the embedding), the final norm."""
-    h, hd, heads, kv_heads, inter = arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, \
-        arch.intermediate_size
+    h, hd, heads, kv_heads, inter = (
+        arch.hidden_size,
+        arch.head_dim,
+        arch.num_heads,
+        arch.num_kv_heads,
+        arch.intermediate_size,
+    )
     attention = h * heads * hd + 2 * h * kv_heads * hd + heads * hd * h
     attention += (heads * hd + 2 * kv_heads * hd if arch.qkv_bias else 0) + (h if arch.o_bias else 0)
     mlp = 3 * h * inter + (2 * inter + h if arch.mlp_bias else 0)
     layers = arch.num_layers * (attention + mlp + 2 * h)
     embedding = arch.vocab_size * h
     head = 0 if arch.tie_word_embeddings else arch.vocab_size * h
-    return {"layers": layers, "embedding": embedding, "lm_head": head, "final_norm": h,
-            "total": layers + embedding + head + h}
+    return {
+        "layers": layers,
+        "embedding": embedding,
+        "lm_head": head,
+        "final_norm": h,
+        "total": layers + embedding + head + h,
+    }
 
 
 def _engine_weight_bytes(core: Any) -> int | None:
@@ -376,8 +439,12 @@ def measure_copy(device: str, nbytes: int, repeats: int, warmup: int = 3) -> dic
     del src, dst
     _release(device)
     t = _timing(seconds)
-    return {"nbytes": nbytes, **t, "gb_per_s_best": _r(2 * nbytes / t["seconds_best"] / 1e9, 2),
-            "gb_per_s_median": _r(2 * nbytes / t["seconds_median"] / 1e9, 2)}
+    return {
+        "nbytes": nbytes,
+        **t,
+        "gb_per_s_best": _r(2 * nbytes / t["seconds_best"] / 1e9, 2),
+        "gb_per_s_median": _r(2 * nbytes / t["seconds_median"] / 1e9, 2),
+    }
 
 
 def measure_matmul(device: str, dtype: str, n: int, repeats: int, warmup: int = 3) -> dict[str, Any]:
@@ -403,26 +470,35 @@ def measure_matmul(device: str, dtype: str, n: int, repeats: int, warmup: int = 
     _release(device)
     t = _timing(seconds)
     flops = 2 * n**3
-    return {"n": n, "dtype": dtype, "flops": flops, **t,
-            "tflops_best": _r(flops / t["seconds_best"] / 1e12, 6),
-            "tflops_median": _r(flops / t["seconds_median"] / 1e12, 6)}
+    return {
+        "n": n,
+        "dtype": dtype,
+        "flops": flops,
+        **t,
+        "tflops_best": _r(flops / t["seconds_best"] / 1e12, 6),
+        "tflops_median": _r(flops / t["seconds_median"] / 1e12, 6),
+    }
 
 
 # ---- decode ----------------------------------------------------------------------------------------------------
 
 
 def decode_max_model_len(config: GpuBenchConfig, arch: Any) -> tuple[int, str | None]:
-    need = config.decode_context + decode_tokens(config, max(config.decode_batches),
-                                                 max(2048, config.decode_context))
+    need = config.decode_context + decode_tokens(config, max(config.decode_batches), max(2048, config.decode_context))
     limit = model_limit(arch)
     used = min(config.decode_max_model_len, limit)
     if used < need:
-        raise ValueError(f"a decode sequence may reach {need} tokens (--decode-context, the steps that compute the "
-                         f"largest batch's prompts, --decode-warmup, --decode-steps, {LEN_MARGIN} more), above the "
-                         f"decode engine's max_model_len {used} (--decode-max-model-len "
-                         f"{config.decode_max_model_len}, the model accepts {limit}); lower them")
-    note = None if used == config.decode_max_model_len else (
-        f"--decode-max-model-len {config.decode_max_model_len} lowered to {used}, what the model accepts")
+        raise ValueError(
+            f"a decode sequence may reach {need} tokens (--decode-context, the steps that compute the "
+            f"largest batch's prompts, --decode-warmup, --decode-steps, {LEN_MARGIN} more), above the "
+            f"decode engine's max_model_len {used} (--decode-max-model-len "
+            f"{config.decode_max_model_len}, the model accepts {limit}); lower them"
+        )
+    note = (
+        None
+        if used == config.decode_max_model_len
+        else (f"--decode-max-model-len {config.decode_max_model_len} lowered to {used}, what the model accepts")
+    )
     return used, note
 
 
@@ -442,28 +518,45 @@ def engine_decode(config: GpuBenchConfig, device: str, arch: Any, eager: bool) -
     per_seq = _blocks(config.decode_context + decode_tokens(config, max_batch, token_budget), config.block_size)
     num_blocks = max(max_batch * per_seq + max_batch, _blocks(max_model_len, config.block_size))
     started = time.perf_counter()
-    core = _engine(config, device, enforce_eager=eager, max_model_len=max_model_len, num_blocks=num_blocks,
-                   max_num_seqs=max_batch, max_num_batched_tokens=token_budget, enable_prefix_caching=False)
+    core = _engine(
+        config,
+        device,
+        enforce_eager=eager,
+        max_model_len=max_model_len,
+        num_blocks=num_blocks,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=token_budget,
+        enable_prefix_caching=False,
+    )
     try:
         _sync(device)  # the random weights are written by kernels still queued
         startup_s = time.perf_counter() - started
         runner = getattr(core.executor, "runner", None)
         graphs = getattr(runner, "graphs", None)
         out: dict[str, Any] = {
-            "enforce_eager": eager, "cuda_graphs": graphs is not None,
+            "enforce_eager": eager,
+            "cuda_graphs": graphs is not None,
             "graph_batch_sizes": list(graphs.sizes) if graphs is not None else None,
             "attention_backend": core.config.parallel.resolved_attention_backend(),
-            "max_model_len": max_model_len, "num_blocks": num_blocks, "startup_s": _r(startup_s, 2),
-            "engine_weight_bytes": _engine_weight_bytes(core), "batches": {},
+            "max_model_len": max_model_len,
+            "num_blocks": num_blocks,
+            "startup_s": _r(startup_s, 2),
+            "engine_weight_bytes": _engine_weight_bytes(core),
+            "batches": {},
         }
         if not eager and graphs is None:
-            logger.warning("the engine captured no CUDA graphs (attention backend %s): the 'graphs' figures are "
-                           "eager steps", out["attention_backend"])
+            logger.warning(
+                "the engine captured no CUDA graphs (attention backend %s): the 'graphs' figures are eager steps",
+                out["attention_backend"],
+            )
         for batch in config.decode_batches:
             out["batches"][str(batch)] = _decode_batch(core, config, device, arch, batch)
             figures = out["batches"][str(batch)]
-            print(f"[gpu] decode {'eager' if eager else 'graphs'} batch {batch}: {figures['ms_mean']:.2f} ms/step "
-                  f"(median {figures['ms_median']:.2f})", flush=True)
+            print(
+                f"[gpu] decode {'eager' if eager else 'graphs'} batch {batch}: {figures['ms_mean']:.2f} ms/step "
+                f"(median {figures['ms_median']:.2f})",
+                flush=True,
+            )
         return out
     finally:
         core.shutdown()
@@ -492,8 +585,10 @@ def _decode_batch(core: Any, config: GpuBenchConfig, device: str, arch: Any, bat
         elapsed = time.perf_counter() - start
         decoded = sum(1 for u in updates if u.new_token_ids)
         if decoded != batch:
-            raise RuntimeError(f"a decode step of batch {batch} gave {decoded} tokens; every sequence should "
-                               "decode one (a request finished or was preempted)")
+            raise RuntimeError(
+                f"a decode step of batch {batch} gave {decoded} tokens; every sequence should "
+                "decode one (a request finished or was preempted)"
+            )
         return elapsed
 
     for _ in range(config.decode_warmup):
@@ -504,9 +599,15 @@ def _decode_batch(core: Any, config: GpuBenchConfig, device: str, arch: Any, bat
     for req_id in ids:
         core.abort(req_id)
     core.step()  # lets the workers forget the aborted requests
-    return {"batch": batch, "prefill_steps": prefill_steps,
-            "ms_mean": _r(statistics.fmean(seconds) * 1e3), "ms_median": _r(statistics.median(seconds) * 1e3),
-            "ms_min": _r(min(seconds) * 1e3), "ms_max": _r(max(seconds) * 1e3), "steps": len(seconds)}
+    return {
+        "batch": batch,
+        "prefill_steps": prefill_steps,
+        "ms_mean": _r(statistics.fmean(seconds) * 1e3),
+        "ms_median": _r(statistics.median(seconds) * 1e3),
+        "ms_min": _r(min(seconds) * 1e3),
+        "ms_max": _r(max(seconds) * 1e3),
+        "steps": len(seconds),
+    }
 
 
 def build_hf_model(arch: Any, dtype: str, device: str, seed: int) -> Any:
@@ -537,9 +638,14 @@ def hf_decode(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, Any]:
     started = time.perf_counter()
     model = build_hf_model(arch, config.dtype, device, config.seed)
     _sync(device)
-    out: dict[str, Any] = {"class": type(model).__name__, "attn_implementation": model.config._attn_implementation,
-                           "transformers": _version("transformers"), "startup_s": _r(time.perf_counter() - started, 2),
-                           "num_params": sum(p.numel() for p in model.parameters()), "batches": {}}
+    out: dict[str, Any] = {
+        "class": type(model).__name__,
+        "attn_implementation": model.config._attn_implementation,
+        "transformers": _version("transformers"),
+        "startup_s": _r(time.perf_counter() - started, 2),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "batches": {},
+    }
     steps = config.decode_steps
 
     def generate_s(ids: Any, new_tokens: int) -> float:
@@ -547,8 +653,9 @@ def hf_decode(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, Any]:
         _sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                    pad_token_id=0)
+            result = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
         _sync(device)
         elapsed = time.perf_counter() - start
         if result.shape[1] != ids.shape[1] + new_tokens:
@@ -571,18 +678,29 @@ def hf_decode(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, Any]:
             _release(device)
             continue
         ms = (many - one) / steps * 1e3
-        out["batches"][str(batch)] = {"batch": batch, "ms_per_token": _r(ms), "generate_1_s": _r(one, 5),
-                                      f"generate_{steps + 1}_s": _r(many, 5), "new_tokens": steps}
+        out["batches"][str(batch)] = {
+            "batch": batch,
+            "ms_per_token": _r(ms),
+            "generate_1_s": _r(one, 5),
+            f"generate_{steps + 1}_s": _r(many, 5),
+            "new_tokens": steps,
+        }
         print(f"[gpu] HF generate batch {batch}: {ms:.2f} ms/token", flush=True)
     return out
 
 
-def run_decode(config: GpuBenchConfig, device: str, arch: Any, shape: dict[str, Any],
-               copy: dict[str, Any] | None) -> dict[str, Any]:
+def run_decode(
+    config: GpuBenchConfig, device: str, arch: Any, shape: dict[str, Any], copy: dict[str, Any] | None
+) -> dict[str, Any]:
     max_model_len, note = decode_max_model_len(config, arch)
-    result: dict[str, Any] = {"context_tokens": config.decode_context, "steps": config.decode_steps,
-                              "warmup_steps": config.decode_warmup, "batches": list(config.decode_batches),
-                              "max_model_len": max_model_len, "notes": [note] if note else []}
+    result: dict[str, Any] = {
+        "context_tokens": config.decode_context,
+        "steps": config.decode_steps,
+        "warmup_steps": config.decode_warmup,
+        "batches": list(config.decode_batches),
+        "max_model_len": max_model_len,
+        "notes": [note] if note else [],
+    }
     for name, eager in (("graphs", False), ("eager", True), ("hf", None)):
         if name == "graphs" and device != "cuda":
             result[name] = {"skipped": "CUDA graphs need a CUDA device"}
@@ -591,8 +709,9 @@ def run_decode(config: GpuBenchConfig, device: str, arch: Any, shape: dict[str, 
             result[name] = {"skipped": "--skip-hf"}
             continue
         try:
-            result[name] = hf_decode(config, device, arch) if eager is None else \
-                engine_decode(config, device, arch, eager)
+            result[name] = (
+                hf_decode(config, device, arch) if eager is None else engine_decode(config, device, arch, eager)
+            )
         except Exception as e:  # noqa: BLE001 - recorded; the other systems still run
             traceback.print_exc()
             result[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -605,10 +724,15 @@ def run_decode(config: GpuBenchConfig, device: str, arch: Any, shape: dict[str, 
     bandwidth = copy["gb_per_s_best"] * 1e9 if copy else None
     roofline_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
     read_ms = (weight_bytes - embed_bytes) / bandwidth * 1e3 if bandwidth else None
-    result |= {"num_params": params["total"], "params": params, "weight_bytes": weight_bytes,
-               "weight_bytes_read_per_step": weight_bytes - embed_bytes,
-               "hbm_gb_per_s": copy["gb_per_s_best"] if copy else None,
-               "roofline_ms": _r(roofline_ms), "roofline_read_ms": _r(read_ms)}
+    result |= {
+        "num_params": params["total"],
+        "params": params,
+        "weight_bytes": weight_bytes,
+        "weight_bytes_read_per_step": weight_bytes - embed_bytes,
+        "hbm_gb_per_s": copy["gb_per_s_best"] if copy else None,
+        "roofline_ms": _r(roofline_ms),
+        "roofline_read_ms": _r(read_ms),
+    }
     mean_context = config.decode_context + config.decode_warmup + (config.decode_steps + 1) / 2
     rows = []
     for batch in config.decode_batches:
@@ -618,18 +742,31 @@ def run_decode(config: GpuBenchConfig, device: str, arch: Any, shape: dict[str, 
         hf_ms = (result["hf"].get("batches") or {}).get(key, {}).get("ms_per_token")
         kv_bytes = batch * mean_context * shape["kv_bytes_per_token"]
         with_kv = (weight_bytes - embed_bytes + kv_bytes) / bandwidth * 1e3 if bandwidth else None
-        rows.append({"batch": batch, "graphs_ms": graphs, "eager_ms": eager_ms, "hf_ms": hf_ms,
-                     "kv_bytes_read": int(kv_bytes), "roofline_weights_kv_ms": _r(with_kv),
-                     "graphs_over_roofline": _ratio(graphs, roofline_ms), "eager_over_roofline": _ratio(eager_ms, roofline_ms),
-                     "graphs_over_roofline_weights_kv": _ratio(graphs, with_kv),
-                     "eager_over_graphs": _ratio(eager_ms, graphs), "hf_over_graphs": _ratio(hf_ms, graphs),
-                     "hf_over_eager": _ratio(hf_ms, eager_ms)})
+        rows.append(
+            {
+                "batch": batch,
+                "graphs_ms": graphs,
+                "eager_ms": eager_ms,
+                "hf_ms": hf_ms,
+                "kv_bytes_read": int(kv_bytes),
+                "roofline_weights_kv_ms": _r(with_kv),
+                "graphs_over_roofline": _ratio(graphs, roofline_ms),
+                "eager_over_roofline": _ratio(eager_ms, roofline_ms),
+                "graphs_over_roofline_weights_kv": _ratio(graphs, with_kv),
+                "eager_over_graphs": _ratio(eager_ms, graphs),
+                "hf_over_graphs": _ratio(hf_ms, graphs),
+                "hf_over_eager": _ratio(hf_ms, eager_ms),
+            }
+        )
     result["rows"] = rows
     first = rows[0] if rows and rows[0]["batch"] == 1 else None
     ratio = first["graphs_over_roofline"] if first else None
-    result["target"] = {"what": "batch-1 decode step with CUDA graphs / roofline_ms",
-                        "max_ratio": TARGET_BATCH1_OVER_ROOFLINE, "ratio": ratio,
-                        "met": None if ratio is None else ratio <= TARGET_BATCH1_OVER_ROOFLINE}
+    result["target"] = {
+        "what": "batch-1 decode step with CUDA graphs / roofline_ms",
+        "max_ratio": TARGET_BATCH1_OVER_ROOFLINE,
+        "ratio": ratio,
+        "met": None if ratio is None else ratio <= TARGET_BATCH1_OVER_ROOFLINE,
+    }
     return result
 
 
@@ -650,11 +787,24 @@ def run_prefill(config: GpuBenchConfig, device: str, arch: Any, matmul: dict[str
     lens, note = clamp_lens(config.prefill_lens, model_limit(arch), "--prefill-lens")
     max_model_len = max(lens) + LEN_MARGIN
     num_blocks = 2 * _blocks(max_model_len, config.block_size) + 8
-    result: dict[str, Any] = {"lens_requested": list(config.prefill_lens), "lens": lens, "max_model_len": max_model_len,
-                              "max_num_batched_tokens": max_model_len, "repeats": config.prefill_repeats,
-                              "notes": [note] if note else []}
-    core = _engine(config, device, enforce_eager=True, max_model_len=max_model_len, num_blocks=num_blocks,
-                   max_num_batched_tokens=max_model_len, max_num_seqs=1, enable_prefix_caching=False)
+    result: dict[str, Any] = {
+        "lens_requested": list(config.prefill_lens),
+        "lens": lens,
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": max_model_len,
+        "repeats": config.prefill_repeats,
+        "notes": [note] if note else [],
+    }
+    core = _engine(
+        config,
+        device,
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        num_blocks=num_blocks,
+        max_num_batched_tokens=max_model_len,
+        max_num_seqs=1,
+        enable_prefix_caching=False,
+    )
     try:
         result["attention_backend"] = core.config.parallel.resolved_attention_backend()
         peak = matmul["tflops_best"] if matmul else None
@@ -665,12 +815,24 @@ def run_prefill(config: GpuBenchConfig, device: str, arch: Any, matmul: dict[str
             seconds = statistics.median(s for s, _ in runs)
             flops = prefill_flops(arch, tokens)
             tflops = flops["total"] / seconds / 1e12
-            rows.append({"tokens": tokens, "steps": max(n for _, n in runs), "seconds": [_r(s, 6) for s, _ in runs],
-                         "seconds_median": _r(seconds, 6), "tokens_per_s": _r(tokens / seconds, 1),
-                         "flops": flops, "tflops": _r(tflops, 6), "matmul_peak_tflops": peak,
-                         "over_matmul_peak": _ratio(tflops, peak)})
-            print(f"[gpu] prefill {tokens} tokens: {seconds * 1e3:.1f} ms, {tokens / seconds:.0f} tok/s, "
-                  f"{tflops:.1f} TFLOP/s", flush=True)
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "steps": max(n for _, n in runs),
+                    "seconds": [_r(s, 6) for s, _ in runs],
+                    "seconds_median": _r(seconds, 6),
+                    "tokens_per_s": _r(tokens / seconds, 1),
+                    "flops": flops,
+                    "tflops": _r(tflops, 6),
+                    "matmul_peak_tflops": peak,
+                    "over_matmul_peak": _ratio(tflops, peak),
+                }
+            )
+            print(
+                f"[gpu] prefill {tokens} tokens: {seconds * 1e3:.1f} ms, {tokens / seconds:.0f} tok/s, "
+                f"{tflops:.1f} TFLOP/s",
+                flush=True,
+            )
         result["rows"] = rows
     finally:
         core.shutdown()
@@ -743,8 +905,9 @@ class _Child:
     """The spawned receiver process and its pipe (JSON messages)."""
 
     def __init__(self, shape: tuple[int, ...], dtype_name: str, device: str) -> None:
-        self.child = PipedChild(_ipc_receiver, (shape, dtype_name, device), "pdserve-bench-gpu-receiver",
-                                "the receiver process")
+        self.child = PipedChild(
+            _ipc_receiver, (shape, dtype_name, device), "pdserve-bench-gpu-receiver", "the receiver process"
+        )
 
     def recv(self, timeout: float) -> dict[str, Any]:
         reply = json.loads(self.child.recv(timeout))
@@ -770,8 +933,7 @@ def _timed(fn: Callable[[], None], device: str, repeats: int) -> list[float]:
     return seconds
 
 
-def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int], gpus: tuple[int, int]
-                     ) -> list[dict[str, Any]]:
+def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int], gpus: tuple[int, int]) -> list[dict[str, Any]]:
     """cuda_ipc into another process (on D's GPU) vs a contiguous copy of the same bytes from P's GPU to D's
     (a peer copy between two GPUs), per prompt length."""
     import torch
@@ -793,17 +955,27 @@ def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int], gpus: t
         generator = torch.Generator(device=f"cuda:{p_gpu}").manual_seed(config.seed)
         src = torch.randn(shape, device=f"cuda:{p_gpu}", generator=generator).to(TORCH_DTYPES[config.dtype])
         engine = CudaIpcEngine(src, receive=False)
-        peer = KVRegion(engine="cuda_ipc", hostname=hostname(), address=address, base=0, num_layers=arch.num_layers,
-                        num_blocks=2 * max_blocks, chunk_nbytes=engine.chunk_nbytes)
+        peer = KVRegion(
+            engine="cuda_ipc",
+            hostname=hostname(),
+            address=address,
+            base=0,
+            num_layers=arch.num_layers,
+            num_blocks=2 * max_blocks,
+            chunk_nbytes=engine.chunk_nbytes,
+        )
         layers = list(range(arch.num_layers))
         try:
             for tokens in lens:
                 rows.append(_raw_length(engine, peer, child, src, layers, tokens, config))
                 row = rows[-1]
-                print(f"[gpu] raw cuda_ipc {tokens} tokens ({row['nbytes'] / 2**20:.0f} MiB): all layers "
-                      f"{row['ipc_all_layers']['gb_per_s_median']:.0f} GB/s, layer by layer "
-                      f"{row['ipc_layer_by_layer']['gb_per_s_median']:.0f} GB/s, device copy "
-                      f"{row['device_copy']['gb_per_s_median']:.0f} GB/s (GPU {p_gpu} -> {d_gpu})", flush=True)
+                print(
+                    f"[gpu] raw cuda_ipc {tokens} tokens ({row['nbytes'] / 2**20:.0f} MiB): all layers "
+                    f"{row['ipc_all_layers']['gb_per_s_median']:.0f} GB/s, layer by layer "
+                    f"{row['ipc_layer_by_layer']['gb_per_s_median']:.0f} GB/s, device copy "
+                    f"{row['device_copy']['gb_per_s_median']:.0f} GB/s (GPU {p_gpu} -> {d_gpu})",
+                    flush=True,
+                )
         finally:
             engine.close()
     finally:
@@ -811,8 +983,9 @@ def run_transfer_raw(config: GpuBenchConfig, arch: Any, lens: list[int], gpus: t
     return rows
 
 
-def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[int], tokens: int,
-                config: GpuBenchConfig) -> dict[str, Any]:
+def _raw_length(
+    engine: Any, peer: Any, child: _Child, src: Any, layers: list[int], tokens: int, config: GpuBenchConfig
+) -> dict[str, Any]:
     """One prompt length's raw figures: its blocks through cuda_ipc (all layers, layer by layer) and a
     contiguous device copy of the same bytes."""
     import torch
@@ -826,8 +999,10 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
     want = int(src[:, :, :num_blocks].view(torch.uint8).sum(dtype=torch.int64))
     got = child.ask(cmd="checksum", num_blocks=num_blocks)["checksum"]
     if got != want:
-        raise RuntimeError(f"the cuda_ipc copy of {tokens} tokens' KV did not land: the receiver's checksum is "
-                           f"{got}, the sender's {want}")
+        raise RuntimeError(
+            f"the cuda_ipc copy of {tokens} tokens' KV did not land: the receiver's checksum is "
+            f"{got}, the sender's {want}"
+        )
 
     def all_layers() -> None:
         engine.write(peer, layers, ids, ids)
@@ -857,14 +1032,25 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
                 local[layer, kv, :num_blocks].copy_(src[layer, kv, :num_blocks])
         _sync("cuda")
 
-    row: dict[str, Any] = {"tokens": tokens, "num_blocks": num_blocks, "nbytes": nbytes,
-                           "copies_per_write": 2 * len(layers)}
-    for name, fn in (("ipc_all_layers", all_layers), ("ipc_layer_by_layer", layer_by_layer),
-                     ("ipc_scattered", scattered), ("device_copy", device_copy), ("local_slices", local_slices)):
+    row: dict[str, Any] = {
+        "tokens": tokens,
+        "num_blocks": num_blocks,
+        "nbytes": nbytes,
+        "copies_per_write": 2 * len(layers),
+    }
+    for name, fn in (
+        ("ipc_all_layers", all_layers),
+        ("ipc_layer_by_layer", layer_by_layer),
+        ("ipc_scattered", scattered),
+        ("device_copy", device_copy),
+        ("local_slices", local_slices),
+    ):
         fn()  # warm-up
         t = _timing(_timed(fn, "cuda", config.raw_repeats))
-        row[name] = t | {"gb_per_s_best": _r(nbytes / t["seconds_best"] / 1e9, 2),
-                         "gb_per_s_median": _r(nbytes / t["seconds_median"] / 1e9, 2)}
+        row[name] = t | {
+            "gb_per_s_best": _r(nbytes / t["seconds_best"] / 1e9, 2),
+            "gb_per_s_median": _r(nbytes / t["seconds_median"] / 1e9, 2),
+        }
     copy = row["device_copy"]["gb_per_s_median"]
     row["all_layers_over_copy"] = _ratio(row["ipc_all_layers"]["gb_per_s_median"], copy)
     row["layer_by_layer_over_copy"] = _ratio(row["ipc_layer_by_layer"]["gb_per_s_median"], copy)
@@ -875,8 +1061,9 @@ def _raw_length(engine: Any, peer: Any, child: _Child, src: Any, layers: list[in
 # ---- transfer: P and D engine cores in one process ---------------------------------------------------------------
 
 
-def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[int],
-                    gpus: tuple[int, int] | None) -> dict[str, Any]:
+def run_transfer_pd(
+    config: GpuBenchConfig, device: str, arch: Any, lens: list[int], gpus: tuple[int, int] | None
+) -> dict[str, Any]:
     """P on gpus[0] and D on gpus[1] (None: the CPU)."""
     from pdserve.config import DisaggConfig
 
@@ -884,24 +1071,44 @@ def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[i
     max_model_len = max(lens) + LEN_MARGIN
     # a request at a time: P holds one prompt's blocks until sent, D one sequence; room for four
     num_blocks = 4 * _blocks(max_model_len, config.block_size) + 16
-    common = dict(max_model_len=max_model_len, num_blocks=num_blocks, max_num_batched_tokens=max_model_len,
-                  max_num_seqs=8)
+    common = dict(
+        max_model_len=max_model_len, num_blocks=num_blocks, max_num_batched_tokens=max_model_len, max_num_seqs=8
+    )
     p_gpu, d_gpu = gpus if gpus is not None else (None, None)
-    out: dict[str, Any] = {"engine": engine_name, "max_model_len": max_model_len, "num_blocks_per_core": num_blocks,
-                           "kv_dest_wait_s": 1.0, "max_tokens": PD_MAX_TOKENS, "repeats": config.transfer_repeats,
-                           "same_process": True, "p_gpu": p_gpu, "d_gpu": d_gpu,
-                           "same_gpu": device == "cuda" and p_gpu == d_gpu}
-    p = _engine(config, device, **common, gpu_ids=() if p_gpu is None else (p_gpu,),
-                disagg=DisaggConfig(role="prefill", transfer_engine=engine_name, kv_dest_wait=1.0))
+    out: dict[str, Any] = {
+        "engine": engine_name,
+        "max_model_len": max_model_len,
+        "num_blocks_per_core": num_blocks,
+        "kv_dest_wait_s": 1.0,
+        "max_tokens": PD_MAX_TOKENS,
+        "repeats": config.transfer_repeats,
+        "same_process": True,
+        "p_gpu": p_gpu,
+        "d_gpu": d_gpu,
+        "same_gpu": device == "cuda" and p_gpu == d_gpu,
+    }
+    p = _engine(
+        config,
+        device,
+        **common,
+        gpu_ids=() if p_gpu is None else (p_gpu,),
+        disagg=DisaggConfig(role="prefill", transfer_engine=engine_name, kv_dest_wait=1.0),
+    )
     try:
-        d = _engine(config, device, **common, gpu_ids=() if d_gpu is None else (d_gpu,),
-                    disagg=DisaggConfig(role="decode", transfer_engine=engine_name))
+        d = _engine(
+            config,
+            device,
+            **common,
+            gpu_ids=() if d_gpu is None else (d_gpu,),
+            disagg=DisaggConfig(role="decode", transfer_engine=engine_name),
+        )
         try:
             log = _SendLog(p)
             rows = []
             for i, tokens in enumerate(lens):
-                prompts = _prompts(2 * (1 + config.transfer_repeats), tokens, arch.vocab_size,
-                                   seed=config.seed * 1000 + 700 + i)
+                prompts = _prompts(
+                    2 * (1 + config.transfer_repeats), tokens, arch.vocab_size, seed=config.seed * 1000 + 700 + i
+                )
                 records = []
                 for j in range(1 + config.transfer_repeats):
                     pd = _pd_request(p, d, device, f"{tokens}-{j}", prompts[2 * j], log)
@@ -910,9 +1117,12 @@ def run_transfer_pd(config: GpuBenchConfig, device: str, arch: Any, lens: list[i
                         records.append(pd | {"prefill_alone_s": alone})
                 rows.append(_pd_row(tokens, records, config.block_size))
                 row = rows[-1]
-                print(f"[gpu] PD {tokens} tokens: TTFT {row['ttft_ms_median']:.1f} ms, P prefill alone "
-                      f"{row['prefill_alone_ms_median']:.1f} ms, exposed {row['exposed_ms_median']:.2f} ms "
-                      f"({100 * (row['exposed_share_of_ttft'] or 0):.2f}% of TTFT)", flush=True)
+                print(
+                    f"[gpu] PD {tokens} tokens: TTFT {row['ttft_ms_median']:.1f} ms, P prefill alone "
+                    f"{row['prefill_alone_ms_median']:.1f} ms, exposed {row['exposed_ms_median']:.2f} ms "
+                    f"({100 * (row['exposed_share_of_ttft'] or 0):.2f}% of TTFT)",
+                    flush=True,
+                )
             out["rows"] = rows
         finally:
             d.shutdown()
@@ -932,9 +1142,14 @@ class _SendLog:
 
         def logged(plan: Any) -> Any:
             for send in plan.kv_sends:
-                self.sends.append({"room": send.room, "layerwise": send.layerwise,
-                                   "num_blocks": len(send.src_block_ids),
-                                   "runs": len(block_runs(send.src_block_ids, send.dst_block_ids))})
+                self.sends.append(
+                    {
+                        "room": send.room,
+                        "layerwise": send.layerwise,
+                        "num_blocks": len(send.src_block_ids),
+                        "runs": len(block_runs(send.src_block_ids, send.dst_block_ids)),
+                    }
+                )
             return execute(plan)
 
         core.executor.execute = logged
@@ -942,9 +1157,11 @@ class _SendLog:
     def of(self, room: str) -> dict[str, int]:
         """For one room: blocks sent layer by layer and as a catch-up, and (src, dst) runs: copies per (layer, K|V)."""
         sends = [x for x in self.sends if x["room"] == room]
-        return {"layerwise_blocks": sum(x["num_blocks"] for x in sends if x["layerwise"]),
-                "catchup_blocks": sum(x["num_blocks"] for x in sends if not x["layerwise"]),
-                "copy_runs": sum(x["runs"] for x in sends)}
+        return {
+            "layerwise_blocks": sum(x["num_blocks"] for x in sends if x["layerwise"]),
+            "catchup_blocks": sum(x["num_blocks"] for x in sends if not x["layerwise"]),
+            "copy_runs": sum(x["runs"] for x in sends),
+        }
 
 
 def _pd_request(p: Any, d: Any, device: str, key: str, prompt: list[int], log: _SendLog) -> dict[str, Any]:
@@ -977,12 +1194,16 @@ def _pd_request(p: Any, d: Any, device: str, key: str, prompt: list[int], log: _
     if after.failures != before.failures:
         raise RuntimeError(f"P counted KV transfer failures: {after.failures}")
     assert ttft is not None
-    return {"ttft_s": ttft, "kv_bytes": after.bytes_sent - before.bytes_sent,
-            "busy_s": after.send_seconds_busy - before.send_seconds_busy,
-            "exposed_s": after.send_seconds_exposed - before.send_seconds_exposed,
-            "transfer_window_s": after.seconds_sum - before.seconds_sum,
-            # runs of consecutive block ids in D's blocks for the prompt (P's must run alongside for one copy)
-            "d_block_runs": 1 + sum(1 for a, b in zip(d_blocks, d_blocks[1:]) if b != a + 1), **log.of(room)}
+    return {
+        "ttft_s": ttft,
+        "kv_bytes": after.bytes_sent - before.bytes_sent,
+        "busy_s": after.send_seconds_busy - before.send_seconds_busy,
+        "exposed_s": after.send_seconds_exposed - before.send_seconds_exposed,
+        "transfer_window_s": after.seconds_sum - before.seconds_sum,
+        # runs of consecutive block ids in D's blocks for the prompt (P's must run alongside for one copy)
+        "d_block_runs": 1 + sum(1 for a, b in zip(d_blocks, d_blocks[1:]) if b != a + 1),
+        **log.of(room),
+    }
 
 
 def _plain_request(p: Any, device: str, req_id: str, prompt: list[int]) -> float:
@@ -1008,31 +1229,47 @@ def _pd_row(tokens: int, records: list[dict[str, Any]], block_size: int) -> dict
     ttft, alone, busy, exposed = median("ttft_s"), median("prefill_alone_s"), median("busy_s"), median("exposed_s")
     kv_bytes = int(median("kv_bytes"))
     return {
-        "tokens": tokens, "kv_bytes": kv_bytes, "requests": len(records),
-        "ttft_ms": [_r(r["ttft_s"] * 1e3, 3) for r in records], "ttft_ms_median": _r(ttft * 1e3, 3),
+        "tokens": tokens,
+        "kv_bytes": kv_bytes,
+        "requests": len(records),
+        "ttft_ms": [_r(r["ttft_s"] * 1e3, 3) for r in records],
+        "ttft_ms_median": _r(ttft * 1e3, 3),
         "prefill_alone_ms": [_r(r["prefill_alone_s"] * 1e3, 3) for r in records],
         "prefill_alone_ms_median": _r(alone * 1e3, 3),
-        "ttft_over_prefill_alone": _ratio(ttft, alone), "pd_overhead_ms": _r((ttft - alone) * 1e3, 3),
-        "busy_ms_median": _r(busy * 1e3, 4), "exposed_ms_median": _r(exposed * 1e3, 4),
+        "ttft_over_prefill_alone": _ratio(ttft, alone),
+        "pd_overhead_ms": _r((ttft - alone) * 1e3, 3),
+        "busy_ms_median": _r(busy * 1e3, 4),
+        "exposed_ms_median": _r(exposed * 1e3, 4),
         "transfer_window_ms_median": _r(median("transfer_window_s") * 1e3, 3),
-        "exposed_share_of_ttft": _ratio(exposed, ttft, 6), "busy_share_of_ttft": _ratio(busy, ttft, 6),
+        "exposed_share_of_ttft": _ratio(exposed, ttft, 6),
+        "busy_share_of_ttft": _ratio(busy, ttft, 6),
         "num_overlapped": sum(r["exposed_s"] < OVERLAP_EXPOSED_SHARE * r["busy_s"] for r in records),
-        "num_blocks": _blocks(tokens, block_size), "d_block_runs": [r["d_block_runs"] for r in records],
-        "copy_runs": [r["copy_runs"] for r in records], "layerwise_blocks": [r["layerwise_blocks"] for r in records],
+        "num_blocks": _blocks(tokens, block_size),
+        "d_block_runs": [r["d_block_runs"] for r in records],
+        "copy_runs": [r["copy_runs"] for r in records],
+        "layerwise_blocks": [r["layerwise_blocks"] for r in records],
         "catchup_blocks": [r["catchup_blocks"] for r in records],
     }
 
 
 def run_transfer(config: GpuBenchConfig, device: str, arch: Any) -> dict[str, Any]:
     lens, note = clamp_lens(config.transfer_lens, model_limit(arch), "--transfer-lens")
-    result: dict[str, Any] = {"lens_requested": list(config.transfer_lens), "lens": lens,
-                              "notes": [note] if note else []}
+    result: dict[str, Any] = {
+        "lens_requested": list(config.transfer_lens),
+        "lens": lens,
+        "notes": [note] if note else [],
+    }
     errors = []
     gpus = transfer_gpus(config) if device == "cuda" else None
     if gpus is not None:
         try:
-            result["raw"] = {"engine": "cuda_ipc", "repeats": config.raw_repeats, "p_gpu": gpus[0], "d_gpu": gpus[1],
-                             "rows": run_transfer_raw(config, arch, lens, gpus)}
+            result["raw"] = {
+                "engine": "cuda_ipc",
+                "repeats": config.raw_repeats,
+                "p_gpu": gpus[0],
+                "d_gpu": gpus[1],
+                "rows": run_transfer_raw(config, arch, lens, gpus),
+            }
         except Exception as e:  # noqa: BLE001 - recorded; the in-engine half still runs
             traceback.print_exc()
             result["raw"] = {"error": f"{type(e).__name__}: {e}"}
@@ -1077,19 +1314,27 @@ def _run_parts(config: GpuBenchConfig, device: str) -> dict[str, Any]:
     started = time.perf_counter()
     arch, shape = model_facts(config)
     gpu = gpu_info(device)
-    print(f"[gpu] {gpu['name']} ({device}), model {shape['name']} {config.dtype}, parts {','.join(config.parts)}",
-          flush=True)
+    print(
+        f"[gpu] {gpu['name']} ({device}), model {shape['name']} {config.dtype}, parts {','.join(config.parts)}",
+        flush=True,
+    )
     baselines: dict[str, Any] = {}
     parts: dict[str, Any] = {name: {"skipped": "not in --parts"} for name in PARTS}
     seconds: dict[str, float] = {}
     with torch.inference_mode():
         step = time.perf_counter()
         baselines["copy"] = measure_copy(device, config.copy_bytes, config.copy_repeats)
-        print(f"[gpu] device copy of {config.copy_bytes / 2**30:.2f} GiB: {baselines['copy']['gb_per_s_best']:.0f} "
-              "GB/s (read + written, best)", flush=True)
+        print(
+            f"[gpu] device copy of {config.copy_bytes / 2**30:.2f} GiB: {baselines['copy']['gb_per_s_best']:.0f} "
+            "GB/s (read + written, best)",
+            flush=True,
+        )
         baselines["matmul"] = measure_matmul(device, config.dtype, config.matmul_size, config.matmul_repeats)
-        print(f"[gpu] {config.matmul_size}^3 {config.dtype} matmul: {baselines['matmul']['tflops_best']:.1f} TFLOP/s "
-              "(best)", flush=True)
+        print(
+            f"[gpu] {config.matmul_size}^3 {config.dtype} matmul: {baselines['matmul']['tflops_best']:.1f} TFLOP/s "
+            "(best)",
+            flush=True,
+        )
         seconds["baselines"] = time.perf_counter() - step
     for name in config.parts:
         step = time.perf_counter()
@@ -1112,10 +1357,18 @@ def _run_parts(config: GpuBenchConfig, device: str) -> dict[str, Any]:
         parts[name]["seconds"] = round(seconds[name], 1)
     settings = asdict(config) | {"result_dir": str(config.result_dir)}
     result = {
-        "benchmark": "gpu", "date": now_iso(), "label": config.label, "pdserve_version": code_version(),
-        "machine": machine_info(), "gpu": gpu, "device": device, "model": shape, "config": settings,
+        "benchmark": "gpu",
+        "date": now_iso(),
+        "label": config.label,
+        "pdserve_version": code_version(),
+        "machine": machine_info(),
+        "gpu": gpu,
+        "device": device,
+        "model": shape,
+        "config": settings,
         "notes": NOTES,
-        "baselines": baselines, "parts": parts,
+        "baselines": baselines,
+        "parts": parts,
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(time.perf_counter() - started, 1)},
     }
     write_outputs(result, config)
@@ -1168,41 +1421,76 @@ def plot(path: Path, result: dict[str, Any]) -> Path:
             if name == "decode":
                 d = parts["decode"]
                 groups = [str(r["batch"]) for r in d["rows"]]
-                _bars(ax, groups, [("pdserve, CUDA graphs", [r["graphs_ms"] for r in d["rows"]], "#1f77b4"),
-                                   ("pdserve, eager", [r["eager_ms"] for r in d["rows"]], "#ff7f0e"),
-                                   ("HF generate", [r["hf_ms"] for r in d["rows"]], "#7f7f7f")])
+                _bars(
+                    ax,
+                    groups,
+                    [
+                        ("pdserve, CUDA graphs", [r["graphs_ms"] for r in d["rows"]], "#1f77b4"),
+                        ("pdserve, eager", [r["eager_ms"] for r in d["rows"]], "#ff7f0e"),
+                        ("HF generate", [r["hf_ms"] for r in d["rows"]], "#7f7f7f"),
+                    ],
+                )
                 if d.get("roofline_ms"):
-                    ax.axhline(d["roofline_ms"], color="#d62728", ls="--", lw=1,
-                               label=f"weight-read roofline {d['roofline_ms']:.2f} ms")
+                    ax.axhline(
+                        d["roofline_ms"],
+                        color="#d62728",
+                        ls="--",
+                        lw=1,
+                        label=f"weight-read roofline {d['roofline_ms']:.2f} ms",
+                    )
                 ax.set_xlabel("batch (sequences decoding)")
                 ax.set_ylabel("ms per decode step / token")
                 ratio = d["target"]["ratio"]
-                ax.set_title(f"decode, context {d['context_tokens']}"
-                             + (f"\nbatch 1 graphs / roofline = {ratio:.2f}x (target {TARGET_BATCH1_OVER_ROOFLINE}x)"
-                                if ratio is not None else ""), fontsize=9)
+                ax.set_title(
+                    f"decode, context {d['context_tokens']}"
+                    + (
+                        f"\nbatch 1 graphs / roofline = {ratio:.2f}x (target {TARGET_BATCH1_OVER_ROOFLINE}x)"
+                        if ratio is not None
+                        else ""
+                    ),
+                    fontsize=9,
+                )
             elif name == "prefill":
                 p = parts["prefill"]
                 groups = [str(r["tokens"]) for r in p["rows"]]
                 _bars(ax, groups, [("pdserve prefill", [r["tflops"] for r in p["rows"]], "#1f77b4")])
                 peak = result["baselines"]["matmul"]["tflops_best"]
-                ax.axhline(peak, color="#d62728", ls="--", lw=1, label=f"{result['baselines']['matmul']['n']}^3 "
-                           f"matmul {peak:.0f} TFLOP/s")
+                ax.axhline(
+                    peak,
+                    color="#d62728",
+                    ls="--",
+                    lw=1,
+                    label=f"{result['baselines']['matmul']['n']}^3 matmul {peak:.0f} TFLOP/s",
+                )
                 ax.set_xlabel("prompt tokens (one request, one step)")
                 ax.set_ylabel("TFLOP/s")
-                ax.set_title("prefill: achieved FLOP rate vs matmul peak\n"
-                             + ", ".join(f"{r['tokens']}: {r['over_matmul_peak'] or 0:.0%}" for r in p["rows"]),
-                             fontsize=9)
+                ax.set_title(
+                    "prefill: achieved FLOP rate vs matmul peak\n"
+                    + ", ".join(f"{r['tokens']}: {r['over_matmul_peak'] or 0:.0%}" for r in p["rows"]),
+                    fontsize=9,
+                )
             elif name == "raw":
                 rows = parts["transfer"]["raw"]["rows"]
                 groups = [f"{r['tokens']}\n{r['nbytes'] / 2**20:.0f} MiB" for r in rows]
-                _bars(ax, groups, [("cuda_ipc, all layers", [r["ipc_all_layers"]["gb_per_s_median"] for r in rows],
-                                    "#1f77b4"),
-                                   ("cuda_ipc, layer by layer",
-                                    [r["ipc_layer_by_layer"]["gb_per_s_median"] for r in rows], "#ff7f0e"),
-                                   ("device copy (contiguous)", [r["device_copy"]["gb_per_s_median"] for r in rows],
-                                    "#2ca02c"),
-                                   ("same slice copies, in-process",
-                                    [r["local_slices"]["gb_per_s_median"] for r in rows], "#9467bd")], "{:.0f}")
+                _bars(
+                    ax,
+                    groups,
+                    [
+                        ("cuda_ipc, all layers", [r["ipc_all_layers"]["gb_per_s_median"] for r in rows], "#1f77b4"),
+                        (
+                            "cuda_ipc, layer by layer",
+                            [r["ipc_layer_by_layer"]["gb_per_s_median"] for r in rows],
+                            "#ff7f0e",
+                        ),
+                        ("device copy (contiguous)", [r["device_copy"]["gb_per_s_median"] for r in rows], "#2ca02c"),
+                        (
+                            "same slice copies, in-process",
+                            [r["local_slices"]["gb_per_s_median"] for r in rows],
+                            "#9467bd",
+                        ),
+                    ],
+                    "{:.0f}",
+                )
                 ax.set_xlabel("prompt tokens (KV bytes)")
                 ax.set_ylabel("GB/s moved (median)")
                 ax.set_title("KV transfer: cuda_ipc into another process", fontsize=9)
@@ -1210,8 +1498,14 @@ def plot(path: Path, result: dict[str, Any]) -> Path:
                 pd = parts["transfer"]["pd"]
                 rows = pd["rows"]
                 groups = [f"{r['tokens']}\nexposed {100 * (r['exposed_share_of_ttft'] or 0):.2f}%" for r in rows]
-                _bars(ax, groups, [("PD TTFT (D's first token)", [r["ttft_ms_median"] for r in rows], "#1f77b4"),
-                                   ("P prefill alone", [r["prefill_alone_ms_median"] for r in rows], "#7f7f7f")])
+                _bars(
+                    ax,
+                    groups,
+                    [
+                        ("PD TTFT (D's first token)", [r["ttft_ms_median"] for r in rows], "#1f77b4"),
+                        ("P prefill alone", [r["prefill_alone_ms_median"] for r in rows], "#7f7f7f"),
+                    ],
+                )
                 ax.set_xlabel("prompt tokens (exposed transfer / TTFT)")
                 ax.set_ylabel("ms (median)")
                 ax.set_title(f"in-engine PD over {pd['engine']} (P and D in one process)", fontsize=9)
@@ -1221,8 +1515,10 @@ def plot(path: Path, result: dict[str, Any]) -> Path:
                 ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
                 ax.legend(fontsize=7, frameon=False, loc="upper left", ncol=2)
         model = result["model"]
-        title = (f"pdserve bench gpu: {result['gpu']['name']}, {model['name']} {model['dtype']} "
-                 f"({model['load_format']} weights), torch {result['gpu']['torch']}")
+        title = (
+            f"pdserve bench gpu: {result['gpu']['name']}, {model['name']} {model['dtype']} "
+            f"({model['load_format']} weights), torch {result['gpu']['torch']}"
+        )
         return finish_figure(fig, axes, title, path)
     except BaseException:
         pyplot().close(fig)
@@ -1236,9 +1532,11 @@ def _table(header: Sequence[tuple[str, int]], rows: list[list[Any]]) -> list[str
 
 def format_report(result: dict[str, Any]) -> str:
     parts, base = result["parts"], result["baselines"]
-    lines = [f"pdserve bench gpu: {result['gpu']['name']} ({result['device']}), {result['model']['name']} "
-             f"{result['model']['dtype']}; device copy {fmt(base['copy']['gb_per_s_best'], '{:.0f}')} GB/s "
-             f"(read + written), {base['matmul']['n']}^3 matmul {fmt(base['matmul']['tflops_best'])} TFLOP/s"]
+    lines = [
+        f"pdserve bench gpu: {result['gpu']['name']} ({result['device']}), {result['model']['name']} "
+        f"{result['model']['dtype']}; device copy {fmt(base['copy']['gb_per_s_best'], '{:.0f}')} GB/s "
+        f"(read + written), {base['matmul']['n']}^3 matmul {fmt(base['matmul']['tflops_best'])} TFLOP/s"
+    ]
     for name in PARTS:
         part = parts[name]
         if "skipped" in part:
@@ -1248,74 +1546,158 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(f"\n{name}: ERROR {part['error']}")
             continue
         if name == "decode":
-            lines.append(f"\ndecode (ms per step, context {part['context_tokens']}; roofline "
-                         f"{fmt(part['roofline_ms'], '{:.2f}')} ms = {part['weight_bytes'] / 1e9:.2f} GB of weights at "
-                         f"{fmt(part['hbm_gb_per_s'], '{:.0f}')} GB/s)")
-            lines += _table((("batch", 6), ("graphs", 9), ("eager", 9), ("HF", 9), ("graphs/roof", 12),
-                             ("roof+KV", 9), ("eager/graphs", 13), ("HF/graphs", 10), ("HF/eager", 9)),
-                            [[r["batch"], fmt(r["graphs_ms"], "{:.2f}"), fmt(r["eager_ms"], "{:.2f}"),
-                              fmt(r["hf_ms"], "{:.2f}"), fmt(r["graphs_over_roofline"], "{:.2f}x"),
-                              fmt(r["roofline_weights_kv_ms"], "{:.2f}"), fmt(r["eager_over_graphs"], "{:.2f}x"),
-                              fmt(r["hf_over_graphs"], "{:.2f}x"), fmt(r["hf_over_eager"], "{:.2f}x")]
-                             for r in part["rows"]])
+            lines.append(
+                f"\ndecode (ms per step, context {part['context_tokens']}; roofline "
+                f"{fmt(part['roofline_ms'], '{:.2f}')} ms = {part['weight_bytes'] / 1e9:.2f} GB of weights at "
+                f"{fmt(part['hbm_gb_per_s'], '{:.0f}')} GB/s)"
+            )
+            lines += _table(
+                (
+                    ("batch", 6),
+                    ("graphs", 9),
+                    ("eager", 9),
+                    ("HF", 9),
+                    ("graphs/roof", 12),
+                    ("roof+KV", 9),
+                    ("eager/graphs", 13),
+                    ("HF/graphs", 10),
+                    ("HF/eager", 9),
+                ),
+                [
+                    [
+                        r["batch"],
+                        fmt(r["graphs_ms"], "{:.2f}"),
+                        fmt(r["eager_ms"], "{:.2f}"),
+                        fmt(r["hf_ms"], "{:.2f}"),
+                        fmt(r["graphs_over_roofline"], "{:.2f}x"),
+                        fmt(r["roofline_weights_kv_ms"], "{:.2f}"),
+                        fmt(r["eager_over_graphs"], "{:.2f}x"),
+                        fmt(r["hf_over_graphs"], "{:.2f}x"),
+                        fmt(r["hf_over_eager"], "{:.2f}x"),
+                    ]
+                    for r in part["rows"]
+                ],
+            )
             target = part["target"]
             if target["ratio"] is not None:
-                lines.append(f"batch 1 with CUDA graphs: {target['ratio']:.2f}x the roofline (target "
-                             f"{target['max_ratio']}x: {'met' if target['met'] else 'NOT met'})")
+                lines.append(
+                    f"batch 1 with CUDA graphs: {target['ratio']:.2f}x the roofline (target "
+                    f"{target['max_ratio']}x: {'met' if target['met'] else 'NOT met'})"
+                )
             for sub in ("graphs", "eager", "hf"):
                 if "skipped" in part[sub]:
                     lines.append(f"{sub}: skipped ({part[sub]['skipped']})")
         elif name == "prefill":
             lines.append("\nprefill (one request, one engine step)")
-            lines += _table((("tokens", 7), ("steps", 6), ("ms", 9), ("tok/s", 10), ("TFLOP/s", 9), ("/peak", 7)),
-                            [[r["tokens"], r["steps"], fmt(r["seconds_median"] * 1e3), fmt(r["tokens_per_s"], "{:.0f}"),
-                              fmt(r["tflops"]), fmt(r["over_matmul_peak"], "{:.0%}")] for r in part["rows"]])
+            lines += _table(
+                (("tokens", 7), ("steps", 6), ("ms", 9), ("tok/s", 10), ("TFLOP/s", 9), ("/peak", 7)),
+                [
+                    [
+                        r["tokens"],
+                        r["steps"],
+                        fmt(r["seconds_median"] * 1e3),
+                        fmt(r["tokens_per_s"], "{:.0f}"),
+                        fmt(r["tflops"]),
+                        fmt(r["over_matmul_peak"], "{:.0%}"),
+                    ]
+                    for r in part["rows"]
+                ],
+            )
         else:
             raw, pd = part.get("raw") or {}, part.get("pd") or {}
             if raw.get("rows"):
                 gpus = f"GPU {raw.get('p_gpu')} -> GPU {raw.get('d_gpu')}"
                 lines.append(f"\ntransfer, raw cuda_ipc into another process, {gpus} (GB/s moved, median)")
-                lines += _table((("tokens", 7), ("MiB", 7), ("all layers", 11), ("per layer", 10), ("scattered", 10),
-                                 ("peer copy", 10), ("slices", 8), ("all/copy", 9), ("layer/copy", 11),
-                                 ("scat/copy", 10)),
-                                [[r["tokens"], f"{r['nbytes'] / 2**20:.0f}",
-                                  fmt(r["ipc_all_layers"]["gb_per_s_median"], "{:.0f}"),
-                                  fmt(r["ipc_layer_by_layer"]["gb_per_s_median"], "{:.0f}"),
-                                  fmt(r["ipc_scattered"]["gb_per_s_median"], "{:.0f}"),
-                                  fmt(r["device_copy"]["gb_per_s_median"], "{:.0f}"),
-                                  fmt(r["local_slices"]["gb_per_s_median"], "{:.0f}"),
-                                  fmt(r["all_layers_over_copy"], "{:.2f}"), fmt(r["layer_by_layer_over_copy"], "{:.2f}"),
-                                  fmt(r["scattered_over_copy"], "{:.2f}")]
-                                 for r in raw["rows"]])
-                lines.append("all layers / per layer: CudaIpcEngine.write (one call, or one per layer) + flush; "
-                             "scattered: all layers into every other block of D's; peer copy: one contiguous copy of "
-                             "the same bytes between the GPUs; slices: one copy per (layer, K|V) into this process's "
-                             "memory on D's GPU")
+                lines += _table(
+                    (
+                        ("tokens", 7),
+                        ("MiB", 7),
+                        ("all layers", 11),
+                        ("per layer", 10),
+                        ("scattered", 10),
+                        ("peer copy", 10),
+                        ("slices", 8),
+                        ("all/copy", 9),
+                        ("layer/copy", 11),
+                        ("scat/copy", 10),
+                    ),
+                    [
+                        [
+                            r["tokens"],
+                            f"{r['nbytes'] / 2**20:.0f}",
+                            fmt(r["ipc_all_layers"]["gb_per_s_median"], "{:.0f}"),
+                            fmt(r["ipc_layer_by_layer"]["gb_per_s_median"], "{:.0f}"),
+                            fmt(r["ipc_scattered"]["gb_per_s_median"], "{:.0f}"),
+                            fmt(r["device_copy"]["gb_per_s_median"], "{:.0f}"),
+                            fmt(r["local_slices"]["gb_per_s_median"], "{:.0f}"),
+                            fmt(r["all_layers_over_copy"], "{:.2f}"),
+                            fmt(r["layer_by_layer_over_copy"], "{:.2f}"),
+                            fmt(r["scattered_over_copy"], "{:.2f}"),
+                        ]
+                        for r in raw["rows"]
+                    ],
+                )
+                lines.append(
+                    "all layers / per layer: CudaIpcEngine.write (one call, or one per layer) + flush; "
+                    "scattered: all layers into every other block of D's; peer copy: one contiguous copy of "
+                    "the same bytes between the GPUs; slices: one copy per (layer, K|V) into this process's "
+                    "memory on D's GPU"
+                )
             else:
                 lines.append(f"\ntransfer raw: {raw.get('skipped') or 'ERROR ' + str(raw.get('error'))}")
             if pd.get("rows"):
-                where = (f"P on GPU {pd.get('p_gpu')}, D on GPU {pd.get('d_gpu')}" if pd.get("p_gpu") is not None
-                         else "CPU")
-                lines.append(f"\ntransfer, in-engine PD over {pd['engine']} (P and D in one process, {where}; ms, "
-                             "median)")
-                lines += _table((("tokens", 7), ("KV MiB", 7), ("TTFT", 9), ("P alone", 9), ("TTFT/alone", 11),
-                                 ("busy", 8), ("exposed", 8), ("exp/TTFT", 9), ("overlap", 8), ("runs", 7),
-                                 ("catch-up", 9)),
-                                [[r["tokens"], f"{r['kv_bytes'] / 2**20:.0f}", fmt(r["ttft_ms_median"]),
-                                  fmt(r["prefill_alone_ms_median"]), fmt(r["ttft_over_prefill_alone"], "{:.2f}x"),
-                                  fmt(r["busy_ms_median"], "{:.2f}"), fmt(r["exposed_ms_median"], "{:.2f}"),
-                                  fmt(None if r["exposed_share_of_ttft"] is None else 100 * r["exposed_share_of_ttft"],
-                                      "{:.2f}%"), f"{r['num_overlapped']}/{r['requests']}",
-                                  max(r["copy_runs"]), max(r["catchup_blocks"])] for r in pd["rows"]])
-                lines.append("TTFT: to D's first token; P alone: a plain request of the same length on P; busy / "
-                             "exposed: P's sender time writing / steps waiting for it after the forward; overlap: "
-                             "requests whose exposed time < half their busy time;\nruns: the most (P block, D block) "
-                             "runs a request's sends had (one copy per run, layer and K|V); catch-up: the most blocks "
-                             "of a request sent after its forward instead of layer by layer")
+                where = (
+                    f"P on GPU {pd.get('p_gpu')}, D on GPU {pd.get('d_gpu')}" if pd.get("p_gpu") is not None else "CPU"
+                )
+                lines.append(
+                    f"\ntransfer, in-engine PD over {pd['engine']} (P and D in one process, {where}; ms, median)"
+                )
+                lines += _table(
+                    (
+                        ("tokens", 7),
+                        ("KV MiB", 7),
+                        ("TTFT", 9),
+                        ("P alone", 9),
+                        ("TTFT/alone", 11),
+                        ("busy", 8),
+                        ("exposed", 8),
+                        ("exp/TTFT", 9),
+                        ("overlap", 8),
+                        ("runs", 7),
+                        ("catch-up", 9),
+                    ),
+                    [
+                        [
+                            r["tokens"],
+                            f"{r['kv_bytes'] / 2**20:.0f}",
+                            fmt(r["ttft_ms_median"]),
+                            fmt(r["prefill_alone_ms_median"]),
+                            fmt(r["ttft_over_prefill_alone"], "{:.2f}x"),
+                            fmt(r["busy_ms_median"], "{:.2f}"),
+                            fmt(r["exposed_ms_median"], "{:.2f}"),
+                            fmt(
+                                None if r["exposed_share_of_ttft"] is None else 100 * r["exposed_share_of_ttft"],
+                                "{:.2f}%",
+                            ),
+                            f"{r['num_overlapped']}/{r['requests']}",
+                            max(r["copy_runs"]),
+                            max(r["catchup_blocks"]),
+                        ]
+                        for r in pd["rows"]
+                    ],
+                )
+                lines.append(
+                    "TTFT: to D's first token; P alone: a plain request of the same length on P; busy / "
+                    "exposed: P's sender time writing / steps waiting for it after the forward; overlap: "
+                    "requests whose exposed time < half their busy time;\nruns: the most (P block, D block) "
+                    "runs a request's sends had (one copy per run, layer and K|V); catch-up: the most blocks "
+                    "of a request sent after its forward instead of layer by layer"
+                )
             elif "error" in part:
                 lines.append(f"\ntransfer pd: ERROR {part['error']}")
-    lines.append(f"\ntook {result['seconds']['total']:.0f} s; results: {result['files']['json']}, "
-                 f"{result['files']['png']}")
+    lines.append(
+        f"\ntook {result['seconds']['total']:.0f} s; results: {result['files']['json']}, {result['files']['png']}"
+    )
     return "\n".join(lines)
 
 
@@ -1342,10 +1724,15 @@ def _parts(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d = GpuBenchConfig()
-    p = sub.add_parser("gpu", help="decode, prefill and KV transfer (two GPUs where there are two), each against "
-                       "a baseline in the same run",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", type=_parts, default=PARTS, help=f"comma-separated subset of {','.join(PARTS)} (default all)")
+    p = sub.add_parser(
+        "gpu",
+        help="decode, prefill and KV transfer (two GPUs where there are two), each against a baseline in the same run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--parts", type=_parts, default=PARTS, help=f"comma-separated subset of {','.join(PARTS)} (default all)"
+    )
     m = p.add_argument_group("model")
     m.add_argument("--model", default=d.model, help=f"a dummy shape name or a model path (default {d.model})")
     m.add_argument("--load-format", choices=LOAD_FORMATS, default=d.load_format)
@@ -1357,10 +1744,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     g.add_argument("--decode-context", type=int, default=d.decode_context, help="prompt tokens per sequence")
     g.add_argument("--decode-steps", type=int, default=d.decode_steps, help="timed decode steps per batch")
     g.add_argument("--decode-warmup", type=int, default=d.decode_warmup, help="untimed decode steps first")
-    g.add_argument("--decode-max-model-len", type=int, default=d.decode_max_model_len,
-                   help="the decode engines' max_model_len (the CUDA graphs' block-table width and split-K plan)")
+    g.add_argument(
+        "--decode-max-model-len",
+        type=int,
+        default=d.decode_max_model_len,
+        help="the decode engines' max_model_len (the CUDA graphs' block-table width and split-K plan)",
+    )
     g.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline")
-    g.add_argument("--hf-repeats", type=int, default=d.hf_repeats, help="HF generate runs of each length per batch size (best kept)")
+    g.add_argument(
+        "--hf-repeats",
+        type=int,
+        default=d.hf_repeats,
+        help="HF generate runs of each length per batch size (best kept)",
+    )
     f = p.add_argument_group("prefill")
     f.add_argument("--prefill-lens", type=_int_list, default=d.prefill_lens, help="default 2048,8192")
     f.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats, help="timed prefills per length")
@@ -1368,8 +1764,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     f.add_argument("--matmul-repeats", type=int, default=d.matmul_repeats)
     t = p.add_argument_group("transfer")
     t.add_argument("--transfer-lens", type=_int_list, default=d.transfer_lens, help="default 1024,4096,16384")
-    t.add_argument("--transfer-gpus", type=_int_list, default=d.transfer_gpus, metavar="P,D",
-                   help="P's and D's CUDA devices (default 0,1 with two GPUs, else 0,0)")
+    t.add_argument(
+        "--transfer-gpus",
+        type=_int_list,
+        default=d.transfer_gpus,
+        metavar="P,D",
+        help="P's and D's CUDA devices (default 0,1 with two GPUs, else 0,0)",
+    )
     t.add_argument("--transfer-repeats", type=int, default=d.transfer_repeats, help="timed PD requests per length")
     t.add_argument("--raw-repeats", type=int, default=d.raw_repeats, help="timed raw cuda_ipc writes per length")
     b = p.add_argument_group("bandwidth")
@@ -1384,15 +1785,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def config_from_args(args: argparse.Namespace) -> GpuBenchConfig:
     return GpuBenchConfig(
-        parts=args.parts, model=args.model, load_format=args.load_format, dtype=args.dtype,
-        block_size=args.block_size, seed=args.seed, decode_batches=args.decode_batches,
-        decode_context=args.decode_context, decode_steps=args.decode_steps, decode_warmup=args.decode_warmup,
-        decode_max_model_len=args.decode_max_model_len, skip_hf=args.skip_hf, hf_repeats=args.hf_repeats,
-        prefill_lens=args.prefill_lens, prefill_repeats=args.prefill_repeats, transfer_lens=args.transfer_lens,
+        parts=args.parts,
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        seed=args.seed,
+        decode_batches=args.decode_batches,
+        decode_context=args.decode_context,
+        decode_steps=args.decode_steps,
+        decode_warmup=args.decode_warmup,
+        decode_max_model_len=args.decode_max_model_len,
+        skip_hf=args.skip_hf,
+        hf_repeats=args.hf_repeats,
+        prefill_lens=args.prefill_lens,
+        prefill_repeats=args.prefill_repeats,
+        transfer_lens=args.transfer_lens,
         transfer_gpus=args.transfer_gpus,
-        transfer_repeats=args.transfer_repeats, raw_repeats=args.raw_repeats, copy_bytes=args.copy_bytes,
-        copy_repeats=args.copy_repeats, matmul_size=args.matmul_size, matmul_repeats=args.matmul_repeats,
-        result_dir=args.result_dir, label=args.label, allow_cpu=args.allow_cpu,
+        transfer_repeats=args.transfer_repeats,
+        raw_repeats=args.raw_repeats,
+        copy_bytes=args.copy_bytes,
+        copy_repeats=args.copy_repeats,
+        matmul_size=args.matmul_size,
+        matmul_repeats=args.matmul_repeats,
+        result_dir=args.result_dir,
+        label=args.label,
+        allow_cpu=args.allow_cpu,
     )
 
 

@@ -114,7 +114,9 @@ def open_pool(kind: str, work_dir: Path) -> Iterator[dict[str, Any]]:
         try:
             master.start()
         except StoreError as e:
-            raise BenchServerError(f"cannot start a Mooncake master for the pool config ({e}); or use --pool file") from e
+            raise BenchServerError(
+                f"cannot start a Mooncake master for the pool config ({e}); or use --pool file"
+            ) from e
         try:
             yield master.store_config()
         finally:
@@ -128,9 +130,18 @@ def cache_output(name: str, args: argparse.Namespace) -> bool:
 
 def server_flags(name: str, args: argparse.Namespace, pool_config: dict[str, Any] | None) -> list[str]:
     """The exact `pdserve serve` flags of one configuration (port and host are added at start)."""
-    flags = ["--dtype", args.dtype, "--load-format", args.load_format, "--block-size", str(args.block_size),
-             "--num-blocks", str(args.num_blocks),
-             "--max-model-len", str(args.max_model_len or args.num_blocks * args.block_size)]
+    flags = [
+        "--dtype",
+        args.dtype,
+        "--load-format",
+        args.load_format,
+        "--block-size",
+        str(args.block_size),
+        "--num-blocks",
+        str(args.num_blocks),
+        "--max-model-len",
+        str(args.max_model_len or args.num_blocks * args.block_size),
+    ]
     if args.model is not None:
         flags = ["--model", args.model, *flags]
     if name == "none":
@@ -144,8 +155,9 @@ def server_flags(name: str, args: argparse.Namespace, pool_config: dict[str, Any
     return flags + shlex.split(args.server_flags)
 
 
-def run_config(name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
-               ) -> dict[str, Any]:
+def run_config(
+    name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
+) -> dict[str, Any]:
     """Start the server of `name`, run the workload, stop everything; the config's record."""
     with contextlib.ExitStack() as stack:
         pool_config = None
@@ -174,12 +186,27 @@ def run_config(name: str, args: argparse.Namespace, conversations: list[Conversa
 
 
 def bench_config(args: argparse.Namespace, url: str, result_dir: Path, label: str) -> ServeBenchConfig:
-    dataset = DatasetConfig(name=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, prefix_len=args.prefix_len, num_turns=args.num_turns,
-                            seed=args.seed)
-    return ServeBenchConfig(base_url=url, endpoint=args.endpoint, dataset=dataset, request_rate=args.request_rate,
-                            max_concurrency=args.max_concurrency, tokenizer=client_tokenizer(args),
-                            timeout_s=args.timeout, result_dir=result_dir, label=label, use_tqdm=args.use_tqdm)
+    dataset = DatasetConfig(
+        name=args.dataset,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        prefix_len=args.prefix_len,
+        num_turns=args.num_turns,
+        seed=args.seed,
+    )
+    return ServeBenchConfig(
+        base_url=url,
+        endpoint=args.endpoint,
+        dataset=dataset,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        tokenizer=client_tokenizer(args),
+        timeout_s=args.timeout,
+        result_dir=result_dir,
+        label=label,
+        use_tqdm=args.use_tqdm,
+    )
 
 
 def client_tokenizer(args: argparse.Namespace) -> str | None:
@@ -191,8 +218,14 @@ def client_tokenizer(args: argparse.Namespace) -> str | None:
     return None
 
 
-def config_record(name: str, flags: list[str], pool_config: dict[str, Any] | None, raw: dict[str, Any],
-                  delta: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+def config_record(
+    name: str,
+    flags: list[str],
+    pool_config: dict[str, Any] | None,
+    raw: dict[str, Any],
+    delta: dict[str, int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     metrics = {k: v for k, v in raw["metrics"].items() if k != "goodput"}
     turns: dict[int, list[float]] = {}
     for r in raw["requests"]:
@@ -202,21 +235,25 @@ def config_record(name: str, flags: list[str], pool_config: dict[str, Any] | Non
     hits = {tier: delta[f"hit_tokens_{tier}"] for tier in TIERS}
     reusable = reusable_tokens(raw["requests"], args.block_size) if args.dataset == "multi-turn" else None
     return {
-        "name": name, "description": DESCRIPTIONS[name], "server_flags": flags,
+        "name": name,
+        "description": DESCRIPTIONS[name],
+        "server_flags": flags,
         "cache_output": cache_output(name, args),
         "pool": None if name != "pool" else {"kind": args.pool, "config": pool_config},
         "model": raw["server"]["model"],
         "client": metrics,
         "ttft_mean_ms_by_turn": [round(sum(v) / len(v), 3) for _, v in sorted(turns.items())],
         "server": {
-            "prompt_tokens_sent": sent, "prompt_tokens_computed": delta["prompt_tokens_computed"],
+            "prompt_tokens_sent": sent,
+            "prompt_tokens_computed": delta["prompt_tokens_computed"],
             "prefill_saved_tokens": sent - delta["prompt_tokens_computed"],
-            "query_tokens": delta["query_tokens"], "reusable_tokens": reusable,
-            "hit_tokens": hits, "hit_tokens_total": sum(hits.values()),
+            "query_tokens": delta["query_tokens"],
+            "reusable_tokens": reusable,
+            "hit_tokens": hits,
+            "hit_tokens_total": sum(hits.values()),
             "hit_rate": round(sum(hits.values()) / delta["query_tokens"], 4) if delta["query_tokens"] else None,
             "store_bytes": {"put": delta["store_bytes_put"], "get": delta["store_bytes_get"]},
-            **{k: delta[k] for k in ("store_errors", "recomputed_tokens", "preemptions",
-                                     "blocks_saved_on_preemption")},
+            **{k: delta[k] for k in ("store_errors", "recomputed_tokens", "preemptions", "blocks_saved_on_preemption")},
         },
         "errors": raw["errors"],
         "requests": raw["requests"],
@@ -253,8 +290,9 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             r["vs_none"] = None
             continue
         r["vs_none"] = {
-            "prompt_tokens_computed": ratio(r["server"]["prompt_tokens_computed"],
-                                            base["server"]["prompt_tokens_computed"]),
+            "prompt_tokens_computed": ratio(
+                r["server"]["prompt_tokens_computed"], base["server"]["prompt_tokens_computed"]
+            ),
             "ttft_mean": ratio(r["client"]["ttft"]["mean_ms"], base["client"]["ttft"]["mean_ms"]),
             "ttft_p99": ratio(r["client"]["ttft"]["p99_ms"], base["client"]["ttft"]["p99_ms"]),
             "e2el_mean": ratio(r["client"]["e2el"]["mean_ms"], base["client"]["e2el"]["mean_ms"]),
@@ -265,24 +303,53 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    columns = (("config", 7), ("sent", 7), ("computed", 9), ("x none", 7), ("hit dev", 8), ("hit host", 9),
-               ("hit pool", 9), ("put MiB", 8), ("get MiB", 8), ("TTFT mean", 10), ("TTFT p99", 9), ("x none", 7),
-               ("TPOT", 7), ("E2E mean", 9), ("failed", 7))
+    columns = (
+        ("config", 7),
+        ("sent", 7),
+        ("computed", 9),
+        ("x none", 7),
+        ("hit dev", 8),
+        ("hit host", 9),
+        ("hit pool", 9),
+        ("put MiB", 8),
+        ("get MiB", 8),
+        ("TTFT mean", 10),
+        ("TTFT p99", 9),
+        ("x none", 7),
+        ("TPOT", 7),
+        ("E2E mean", 9),
+        ("failed", 7),
+    )
     head = "".join(f"{name:<{w}}" if i == 0 else f"{name:>{w}}" for i, (name, w) in enumerate(columns))
     rows = [head, "-" * len(head)]
     for r in records:
         s, c, v = r["server"], r["client"], r["vs_none"] or {}
-        cells = [r["name"], s["prompt_tokens_sent"], s["prompt_tokens_computed"], fmt(v.get("prompt_tokens_computed"),
-                 "{:.2f}"), *(s["hit_tokens"][t] for t in TIERS), f"{s['store_bytes']['put'] / 2**20:.1f}",
-                 f"{s['store_bytes']['get'] / 2**20:.1f}", fmt(c["ttft"]["mean_ms"]), fmt(c["ttft"]["p99_ms"]),
-                 fmt(v.get("ttft_mean"), "{:.2f}"), fmt(c["tpot"]["mean_ms"]), fmt(c["e2el"]["mean_ms"]), c["failed"]]
-        rows.append("".join(f"{cell:<{w}}" if i == 0 else f"{cell!s:>{w}}"
-                            for i, (cell, (_, w)) in enumerate(zip(cells, columns))))
-    rows.append("sent: prompt tokens of the completed requests (server usage); computed: prompt tokens the server "
-                "computed;\nhit: prompt tokens reused, by tier; TTFT, TPOT and E2E latency in ms (mean but for p99); "
-                "x none: ratio to none")
+        cells = [
+            r["name"],
+            s["prompt_tokens_sent"],
+            s["prompt_tokens_computed"],
+            fmt(v.get("prompt_tokens_computed"), "{:.2f}"),
+            *(s["hit_tokens"][t] for t in TIERS),
+            f"{s['store_bytes']['put'] / 2**20:.1f}",
+            f"{s['store_bytes']['get'] / 2**20:.1f}",
+            fmt(c["ttft"]["mean_ms"]),
+            fmt(c["ttft"]["p99_ms"]),
+            fmt(v.get("ttft_mean"), "{:.2f}"),
+            fmt(c["tpot"]["mean_ms"]),
+            fmt(c["e2el"]["mean_ms"]),
+            c["failed"],
+        ]
+        rows.append(
+            "".join(
+                f"{cell:<{w}}" if i == 0 else f"{cell!s:>{w}}" for i, (cell, (_, w)) in enumerate(zip(cells, columns))
+            )
+        )
+    rows.append(
+        "sent: prompt tokens of the completed requests (server usage); computed: prompt tokens the server "
+        "computed;\nhit: prompt tokens reused, by tier; TTFT, TPOT and E2E latency in ms (mean but for p99); "
+        "x none: ratio to none"
+    )
     return "\n".join(rows)
-
 
 
 def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
@@ -292,8 +359,10 @@ def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
     try:
         bottom = [0.0] * len(records)
         parts = [("computed", "#7f7f7f", [r["server"]["prompt_tokens_computed"] for r in records])]
-        parts += [(f"hit {tier}", color, [r["server"]["hit_tokens"][tier] for r in records])
-                  for tier, color in zip(TIERS, ("#1f77b4", "#ff7f0e", "#2ca02c"))]
+        parts += [
+            (f"hit {tier}", color, [r["server"]["hit_tokens"][tier] for r in records])
+            for tier, color in zip(TIERS, ("#1f77b4", "#ff7f0e", "#2ca02c"))
+        ]
         for label, color, values in parts:
             bars = left.bar(names, values, bottom=bottom, color=color, width=0.6, label=label)
             bottom = [b + v for b, v in zip(bottom, values)]
@@ -325,9 +394,11 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
     c = result["cache"]
-    title = (f"{result['model']}, {args.dataset}: {result['dataset']['num_requests']} requests, device "
-             f"{c['num_blocks']} blocks x {c['block_size']} tokens, host {c['num_host_blocks']} blocks, "
-             f"pool {c['pool']}")
+    title = (
+        f"{result['model']}, {args.dataset}: {result['dataset']['num_requests']} requests, device "
+        f"{c['num_blocks']} blocks x {c['block_size']} tokens, host {c['num_host_blocks']} blocks, "
+        f"pool {c['pool']}"
+    )
     plot(png_path, title, result["configs"])
 
 
@@ -335,23 +406,43 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("kv-tiers", help="prefill saved and TTFT with no cache, device, +host, +pool tiers",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "kv-tiers",
+        help="prefill saved and TTFT with no cache, device, +host, +pool tiers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s = p.add_argument_group("servers (the same for every configuration except the tiers)")
     s.add_argument("--model", default=None, help="as for pdserve serve (default: pdserve's default model)")
     s.add_argument("--load-format", choices=LOAD_FORMATS, default="auto", help="dummy: random weights")
     s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--max-model-len", type=int, default=None, help="default: --num-blocks x --block-size")
     s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--num-blocks", type=int, default=96, help="device tier blocks, the same in every config; "
-                   "keep it below the workload's working set (default 96)")
+    s.add_argument(
+        "--num-blocks",
+        type=int,
+        default=96,
+        help="device tier blocks, the same in every config; keep it below the workload's working set (default 96)",
+    )
     s.add_argument("--num-host-blocks", type=int, default=128, help="host tier blocks of host and pool (default 128)")
-    s.add_argument("--pool", choices=POOLS, default="mooncake",
-                   help="pool of the pool config: a local Mooncake master, a temp directory, or in-process memory")
-    s.add_argument("--pool-config", type=_json_object, default={},
-                   help="JSON merged into the pool's --kv-store-config, e.g. '{\"global_segment_size\": \"2GiB\"}'")
-    s.add_argument("--configs", type=_config_list, default=list(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all, in that order)")
+    s.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="mooncake",
+        help="pool of the pool config: a local Mooncake master, a temp directory, or in-process memory",
+    )
+    s.add_argument(
+        "--pool-config",
+        type=_json_object,
+        default={},
+        help='JSON merged into the pool\'s --kv-store-config, e.g. \'{"global_segment_size": "2GiB"}\'',
+    )
+    s.add_argument(
+        "--configs",
+        type=_config_list,
+        default=list(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (default: all, in that order)",
+    )
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every config, e.g. '--device cuda'")
     s.add_argument("--server-timeout", type=float, default=300.0, help="seconds for each server to answer /health")
     w = p.add_argument_group("workload (as for pdserve bench serve)")
@@ -364,8 +455,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--num-turns", type=int, default=3)
     w.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: common tokens (default input/2)")
     w.add_argument("--request-rate", type=float, default=math.inf)
-    w.add_argument("--max-concurrency", type=int, default=4, help="requests in flight at most (default 4, so "
-                   "running requests fit the device tier and nothing is preempted)")
+    w.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=4,
+        help="requests in flight at most (default 4, so running requests fit the device tier and nothing is preempted)",
+    )
     w.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
     add_output_args(p)
@@ -382,8 +477,9 @@ def _config_list(text: str) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.num_blocks < 1 or args.num_host_blocks < 1:
-        raise ValueError(f"--num-blocks and --num-host-blocks must be at least 1, got {args.num_blocks} and "
-                         f"{args.num_host_blocks}")
+        raise ValueError(
+            f"--num-blocks and --num-host-blocks must be at least 1, got {args.num_blocks} and {args.num_host_blocks}"
+        )
     if args.label is not None and not LABEL_RE.match(args.label):
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
 
@@ -405,17 +501,33 @@ def run(args: argparse.Namespace) -> int:
         return 130
     add_ratios(records)
     result = {
-        "benchmark": "kv-tiers", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
-        "model": records[0]["model"], "machine": machine_info(),
-        "workload": {"dataset": args.dataset, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
-                     "input_len": args.input_len, "output_len": args.output_len, "num_turns": args.num_turns,
-                     "prefix_len": check.dataset.shared_prefix_len if args.dataset == "shared-prefix" else None,
-                     "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
-                     "max_concurrency": args.max_concurrency, "seed": args.seed, "tokenizer": check.tokenizer},
+        "benchmark": "kv-tiers",
+        "date": now_iso(),
+        "label": args.label,
+        "pdserve_version": code_version(),
+        "model": records[0]["model"],
+        "machine": machine_info(),
+        "workload": {
+            "dataset": args.dataset,
+            "endpoint": args.endpoint,
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "num_turns": args.num_turns,
+            "prefix_len": check.dataset.shared_prefix_len if args.dataset == "shared-prefix" else None,
+            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+            "max_concurrency": args.max_concurrency,
+            "seed": args.seed,
+            "tokenizer": check.tokenizer,
+        },
         "dataset": dataset_stats(conversations),
-        "cache": {"block_size": args.block_size, "num_blocks": args.num_blocks,
-                  "num_host_blocks": args.num_host_blocks, "pool": args.pool,
-                  "cache_output": [r["name"] for r in records if r["cache_output"]]},
+        "cache": {
+            "block_size": args.block_size,
+            "num_blocks": args.num_blocks,
+            "num_host_blocks": args.num_host_blocks,
+            "pool": args.pool,
+            "cache_output": [r["name"] for r in records if r["cache_output"]],
+        },
         "configs": records,
     }
     write_outputs(result, args)
@@ -423,6 +535,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Results: {result['files']['json']}, {result['files']['png']}")
     failed = [(r["name"], r["client"]["failed"], r["errors"]) for r in records if r["client"]["failed"]]
     for name, num_failed, errors in failed:
-        print(f"pdserve bench kv-tiers: error: {num_failed} requests failed in the {name!r} config; first: "
-              f"{errors[0]['error'] if errors else 'n/a'}", file=sys.stderr)
+        print(
+            f"pdserve bench kv-tiers: error: {num_failed} requests failed in the {name!r} config; first: "
+            f"{errors[0]['error'] if errors else 'n/a'}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0

@@ -51,16 +51,31 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                *self.flags]
+        args = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.flags,
+        ]
         env = {k: v for k, v in os.environ.items() if k != "PDSERVE_API_KEY"}  # the client sends no key
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             log.write(f"$ {shlex.join(args)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, preexec_fn=_sigterm_on_parent_death())
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_sigterm_on_parent_death(),
+            )
 
     def log_tail(self, num_lines: int = LOG_TAIL_LINES) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -73,8 +88,10 @@ class ServerProcess:
         last = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BenchServerError(f"the {self.name!r} server exited with code {self.proc.returncode} before "
-                                       f"/health answered; the last lines of its log:\n{self.log_tail()}")
+                raise BenchServerError(
+                    f"the {self.name!r} server exited with code {self.proc.returncode} before "
+                    f"/health answered; the last lines of its log:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
                     if r.status == 200:
@@ -83,13 +100,17 @@ class ServerProcess:
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}: {e.read().decode(errors='replace')[:300]}"
                 if '"failed' in last:  # {"status": "failed: ..."}: the engine died, the API server stays up
-                    raise BenchServerError(f"the {self.name!r} server's engine failed to start ({last}); the last "
-                                           f"lines of its log:\n{self.log_tail()}") from None
+                    raise BenchServerError(
+                        f"the {self.name!r} server's engine failed to start ({last}); the last "
+                        f"lines of its log:\n{self.log_tail()}"
+                    ) from None
             except (urllib.error.URLError, OSError) as e:
                 last = f"{type(e).__name__}: {e}"
             time.sleep(HEALTH_POLL_S)
-        raise BenchServerError(f"the {self.name!r} server did not answer /health within {timeout_s:.0f} s (last: "
-                               f"{last}); raise --server-timeout if it is still loading. Its log:\n{self.log_tail()}")
+        raise BenchServerError(
+            f"the {self.name!r} server did not answer /health within {timeout_s:.0f} s (last: "
+            f"{last}); raise --server-timeout if it is still loading. Its log:\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         """SIGTERM the server, then SIGKILL whatever of its process group outlives EXIT_TIMEOUT_S."""
@@ -145,6 +166,7 @@ def scrape(url: str) -> dict[str, float]:
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt like Ctrl-C does, so servers and the master are stopped either way."""
+
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 

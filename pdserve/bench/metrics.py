@@ -60,8 +60,10 @@ def parse_goodput(items: Sequence[str] | None) -> dict[str, float]:
     for item in items or ():
         name, sep, value = item.partition(":")
         if not sep or name not in SLO_NAMES:
-            raise ValueError(f"--goodput item {item!r} must look like ttft:500 (name:milliseconds) with a name "
-                             f"from {', '.join(SLO_NAMES)}")
+            raise ValueError(
+                f"--goodput item {item!r} must look like ttft:500 (name:milliseconds) with a name "
+                f"from {', '.join(SLO_NAMES)}"
+            )
         try:
             ms = float(value)
         except ValueError:
@@ -106,8 +108,9 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slos: dict[st
         "tpot": latency_stats([t for r in done if (t := r.tpot) is not None]),
         "itl": latency_stats([gap for r in done for gap in r.itl]),
         "e2el": latency_stats([r.latency for r in done]),
-        "goodput": None if num_good is None else {"slos_ms": dict(slos), "num_good": num_good,
-                                                  "request_goodput": per_s(num_good)},
+        "goodput": None
+        if num_good is None
+        else {"slos_ms": dict(slos), "num_good": num_good, "request_goodput": per_s(num_good)},
     }
 
 
@@ -131,8 +134,12 @@ def format_table(metrics: dict[str, Any], title: str = "Serving Benchmark Result
     row("Input token throughput (tok/s):", metrics["input_throughput"])
     row("Output token throughput (tok/s):", metrics["output_throughput"])
     row("Total token throughput (tok/s):", metrics["total_token_throughput"])
-    for key, name in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
-                      ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    for key, name in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st token)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
         rows.append(f" {name} ".center(width, "-"))
         stats = metrics[key]
         for stat in ("mean", *(f"p{p}" for p in PERCENTILES)):
@@ -144,8 +151,11 @@ def format_table(metrics: dict[str, Any], title: str = "Serving Benchmark Result
 def plot_latency_cdfs(path: Path, title: str, results: Sequence[RequestResult]) -> Path:
     """CDFs of TTFT, TPOT and ITL of the successful requests (p50/p90/p99 marked); writes `path`."""
     done = [r for r in results if r.success]
-    series = (("TTFT", [r.ttft for r in done]), ("TPOT", [t for r in done if (t := r.tpot) is not None]),
-              ("ITL", [g for r in done for g in r.itl]))
+    series = (
+        ("TTFT", [r.ttft for r in done]),
+        ("TPOT", [t for r in done if (t := r.tpot) is not None]),
+        ("ITL", [g for r in done for g in r.itl]),
+    )
     fig, axes = pyplot().subplots(1, 3, figsize=(12.0, 3.8), dpi=110)
     try:
         for ax, (name, values) in zip(axes, series):

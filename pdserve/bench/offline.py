@@ -46,7 +46,6 @@ class OfflineConfig:
     use_tqdm: bool = True
     torch_threads: int = 0  # 0: leave torch's default
 
-
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be at least 1, got {self.num_prompts}")
@@ -84,8 +83,10 @@ def run_pdserve(llm: Any, requests: list[BenchRequest], use_tqdm: bool) -> RunRe
     short = [(i, len(t), r.output_len) for i, (t, r) in enumerate(zip(token_ids, requests)) if len(t) != r.output_len]
     if short:
         i, got, want = short[0]
-        raise RuntimeError(f"pdserve returned {got} tokens for request {i}, asked for {want} "
-                           f"({len(short)} requests differ); ignore_eos/max_tokens is not honoured by the engine")
+        raise RuntimeError(
+            f"pdserve returned {got} tokens for request {i}, asked for {want} "
+            f"({len(short)} requests differ); ignore_eos/max_tokens is not honoured by the engine"
+        )
     return RunResult(timing, token_ids, sum(len(t) for t in token_ids))
 
 
@@ -117,13 +118,18 @@ def _hf_generate(model: Any, input_ids: Any, attention_mask: Any, num_tokens: in
     import torch
 
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=num_tokens,
-                             min_new_tokens=num_tokens, do_sample=False, pad_token_id=pad_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
     return out[:, input_ids.shape[1] :]
 
 
-def run_hf(model: Any, requests: list[BenchRequest], batch_size: int, pad_token_id: int,
-           use_tqdm: bool) -> RunResult:
+def run_hf(model: Any, requests: list[BenchRequest], batch_size: int, pad_token_id: int, use_tqdm: bool) -> RunResult:
     """Warm up on a tiny padded batch, then time every batch of `batch_size`, one after another."""
     from tqdm import tqdm
 
@@ -133,8 +139,13 @@ def run_hf(model: Any, requests: list[BenchRequest], batch_size: int, pad_token_
     token_ids: list[list[int]] = []
     computed = 0
     num_batches = -(-len(requests) // batch_size)
-    batches = tqdm(hf_batches(requests, batch_size, pad_token_id), total=num_batches, desc="HF generate",
-                   unit="batch", disable=not use_tqdm)
+    batches = tqdm(
+        hf_batches(requests, batch_size, pad_token_id),
+        total=num_batches,
+        desc="HF generate",
+        unit="batch",
+        disable=not use_tqdm,
+    )
     with Stopwatch() as timing:
         for input_ids, mask, n in batches:
             new = _hf_generate(model, input_ids, mask, n, pad_token_id)
@@ -154,8 +165,12 @@ def greedy_agreement(requests: list[BenchRequest], pd: RunResult, hf: RunResult)
         first_match += common > 0
         prefix += common / r.output_len
     n = len(requests)
-    return {"requests_identical": identical, "first_token_match": first_match, "num_requests": n,
-            "mean_matching_prefix_frac": round(prefix / n, 4)}
+    return {
+        "requests_identical": identical,
+        "first_token_match": first_match,
+        "num_requests": n,
+        "mean_matching_prefix_frac": round(prefix / n, 4),
+    }
 
 
 def _system_figures(run: RunResult, output_tokens: int, total_tokens: int, num_requests: int) -> dict[str, Any]:
@@ -173,12 +188,22 @@ def _system_figures(run: RunResult, output_tokens: int, total_tokens: int, num_r
     }
 
 
-def build_result(config: OfflineConfig, engine: dict[str, Any], model_name: str, requests: list[BenchRequest],
-                 pd: RunResult, hf: RunResult | None, num_preemptions: int) -> dict[str, Any]:
+def build_result(
+    config: OfflineConfig,
+    engine: dict[str, Any],
+    model_name: str,
+    requests: list[BenchRequest],
+    pd: RunResult,
+    hf: RunResult | None,
+    num_preemptions: int,
+) -> dict[str, Any]:
     input_tokens = sum(r.input_len for r in requests)
     output_tokens = sum(r.output_len for r in requests)
-    figures = {"output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
-               "num_requests": len(requests)}
+    figures = {
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+        "num_requests": len(requests),
+    }
     pd_figs = _system_figures(pd, **figures) | {"num_preemptions": num_preemptions}
     hf_figs = None if hf is None else _system_figures(hf, **figures) | {"batch_size": config.hf_batch_size}
     ratio = None if hf_figs is None else round(pd_figs["output_tokens_per_s"] / hf_figs["output_tokens_per_s"], 3)
@@ -193,10 +218,13 @@ def build_result(config: OfflineConfig, engine: dict[str, Any], model_name: str,
         "workload": workload,
         "engine": engine,
         "machine": machine_info(),
-        "dataset": {"num_requests": len(requests), "total_input_tokens": input_tokens,
-                    "total_output_tokens": output_tokens,
-                    "mean_input_len": round(input_tokens / len(requests), 2),
-                    "mean_output_len": round(output_tokens / len(requests), 2)},
+        "dataset": {
+            "num_requests": len(requests),
+            "total_input_tokens": input_tokens,
+            "total_output_tokens": output_tokens,
+            "mean_input_len": round(input_tokens / len(requests), 2),
+            "mean_output_len": round(output_tokens / len(requests), 2),
+        },
         "pdserve": pd_figs,
         "hf": hf_figs,
         "ratio_pdserve_over_hf": ratio,
@@ -214,9 +242,11 @@ def write_outputs(result: dict[str, Any], result_dir: Path) -> tuple[Path, Path]
         labels.append(f"HF generate (batch {result['hf']['batch_size']})")
         values.append(result["hf"]["output_tokens_per_s"])
     ratio = result["ratio_pdserve_over_hf"]
-    title = (f"{result['model']} {result['dtype']}, {result['dataset']['num_requests']} requests, "
-             f"{result['machine']['torch_num_threads']} threads\n"
-             + (f"pdserve / HF = {ratio:.2f}x (target {TARGET_RATIO:g}x)" if ratio is not None else "HF skipped"))
+    title = (
+        f"{result['model']} {result['dtype']}, {result['dataset']['num_requests']} requests, "
+        f"{result['machine']['torch_num_threads']} threads\n"
+        + (f"pdserve / HF = {ratio:.2f}x (target {TARGET_RATIO:g}x)" if ratio is not None else "HF skipped")
+    )
     png_path = bar_chart(result_dir / f"{stem}.png", title, labels, values, "output tokens / s")
     return json_path, png_path
 
@@ -226,26 +256,35 @@ CONTENDED_UTILIZATION = 0.8
 
 def summary(result: dict[str, Any], json_path: Path, png_path: Path) -> str:
     ds, pd, hf = result["dataset"], result["pdserve"], result["hf"]
-    text = (f"pdserve bench offline ({result['model']}, {result['dtype']}, {result['machine']['torch_num_threads']} "
-            f"torch threads on {result['machine']['cpu_count']} CPUs): {ds['num_requests']} requests, "
-            f"{ds['total_input_tokens']} input and {ds['total_output_tokens']} output tokens. "
-            f"pdserve took {pd['wall_s']:.1f} s: {pd['output_tokens_per_s']:.1f} output tok/s, "
-            f"{pd['requests_per_s']:.2f} req/s. ")
+    text = (
+        f"pdserve bench offline ({result['model']}, {result['dtype']}, {result['machine']['torch_num_threads']} "
+        f"torch threads on {result['machine']['cpu_count']} CPUs): {ds['num_requests']} requests, "
+        f"{ds['total_input_tokens']} input and {ds['total_output_tokens']} output tokens. "
+        f"pdserve took {pd['wall_s']:.1f} s: {pd['output_tokens_per_s']:.1f} output tok/s, "
+        f"{pd['requests_per_s']:.2f} req/s. "
+    )
     if hf is None:
         text += "HF transformers was skipped (--skip-hf). "
     else:
         agree = result["greedy_agreement"]
-        text += (f"HF transformers generate (left-padded batches of {hf['batch_size']}) took {hf['wall_s']:.1f} s: "
-                 f"{hf['output_tokens_per_s']:.1f} output tok/s ({hf['computed_output_tokens']} tokens computed). "
-                 f"pdserve/HF = {result['ratio_pdserve_over_hf']:.2f}x, target {TARGET_RATIO:g}x "
-                 f"{'met' if result['meets_target'] else 'NOT met'}. Greedy outputs identical for "
-                 f"{agree['requests_identical']}/{agree['num_requests']} requests. ")
-    shared = [name for name, figs in (("pdserve", pd), ("HF", hf))
-              if figs is not None and figs["cpu_utilization"] < CONTENDED_UTILIZATION]
+        text += (
+            f"HF transformers generate (left-padded batches of {hf['batch_size']}) took {hf['wall_s']:.1f} s: "
+            f"{hf['output_tokens_per_s']:.1f} output tok/s ({hf['computed_output_tokens']} tokens computed). "
+            f"pdserve/HF = {result['ratio_pdserve_over_hf']:.2f}x, target {TARGET_RATIO:g}x "
+            f"{'met' if result['meets_target'] else 'NOT met'}. Greedy outputs identical for "
+            f"{agree['requests_identical']}/{agree['num_requests']} requests. "
+        )
+    shared = [
+        name
+        for name, figs in (("pdserve", pd), ("HF", hf))
+        if figs is not None and figs["cpu_utilization"] < CONTENDED_UTILIZATION
+    ]
     if shared:
-        text += (f"WARNING: {' and '.join(shared)} got less than {CONTENDED_UTILIZATION:.0%} of "
-                 f"{result['machine']['torch_num_threads']} CPUs (cpu_utilization in the JSON): other processes "
-                 "shared the machine, so these figures are not comparable; rerun on a quiet machine. ")
+        text += (
+            f"WARNING: {' and '.join(shared)} got less than {CONTENDED_UTILIZATION:.0%} of "
+            f"{result['machine']['torch_num_threads']} CPUs (cpu_utilization in the JSON): other processes "
+            "shared the machine, so these figures are not comparable; rerun on a quiet machine. "
+        )
     return text + f"Results: {json_path}, {png_path}."
 
 
@@ -261,10 +300,13 @@ def run_offline(config: OfflineConfig, engine: dict[str, Any]) -> dict[str, Any]
     try:
         max_len = config.input_len[1] + config.output_len[1]
         if max_len > llm.engine.max_model_len:
-            raise ValueError(f"--input-len-max + --output-len-max is {max_len}, above max_model_len "
-                             f"{llm.engine.max_model_len}; lower them or raise --max-model-len")
-        requests = random_requests(config.num_prompts, config.input_len, config.output_len,
-                                   llm.engine.arch.vocab_size, config.dataset_seed)
+            raise ValueError(
+                f"--input-len-max + --output-len-max is {max_len}, above max_model_len "
+                f"{llm.engine.max_model_len}; lower them or raise --max-model-len"
+            )
+        requests = random_requests(
+            config.num_prompts, config.input_len, config.output_len, llm.engine.arch.vocab_size, config.dataset_seed
+        )
         pd = run_pdserve(llm, requests, config.use_tqdm)
         hf_dir, model_name, num_preemptions = llm.engine.source.hf_dir, llm.engine.source.name, llm.num_preemptions
         tokenizer = llm.get_tokenizer()
@@ -294,8 +336,12 @@ def _pad_token_id(tokenizer: Any) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from pdserve.cli import add_engine_args
 
-    p = sub.add_parser("offline", help="offline throughput: pdserve vs HF transformers generate",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "offline",
+        help="offline throughput: pdserve vs HF transformers generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("workload")
     g.add_argument("--num-prompts", type=int, default=64)
     g.add_argument("--input-len-min", type=int, default=32)
@@ -306,8 +352,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     g.add_argument("--dataset-seed", type=int, default=0, help="seed of the random prompts and lengths")
     g.add_argument("--result-dir", type=Path, default=Path("bench/results"))
     g.add_argument("--skip-hf", action="store_true", help="time pdserve only")
-    g.add_argument("--torch-threads", type=int, default=0,
-                   help="torch intra-op threads for both systems (default 0: torch's own choice)")
+    g.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads for both systems (default 0: torch's own choice)",
+    )
     g.add_argument("--no-tqdm", dest="use_tqdm", action="store_false", help="no progress bars")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -315,9 +365,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def config_from_args(args: argparse.Namespace) -> OfflineConfig:
     return OfflineConfig(
-        num_prompts=args.num_prompts, input_len=(args.input_len_min, args.input_len_max),
-        output_len=(args.output_len_min, args.output_len_max), hf_batch_size=args.hf_batch_size,
-        dataset_seed=args.dataset_seed, result_dir=args.result_dir, skip_hf=args.skip_hf, use_tqdm=args.use_tqdm,
+        num_prompts=args.num_prompts,
+        input_len=(args.input_len_min, args.input_len_max),
+        output_len=(args.output_len_min, args.output_len_max),
+        hf_batch_size=args.hf_batch_size,
+        dataset_seed=args.dataset_seed,
+        result_dir=args.result_dir,
+        skip_hf=args.skip_hf,
+        use_tqdm=args.use_tqdm,
         torch_threads=args.torch_threads,
     )
 

@@ -42,18 +42,26 @@ from pdserve.launcher import (
 CONFIGS = ("pd", "mixed")
 DESCRIPTIONS = {
     "pd": "PD disaggregation: 1 prefill + 1 decode instance, KV moved P -> D (pdserve launch --num-prefill 1 "
-          "--num-decode 1)",
+    "--num-decode 1)",
     "mixed": "2 mixed replicas, each serving requests end to end (pdserve launch --num-prefill 0 --num-decode 0 "
-             "--num-mixed 2)",
+    "--num-mixed 2)",
 }
 # The figure the issue quotes; nothing in this benchmark measures it.
-REFERENCE_SOURCE = ("vLLM CPU 1P1D with its shared-storage example connector (one core each, block size 32, 64 prompts, "
-                    "128 in / 64 out, concurrency 16, bf16): ~208-225 output tok/s, mean TTFT 1.5-1.9 s (measured by "
-                    "the issue's author on this machine type, not in this run)")
+REFERENCE_SOURCE = (
+    "vLLM CPU 1P1D with its shared-storage example connector (one core each, block size 32, 64 prompts, "
+    "128 in / 64 out, concurrency 16, bf16): ~208-225 output tok/s, mean TTFT 1.5-1.9 s (measured by "
+    "the issue's author on this machine type, not in this run)"
+)
 REFERENCE_OUTPUT_TOK_S = (208.0, 225.0)
 REFERENCE_TTFT_MEAN_S = (1.5, 1.9)
-REFERENCE_WORKLOAD: dict[str, Any] = {"num_prompts": 64, "input_len": 128, "output_len": 64, "max_concurrency": 16,
-                                      "dtype": "bfloat16", "block_size": 32}
+REFERENCE_WORKLOAD: dict[str, Any] = {
+    "num_prompts": 64,
+    "input_len": 128,
+    "output_len": 64,
+    "max_concurrency": 16,
+    "dtype": "bfloat16",
+    "block_size": 32,
+}
 SETTLE_TIMEOUT_S = 30.0
 STATS = ("mean_ms", "p50_ms", "p99_ms")
 # JSON name -> Prometheus sample of an instance counter whose change over a run is recorded
@@ -72,9 +80,14 @@ FAILURES_PREFIX = "pdserve_kv_transfer_failures_total{"
 def instance_counters(url: str) -> dict[str, Any]:
     samples = scrape(url)
     counters: dict[str, Any] = {key: samples.get(name, 0.0) for key, name in COUNTERS.items()}
-    counters["kv_transfer_failures"] = {name[len(FAILURES_PREFIX):].split('"')[1]: value
-                                        for name, value in samples.items() if name.startswith(FAILURES_PREFIX)}
-    counters["is_idle"] = samples.get("pdserve_num_requests_running") == samples.get("pdserve_num_requests_waiting") == 0
+    counters["kv_transfer_failures"] = {
+        name[len(FAILURES_PREFIX) :].split('"')[1]: value
+        for name, value in samples.items()
+        if name.startswith(FAILURES_PREFIX)
+    }
+    counters["is_idle"] = (
+        samples.get("pdserve_num_requests_running") == samples.get("pdserve_num_requests_waiting") == 0
+    )
     return counters
 
 
@@ -87,19 +100,28 @@ def settled_counters(deployment: Deployment) -> dict[str, dict[str, Any]]:
         if all(c["is_idle"] for c in now.values()) and now == previous:
             return now
         if time.monotonic() > deadline:
-            raise BenchServerError(f"the {deployment.name!r} instances did not go idle with steady counters within "
-                                   f"{SETTLE_TIMEOUT_S:.0f} s")
+            raise BenchServerError(
+                f"the {deployment.name!r} instances did not go idle with steady counters within "
+                f"{SETTLE_TIMEOUT_S:.0f} s"
+            )
         previous = now
         time.sleep(0.2)
 
 
 def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     delta: dict[str, Any] = {k: round(after[k] - before[k], 6) for k in COUNTERS}
-    for k in ("prompt_tokens", "generation_tokens", "preemptions", "kv_bytes_sent", "kv_bytes_received",
-              "kv_transfers"):
+    for k in (
+        "prompt_tokens",
+        "generation_tokens",
+        "preemptions",
+        "kv_bytes_sent",
+        "kv_bytes_received",
+        "kv_transfers",
+    ):
         delta[k] = int(delta[k])
-    delta["kv_transfer_failures"] = {r: int(n - before["kv_transfer_failures"].get(r, 0))
-                                     for r, n in after["kv_transfer_failures"].items()}
+    delta["kv_transfer_failures"] = {
+        r: int(n - before["kv_transfer_failures"].get(r, 0)) for r, n in after["kv_transfer_failures"].items()
+    }
     return delta
 
 
@@ -109,33 +131,59 @@ def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
 def instance_flags(args: argparse.Namespace) -> list[str]:
     """Engine flags every instance of both deployments gets."""
     flags = ["--dtype", args.dtype, "--load-format", args.load_format, "--block-size", str(args.block_size)]
-    for option, value in (("--model", args.model), ("--max-model-len", args.max_model_len),
-                          ("--num-blocks", args.num_blocks), ("--max-num-seqs", args.max_num_seqs),
-                          ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+    for option, value in (
+        ("--model", args.model),
+        ("--max-model-len", args.max_model_len),
+        ("--num-blocks", args.num_blocks),
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens),
+    ):
         if value is not None:
             flags += [option, str(value)]
     return flags + shlex.split(args.server_flags)
 
 
-def launch_config(name: str, args: argparse.Namespace, flags: list[str] | None = None,
-                  gpus: tuple[int, ...] = ()) -> LaunchConfig:
+def launch_config(
+    name: str, args: argparse.Namespace, flags: list[str] | None = None, gpus: tuple[int, ...] = ()
+) -> LaunchConfig:
     """The deployment of config `name`: every instance gets `flags` (default instance_flags(args))."""
     is_pd = name == "pd"
-    return LaunchConfig(num_prefill=int(is_pd), num_decode=int(is_pd), num_mixed=0 if is_pd else 2,
-                        kv_transfer_engine=args.kv_transfer_engine,
-                        engine_argv=tuple(instance_flags(args) if flags is None else flags), gpus=gpus)
+    return LaunchConfig(
+        num_prefill=int(is_pd),
+        num_decode=int(is_pd),
+        num_mixed=0 if is_pd else 2,
+        kv_transfer_engine=args.kv_transfer_engine,
+        engine_argv=tuple(instance_flags(args) if flags is None else flags),
+        gpus=gpus,
+    )
 
 
 def bench_config(args: argparse.Namespace, url: str, result_dir: Path, label: str) -> ServeBenchConfig:
-    dataset = DatasetConfig(name="random", num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, range_ratio=args.random_range_ratio, seed=args.seed)
-    return ServeBenchConfig(base_url=url, endpoint=args.endpoint, dataset=dataset, request_rate=args.request_rate,
-                            max_concurrency=args.max_concurrency, tokenizer=client_tokenizer(args),
-                            timeout_s=args.timeout, result_dir=result_dir, label=label, use_tqdm=args.use_tqdm)
+    dataset = DatasetConfig(
+        name="random",
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.random_range_ratio,
+        seed=args.seed,
+    )
+    return ServeBenchConfig(
+        base_url=url,
+        endpoint=args.endpoint,
+        dataset=dataset,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        tokenizer=client_tokenizer(args),
+        timeout_s=args.timeout,
+        result_dir=result_dir,
+        label=label,
+        use_tqdm=args.use_tqdm,
+    )
 
 
-def run_config(name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
-               ) -> dict[str, Any]:
+def run_config(
+    name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
+) -> dict[str, Any]:
     """Start the deployment of `name`, run the workload through its router, stop it; the config's record."""
     deployment = Deployment(name, launch_config(name, args), work_dir / name / "logs", args.server_timeout)
     print(f"[pd] {name}: starting {shlex.join(deployment.launch_argv)}", flush=True)
@@ -144,14 +192,23 @@ def run_config(name: str, args: argparse.Namespace, conversations: list[Conversa
         raw = run_benchmark(bench_config(args, deployment.url, work_dir / name, name), conversations)
         deployment.check_alive()
         after = settled_counters(deployment)
-    server = {n: {"role": next(p.role for p in deployment.parts if p.name == n)} | counter_delta(before[n], after[n])
-              for n in before}
+    server = {
+        n: {"role": next(p.role for p in deployment.parts if p.name == n)} | counter_delta(before[n], after[n])
+        for n in before
+    }
     metrics = {k: v for k, v in raw["metrics"].items() if k != "goodput"}
     num_transfer_failures = sum(sum(s["kv_transfer_failures"].values()) for s in server.values())
-    return {"name": name, "description": DESCRIPTIONS[name], "deployment": deployment.describe(),
-            "model": raw["server"]["model"], "client": metrics, "server": server,
-            "num_errors": metrics["failed"] + num_transfer_failures, "errors": raw["errors"],
-            "requests": raw["requests"]}
+    return {
+        "name": name,
+        "description": DESCRIPTIONS[name],
+        "deployment": deployment.describe(),
+        "model": raw["server"]["model"],
+        "client": metrics,
+        "server": server,
+        "num_errors": metrics["failed"] + num_transfer_failures,
+        "errors": raw["errors"],
+        "requests": raw["requests"],
+    }
 
 
 def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
@@ -160,8 +217,11 @@ def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
     def ratio(x: float | None, y: float | None) -> float | None:
         return round(x / y, 4) if x is not None and y else None
 
-    out = {f"{key}_{stat[:-3]}": ratio(a["client"][key][stat], b["client"][key][stat])
-           for key in ("ttft", "tpot", "itl", "e2el") for stat in STATS}
+    out = {
+        f"{key}_{stat[:-3]}": ratio(a["client"][key][stat], b["client"][key][stat])
+        for key in ("ttft", "tpot", "itl", "e2el")
+        for stat in STATS
+    }
     for key in ("output_throughput", "request_throughput"):
         out[key] = ratio(a["client"][key], b["client"][key])
     return out
@@ -169,15 +229,36 @@ def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
 
 def reference_comparison(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     pd = next((r for r in records if r["name"] == "pd"), None)
-    ours = None if pd is None else {"output_throughput_tok_s": pd["client"]["output_throughput"],
-                                    "ttft_mean_s": _seconds(pd["client"]["ttft"]["mean_ms"])}
-    same = {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-            "max_concurrency": args.max_concurrency, "dtype": args.dtype, "block_size": args.block_size}
-    return {"source": REFERENCE_SOURCE, "measured_here": False, "system": "vLLM (CPU), 1P1D, shared-storage example "
-            "connector", "output_throughput_tok_s": list(REFERENCE_OUTPUT_TOK_S),
-            "ttft_mean_s": list(REFERENCE_TTFT_MEAN_S), "workload": REFERENCE_WORKLOAD, "pdserve_pd_this_run": ours,
-            "workload_differences": {k: {"reference": REFERENCE_WORKLOAD[k], "this_run": v}
-                                     for k, v in same.items() if REFERENCE_WORKLOAD[k] != v}}
+    ours = (
+        None
+        if pd is None
+        else {
+            "output_throughput_tok_s": pd["client"]["output_throughput"],
+            "ttft_mean_s": _seconds(pd["client"]["ttft"]["mean_ms"]),
+        }
+    )
+    same = {
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "max_concurrency": args.max_concurrency,
+        "dtype": args.dtype,
+        "block_size": args.block_size,
+    }
+    return {
+        "source": REFERENCE_SOURCE,
+        "measured_here": False,
+        "system": "vLLM (CPU), 1P1D, shared-storage example connector",
+        "output_throughput_tok_s": list(REFERENCE_OUTPUT_TOK_S),
+        "ttft_mean_s": list(REFERENCE_TTFT_MEAN_S),
+        "workload": REFERENCE_WORKLOAD,
+        "pdserve_pd_this_run": ours,
+        "workload_differences": {
+            k: {"reference": REFERENCE_WORKLOAD[k], "this_run": v}
+            for k, v in same.items()
+            if REFERENCE_WORKLOAD[k] != v
+        },
+    }
 
 
 def _seconds(ms: float | None) -> float | None:
@@ -188,34 +269,59 @@ def _seconds(ms: float | None) -> float | None:
 
 
 def format_table(records: list[dict[str, Any]], result: dict[str, Any]) -> str:
-    columns = (("config", 8), ("ok", 5), ("errors", 7), ("out tok/s", 10), ("req/s", 7), ("TTFT mean", 10),
-               ("p50", 8), ("p99", 8), ("TPOT mean", 10), ("p50", 7), ("p99", 7), ("ITL mean", 9), ("p50", 7),
-               ("p99", 7))
+    columns = (
+        ("config", 8),
+        ("ok", 5),
+        ("errors", 7),
+        ("out tok/s", 10),
+        ("req/s", 7),
+        ("TTFT mean", 10),
+        ("p50", 8),
+        ("p99", 8),
+        ("TPOT mean", 10),
+        ("p50", 7),
+        ("p99", 7),
+        ("ITL mean", 9),
+        ("p50", 7),
+        ("p99", 7),
+    )
     head = "".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(columns))
     rows = [head, "-" * len(head)]
     for r in records:
         c = r["client"]
-        cells = [r["name"], f"{c['completed']}/{c['num_requests']}", r["num_errors"], f"{c['output_throughput']:.1f}",
-                 f"{c['request_throughput']:.2f}", *(fmt(c[k][s]) for k in ("ttft", "tpot", "itl") for s in STATS)]
-        rows.append("".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}" for i, (x, (_, w)) in enumerate(zip(cells, columns))))
+        cells = [
+            r["name"],
+            f"{c['completed']}/{c['num_requests']}",
+            r["num_errors"],
+            f"{c['output_throughput']:.1f}",
+            f"{c['request_throughput']:.2f}",
+            *(fmt(c[k][s]) for k in ("ttft", "tpot", "itl") for s in STATS),
+        ]
+        rows.append(
+            "".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}" for i, (x, (_, w)) in enumerate(zip(cells, columns)))
+        )
     rows.append("latencies in ms; errors: failed requests + failed KV transfers")
     if result["pd_over_mixed"] is not None:
         q = result["pd_over_mixed"]
-        rows.append(f"pd / mixed: output tok/s {fmt(q['output_throughput'], '{:.2f}')}x, TTFT mean "
-                    f"{fmt(q['ttft_mean'], '{:.2f}')}x, TPOT mean {fmt(q['tpot_mean'], '{:.2f}')}x, ITL mean "
-                    f"{fmt(q['itl_mean'], '{:.2f}')}x")
+        rows.append(
+            f"pd / mixed: output tok/s {fmt(q['output_throughput'], '{:.2f}')}x, TTFT mean "
+            f"{fmt(q['ttft_mean'], '{:.2f}')}x, TPOT mean {fmt(q['tpot_mean'], '{:.2f}')}x, ITL mean "
+            f"{fmt(q['itl_mean'], '{:.2f}')}x"
+        )
     ref = result["reference"]
     ours = ref["pdserve_pd_this_run"]
     rows.append(f"reference, NOT measured here: {ref['source']}")
     if ours is not None:
-        rows.append(f"pdserve 1P1D, this run:       {ours['output_throughput_tok_s']:.1f} output tok/s, mean TTFT "
-                    f"{fmt(ours['ttft_mean_s'], '{:.2f}')} s")
+        rows.append(
+            f"pdserve 1P1D, this run:       {ours['output_throughput_tok_s']:.1f} output tok/s, mean TTFT "
+            f"{fmt(ours['ttft_mean_s'], '{:.2f}')} s"
+        )
         if ref["workload_differences"]:
-            diffs = ", ".join(f"{k} {v['this_run']} (reference {v['reference']})"
-                              for k, v in ref["workload_differences"].items())
+            diffs = ", ".join(
+                f"{k} {v['this_run']} (reference {v['reference']})" for k, v in ref["workload_differences"].items()
+            )
             rows.append(f"  this run's workload differs from the reference's: {diffs}")
     return "\n".join(rows)
-
 
 
 def plot(path: Path, title: str, records: list[dict[str, Any]]) -> Path:
@@ -257,9 +363,11 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
     w = result["workload"]
-    title = (f"{result['model']} ({args.dtype}), through the router: {w['num_prompts']} prompts, {w['input_len']} in / "
-             f"{w['output_len']} out, max concurrency {w['max_concurrency']}, rate {w['request_rate']}; "
-             f"pd = 1 prefill + 1 decode, mixed = 2 replicas")
+    title = (
+        f"{result['model']} ({args.dtype}), through the router: {w['num_prompts']} prompts, {w['input_len']} in / "
+        f"{w['output_len']} out, max concurrency {w['max_concurrency']}, rate {w['request_rate']}; "
+        f"pd = 1 prefill + 1 decode, mixed = 2 replicas"
+    )
     plot(png_path, title, result["configs"])
 
 
@@ -281,15 +389,24 @@ def add_engine_flag_args(group: argparse._ArgumentGroup) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("pd", help="1 prefill + 1 decode vs 2 mixed replicas behind the router: TTFT, TPOT, ITL, "
-                       "throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pd",
+        help="1 prefill + 1 decode vs 2 mixed replicas behind the router: TTFT, TPOT, ITL, throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s = p.add_argument_group("deployments (every instance of both gets the same engine flags)")
-    s.add_argument("--configs", type=_config_list, default=list(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)")
+    s.add_argument(
+        "--configs",
+        type=_config_list,
+        default=list(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)",
+    )
     add_engine_flag_args(s)
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
-    s.add_argument("--server-timeout", type=float, default=300.0,
-                   help="seconds for a deployment to answer /health (default 300)")
+    s.add_argument(
+        "--server-timeout", type=float, default=300.0, help="seconds for a deployment to answer /health (default 300)"
+    )
     w = p.add_argument_group("workload (as for pdserve bench serve, random dataset)")
     w.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
     w.add_argument("--tokenizer", default=None, help="default: the --model directory's, else pdserve's default")
@@ -312,8 +429,9 @@ def _config_list(text: str) -> list[str]:
     return [n for n in CONFIGS if n in names]
 
 
-def run_deployments(command: str, names: list[str], run_one: Callable[[str, Path], dict[str, Any]]
-                    ) -> list[dict[str, Any]] | int:
+def run_deployments(
+    command: str, names: list[str], run_one: Callable[[str, Path], dict[str, Any]]
+) -> list[dict[str, Any]] | int:
     """run_one(name, work_dir) for every config, one after another, in a temporary directory, SIGTERM taken as
     Ctrl-C: the records, or the exit code once a clear error was printed (every deployment stopped)."""
     records: list[dict[str, Any]] = []
@@ -340,19 +458,32 @@ def run(args: argparse.Namespace) -> int:
         return records
     by_name = {r["name"]: r for r in records}
     result = {
-        "benchmark": "pd-serve", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
-        "model": records[0]["model"], "machine": machine_info(),
-        "workload": {"dataset": "random", "endpoint": args.endpoint, "num_prompts": args.num_prompts,
-                     "input_len": args.input_len, "output_len": args.output_len,
-                     "random_range_ratio": args.random_range_ratio,
-                     "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
-                     "max_concurrency": args.max_concurrency, "seed": args.seed, "tokenizer": check.tokenizer},
+        "benchmark": "pd-serve",
+        "date": now_iso(),
+        "label": args.label,
+        "pdserve_version": code_version(),
+        "model": records[0]["model"],
+        "machine": machine_info(),
+        "workload": {
+            "dataset": "random",
+            "endpoint": args.endpoint,
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "random_range_ratio": args.random_range_ratio,
+            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+            "max_concurrency": args.max_concurrency,
+            "seed": args.seed,
+            "tokenizer": check.tokenizer,
+        },
         "engine": {"dtype": args.dtype, "block_size": args.block_size, "instance_flags": instance_flags(args)},
         "dataset": dataset_stats(conversations),
-        "notes": {"server": "each instance's counter changes over the run; they include the one 2-token test "
-                            "request the bench serve client sends before the workload (not in the client figures)",
-                  "num_errors": "failed requests + failed KV transfers",
-                  "omp_num_threads": "as pdserve launch sets it: the cores divided among the instances"},
+        "notes": {
+            "server": "each instance's counter changes over the run; they include the one 2-token test "
+            "request the bench serve client sends before the workload (not in the client figures)",
+            "num_errors": "failed requests + failed KV transfers",
+            "omp_num_threads": "as pdserve launch sets it: the cores divided among the instances",
+        },
         "configs": records,
         "pd_over_mixed": ratios(by_name["pd"], by_name["mixed"]) if len(by_name) == 2 else None,
         "reference": reference_comparison(records, args),
@@ -363,6 +494,8 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in records if r["num_errors"]]
     for r in failed:
         first = r["errors"][0]["error"] if r["errors"] else "n/a"
-        print(f"pdserve bench pd: error: {r['num_errors']} errors in the {r['name']!r} config; first: {first}",
-              file=sys.stderr)
+        print(
+            f"pdserve bench pd: error: {r['num_errors']} errors in the {r['name']!r} config; first: {first}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0

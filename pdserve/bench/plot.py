@@ -38,8 +38,9 @@ def finish_figure(fig, axes, title: str, path: Path) -> Path:  # type: ignore[no
     return save_figure(fig, path)
 
 
-def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
-              value_fmt: str = "{:.1f}") -> Path:
+def bar_chart(
+    path: Path, title: str, labels: Sequence[str], values: Sequence[float], ylabel: str, value_fmt: str = "{:.1f}"
+) -> Path:
     """One bar per label, each annotated with its value; writes `path` and returns it."""
     if len(labels) != len(values):
         raise ValueError(f"bar_chart got {len(labels)} labels but {len(values)} values; give one value per label")
@@ -48,8 +49,14 @@ def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[fl
         colors = [_COLORS[i % len(_COLORS)] for i in range(len(labels))]
         bars = ax.bar(list(labels), list(values), color=colors, width=0.6)
         for bar, value in zip(bars, values):
-            ax.annotate(value_fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", xytext=(0, 3), textcoords="offset points")
+            ax.annotate(
+                value_fmt.format(value),
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                xytext=(0, 3),
+                textcoords="offset points",
+            )
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, max(values, default=1.0) * 1.15 or 1.0)

@@ -87,8 +87,14 @@ class ServeBenchConfig:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-def build_payload(endpoint: str, model: str, conversation: Conversation, turn_index: int, answers: list[str],
-                  extra_body: dict[str, Any]) -> dict[str, Any]:
+def build_payload(
+    endpoint: str,
+    model: str,
+    conversation: Conversation,
+    turn_index: int,
+    answers: list[str],
+    extra_body: dict[str, Any],
+) -> dict[str, Any]:
     """The JSON body of turn `turn_index`, carrying the earlier turns and their `answers`."""
     turns = conversation.turns[: turn_index + 1]
     if endpoint == "chat":
@@ -101,8 +107,16 @@ def build_payload(endpoint: str, model: str, conversation: Conversation, turn_in
         body = {"prompt": f"{history}User:{turns[-1].text}\nAssistant:"}
     else:
         body = {"prompt": turns[-1].text}
-    return {"model": model, **body, "max_tokens": turns[-1].output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}, **extra_body}
+    return {
+        "model": model,
+        **body,
+        "max_tokens": turns[-1].output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra_body,
+    }
 
 
 def arrival_offsets(num_arrivals: int, rate: float, seed: int) -> list[float]:
@@ -113,8 +127,9 @@ def arrival_offsets(num_arrivals: int, rate: float, seed: int) -> list[float]:
     return np.concatenate([[0.0], np.cumsum(gaps[1:])]).tolist()[:num_arrivals]
 
 
-async def send_request(session: Any, config: ServeBenchConfig, payload: dict[str, Any], input_len: int,
-                       bench_start: float) -> RequestResult:
+async def send_request(
+    session: Any, config: ServeBenchConfig, payload: dict[str, Any], input_len: int, bench_start: float
+) -> RequestResult:
     """POST one streaming request and time it; never raises for server or network failures."""
     import aiohttp
 
@@ -191,11 +206,14 @@ async def discover_model(session: Any, config: ServeBenchConfig) -> str:
         async with session.get(url, headers=config.headers()) as resp:
             body = await resp.text()
             if resp.status != 200:
-                raise BenchServeError(f"GET {url} returned HTTP {resp.status}: {_error_message(body)}; "
-                                      "check --base-url and --api-key, or pass --model")
+                raise BenchServeError(
+                    f"GET {url} returned HTTP {resp.status}: {_error_message(body)}; "
+                    "check --base-url and --api-key, or pass --model"
+                )
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-        raise BenchServeError(f"cannot reach {url} ({type(e).__name__}: {e}); is the server running at "
-                              "--base-url?") from e
+        raise BenchServeError(
+            f"cannot reach {url} ({type(e).__name__}: {e}); is the server running at --base-url?"
+        ) from e
     try:
         return str(json.loads(body)["data"][0]["id"])
     except (json.JSONDecodeError, KeyError, IndexError, TypeError):
@@ -230,15 +248,23 @@ async def _run_conversation(run: _Run, conversation: Conversation, offset: float
             break
         answers.append(result.text)
         history_len += turn.input_len + result.output_len
-    for turn in conversation.turns[len(results):]:
-        results.append(RequestResult(False, turn.input_len, 0, turn.output_len,
-                                     error=f"not sent: turn {len(answers) + 1} of its conversation failed"))
+    for turn in conversation.turns[len(results) :]:
+        results.append(
+            RequestResult(
+                False,
+                turn.input_len,
+                0,
+                turn.output_len,
+                error=f"not sent: turn {len(answers) + 1} of its conversation failed",
+            )
+        )
         run.progress.update(1)
     return results
 
 
-async def _benchmark(config: ServeBenchConfig, conversations: list[Conversation]
-                     ) -> tuple[str, list[list[RequestResult]], float]:
+async def _benchmark(
+    config: ServeBenchConfig, conversations: list[Conversation]
+) -> tuple[str, list[list[RequestResult]], float]:
     """(model, results per conversation, duration_s) after a test request that must succeed."""
     import aiohttp
     from tqdm import tqdm
@@ -248,16 +274,29 @@ async def _benchmark(config: ServeBenchConfig, conversations: list[Conversation]
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         model = config.model or await discover_model(session, config)
         probe = Conversation((Turn(" Hello", 1, 2),))
-        test = await send_request(session, config, build_payload(config.endpoint, model, probe, 0, [],
-                                                                 config.extra_body), 1, time.perf_counter())
+        test = await send_request(
+            session,
+            config,
+            build_payload(config.endpoint, model, probe, 0, [], config.extra_body),
+            1,
+            time.perf_counter(),
+        )
         if not test.success:
-            raise BenchServeError(f"the test request to {config.url} failed: {test.error}; check --base-url, "
-                                  f"--endpoint ({config.endpoint}) and --model ({model})")
+            raise BenchServeError(
+                f"the test request to {config.url} failed: {test.error}; check --base-url, "
+                f"--endpoint ({config.endpoint}) and --model ({model})"
+            )
         num_requests = sum(len(c.turns) for c in conversations)
         offsets = arrival_offsets(len(conversations), config.request_rate, config.dataset.seed)
         with tqdm(total=num_requests, desc="bench serve", unit="req", disable=not config.use_tqdm) as progress:
-            run = _Run(session, config, model, time.perf_counter(),
-                       asyncio.Semaphore(config.max_concurrency or num_requests), progress)
+            run = _Run(
+                session,
+                config,
+                model,
+                time.perf_counter(),
+                asyncio.Semaphore(config.max_concurrency or num_requests),
+                progress,
+            )
             results = await asyncio.gather(*(_run_conversation(run, c, t) for c, t in zip(conversations, offsets)))
             duration = time.perf_counter() - run.start
     return model, list(results), duration
@@ -269,19 +308,29 @@ def run_benchmark(config: ServeBenchConfig, conversations: list[Conversation]) -
     flat = [(c, t, r) for c, results in enumerate(per_conversation) for t, r in enumerate(results)]
     results = [r for _, _, r in flat]
     metrics = summarize(results, duration, config.goodput_slos)
-    workload = asdict(config.dataset) | {"prefix_len": config.dataset.shared_prefix_len
-                                         if config.dataset.name == "shared-prefix" else None}
+    workload = asdict(config.dataset) | {
+        "prefix_len": config.dataset.shared_prefix_len if config.dataset.name == "shared-prefix" else None
+    }
     result: dict[str, Any] = {
-        "benchmark": "serve", "date": now_iso(), "label": config.label, "pdserve_version": code_version(),
+        "benchmark": "serve",
+        "date": now_iso(),
+        "label": config.label,
+        "pdserve_version": code_version(),
         "server": {"base_url": config.api_root, "url": config.url, "endpoint": config.endpoint, "model": model},
-        "config": {"request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
-                   "max_concurrency": config.max_concurrency, "timeout_s": config.timeout_s,
-                   "tokenizer": config.tokenizer, "extra_body": config.extra_body, "dataset": workload},
+        "config": {
+            "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
+            "max_concurrency": config.max_concurrency,
+            "timeout_s": config.timeout_s,
+            "tokenizer": config.tokenizer,
+            "extra_body": config.extra_body,
+            "dataset": workload,
+        },
         "client_machine": machine_info(),
         "dataset": dataset_stats(conversations),
         "metrics": metrics,
-        "errors": [{"conversation": c, "turn": t, "status": r.status, "error": r.error}
-                   for c, t, r in flat if not r.success][:MAX_ERRORS_RECORDED],
+        "errors": [
+            {"conversation": c, "turn": t, "status": r.status, "error": r.error} for c, t, r in flat if not r.success
+        ][:MAX_ERRORS_RECORDED],
         "requests": [_request_record(c, t, r) for c, t, r in flat],
     }
     write_outputs(result, results, config)
@@ -292,13 +341,21 @@ def _request_record(conversation: int, turn: int, r: RequestResult) -> dict[str,
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None or not r.success else round(seconds * 1000.0, 3)
 
-    return {"conversation": conversation, "turn": turn, "success": r.success, "status": r.status,
-            "start_s": round(r.start, 4), "input_len": r.input_len, "output_len": r.output_len,
-            "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot), "latency_ms": ms(r.latency)}
+    return {
+        "conversation": conversation,
+        "turn": turn,
+        "success": r.success,
+        "status": r.status,
+        "start_s": round(r.start, 4),
+        "input_len": r.input_len,
+        "output_len": r.output_len,
+        "ttft_ms": ms(r.ttft),
+        "tpot_ms": ms(r.tpot),
+        "latency_ms": ms(r.latency),
+    }
 
 
-def write_outputs(result: dict[str, Any], results: list[RequestResult], config: ServeBenchConfig
-                  ) -> tuple[Path, Path]:
+def write_outputs(result: dict[str, Any], results: list[RequestResult], config: ServeBenchConfig) -> tuple[Path, Path]:
     """serve-<dataset>-<endpoint>-<label or timestamp>.json and .png; records both paths in result['files']."""
     label = config.label or time.strftime("%Y%m%d-%H%M%S")
     stem = f"serve-{config.dataset.name}-{config.endpoint}-{label}"
@@ -307,44 +364,71 @@ def write_outputs(result: dict[str, Any], results: list[RequestResult], config: 
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
     m, cfg = result["metrics"], result["config"]
-    title = (f"{result['server']['model']} at {config.api_root} ({config.endpoint}), {config.dataset.name}, "
-             f"rate {cfg['request_rate']}/s, max concurrency {config.max_concurrency or 'none'}\n"
-             f"{m['completed']}/{m['num_requests']} ok, {m['request_throughput']:.2f} req/s, "
-             f"{m['output_throughput']:.1f} output tok/s")
+    title = (
+        f"{result['server']['model']} at {config.api_root} ({config.endpoint}), {config.dataset.name}, "
+        f"rate {cfg['request_rate']}/s, max concurrency {config.max_concurrency or 'none'}\n"
+        f"{m['completed']}/{m['num_requests']} ok, {m['request_throughput']:.2f} req/s, "
+        f"{m['output_throughput']:.1f} output tok/s"
+    )
     plot_latency_cdfs(png_path, title, results)
     return json_path, png_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="online serving benchmark against any OpenAI-compatible server",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "serve",
+        help="online serving benchmark against any OpenAI-compatible server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s = p.add_argument_group("server")
     s.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
     s.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
     s.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
-    s.add_argument("--api-key", default=None,
-                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
-    s.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds per request before it counts as failed (default 300)")
-    s.add_argument("--extra-body", type=_json_object, default={},
-                   help="JSON object merged into every request body, e.g. '{\"top_k\": 1}'")
+    s.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)")
+    s.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per request before it counts as failed (default 300)"
+    )
+    s.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default={},
+        help="JSON object merged into every request body, e.g. '{\"top_k\": 1}'",
+    )
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", choices=DATASETS, default="random")
-    w.add_argument("--tokenizer", default=None,
-                   help="HF tokenizer dir/name sizing the prompts (default: pdserve's default model's)")
+    w.add_argument(
+        "--tokenizer",
+        default=None,
+        help="HF tokenizer dir/name sizing the prompts (default: pdserve's default model's)",
+    )
     w.add_argument("--num-prompts", type=int, default=100, help="requests; conversations for multi-turn")
     w.add_argument("--input-len", type=int, default=256, help="prompt tokens (per user message for multi-turn)")
     w.add_argument("--output-len", type=int, default=128, help="tokens to generate per request (max_tokens)")
-    w.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: fixed)")
-    w.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: common prefix tokens "
-                   "(default input-len/2)")
+    w.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: fixed)",
+    )
+    w.add_argument(
+        "--prefix-len", type=int, default=None, help="shared-prefix: common prefix tokens (default input-len/2)"
+    )
     w.add_argument("--num-turns", type=int, default=3, help="multi-turn: turns per conversation")
-    w.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals/s (default inf: all "
-                   "at once); conversation starts for multi-turn")
+    w.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="Poisson arrivals/s (default inf: all at once); conversation starts for multi-turn",
+    )
     w.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    w.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
-                   help="SLOs in ms, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
+    w.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="NAME:MS",
+        help="SLOs in ms, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)",
+    )
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
     add_output_args(p)
     p.set_defaults(func=run)
@@ -361,14 +445,32 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
-    dataset = DatasetConfig(name=args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, range_ratio=args.random_range_ratio,
-                            prefix_len=args.prefix_len, num_turns=args.num_turns, seed=args.seed)
+    dataset = DatasetConfig(
+        name=args.dataset,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.random_range_ratio,
+        prefix_len=args.prefix_len,
+        num_turns=args.num_turns,
+        seed=args.seed,
+    )
     return ServeBenchConfig(
-        base_url=args.base_url, endpoint=args.endpoint, dataset=dataset, request_rate=args.request_rate,
-        max_concurrency=args.max_concurrency, goodput_slos=parse_goodput(args.goodput), model=args.model,
-        tokenizer=args.tokenizer, api_key=args.api_key, timeout_s=args.timeout, result_dir=args.result_dir,
-        label=args.label, extra_body=args.extra_body, use_tqdm=args.use_tqdm)
+        base_url=args.base_url,
+        endpoint=args.endpoint,
+        dataset=dataset,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        goodput_slos=parse_goodput(args.goodput),
+        model=args.model,
+        tokenizer=args.tokenizer,
+        api_key=args.api_key,
+        timeout_s=args.timeout,
+        result_dir=args.result_dir,
+        label=args.label,
+        extra_body=args.extra_body,
+        use_tqdm=args.use_tqdm,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

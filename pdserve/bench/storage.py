@@ -80,25 +80,25 @@ COUNTERS = transfer.COUNTERS | {
 }
 NOTES = {
     "ttft": "client TTFT: POST to the first token's chunk, streaming, through the router; per length the median "
-            "over the measured requests",
+    "over the measured requests",
     "ttft_ratio_storage_over_direct": "storage's median TTFT / direct's median TTFT at the same length (the same "
-                                      "prompts)",
+    "prompts)",
     "put_gb_per_s": "per request, bytes P put to the pool (all ranks) / P rank 0's pool seconds (staging the device "
-                    "blocks into host blocks, exists check, batch put); per length the median over requests",
+    "blocks into host blocks, exists check, batch put); per length the median over requests",
     "get_gb_per_s": "per request, bytes D read from the pool / D's read seconds (the batch get into host blocks, "
-                    "all ranks); per length the median over requests",
+    "all ranks); per length the median over requests",
     "p_transfer_ms": "P's pdserve_kv_transfer_seconds: direct, its first send to KVDone (during the prefill); "
-                     "storage, from the step that computes the prompt's last chunk (the staging is in its plan, so "
-                     "its forward is included) to KVDone",
+    "storage, from the step that computes the prompt's last chunk (the staging is in its plan, so "
+    "its forward is included) to KVDone",
     "d_transfer_ms": "D's pdserve_kv_transfer_seconds: direct, KVDest sent to KVDone; storage, KVDest sent to the "
-                     "end of its pool read (both include P's prefill)",
+    "end of its pool read (both include P's prefill)",
     "raw": "a fresh Mooncake master and two spawned client processes with the deployment's segment and local "
-           "buffer sizes: one batch_put_from of the length's objects (one per block, the block's bytes) from the "
-           "putter's registered buffer, then one batch_get_into by the getter into its own, then a forced remove; "
-           "one untimed round (its copy checked), then --raw-repeats timed ones, timed inside the clients around "
-           "the one call; gb_per_s_median is what the ratios use",
+    "buffer sizes: one batch_put_from of the length's objects (one per block, the block's bytes) from the "
+    "putter's registered buffer, then one batch_get_into by the getter into its own, then a forced remove; "
+    "one untimed round (its copy checked), then --raw-repeats timed ones, timed inside the clients around "
+    "the one call; gb_per_s_median is what the ratios use",
     "placement": "where the master put the raw objects: in the putter's segment (its put is a local copy, the "
-                 "get crosses TCP) or the getter's (the other way round); P and D face the same choice",
+    "get crosses TCP) or the getter's (the other way round); P and D face the same choice",
 }
 
 
@@ -122,44 +122,58 @@ def storage_flags(args: argparse.Namespace, layout: KVLayout, lens: list[int]) -
     (the default one, DEFAULT_STAGING_HOST_MEMORY, unless that is too small or --server-flags sets one)."""
     user = shlex.split(args.server_flags)
     need = layout.bytes_for(max(lens))
-    if {"--num-host-blocks", "--host-kv-cache-memory"} & set(user) or need * POOL_HEADROOM <= DEFAULT_STAGING_HOST_MEMORY:
+    if {"--num-host-blocks", "--host-kv-cache-memory"} & set(
+        user
+    ) or need * POOL_HEADROOM <= DEFAULT_STAGING_HOST_MEMORY:
         return []
     return ["--host-kv-cache-memory", str(_round_up(need * POOL_HEADROOM))]
 
 
-def deployment_for(mode: str, args: argparse.Namespace, layout: KVLayout, lens: list[int], work_dir: Path
-                   ) -> Deployment:
+def deployment_for(
+    mode: str, args: argparse.Namespace, layout: KVLayout, lens: list[int], work_dir: Path
+) -> Deployment:
     flags = instance_flags(args, lens)
     options = None
     if mode == "storage":
         flags += storage_flags(args, layout, lens)
         options = pool_options(args, layout, lens)
-    config = LaunchConfig(num_prefill=1, num_decode=1, kv_transfer=mode, kv_transfer_engine=args.kv_transfer_engine,
-                          engine_argv=tuple(flags))
+    config = LaunchConfig(
+        num_prefill=1,
+        num_decode=1,
+        kv_transfer=mode,
+        kv_transfer_engine=args.kv_transfer_engine,
+        engine_argv=tuple(flags),
+    )
     return Deployment(mode, config, work_dir / mode / "logs", args.server_timeout, store_options=options)
 
 
 # ---- measuring a deployment ----------------------------------------------------------------------------------
 
 
-def measure_request(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
-                    ) -> dict[str, Any]:
+def measure_request(
+    deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
+) -> dict[str, Any]:
     """Send one request through the router; what the client and P's and D's counters saw of it."""
     record, growth = send_counted(deployment, config, model, prompt_ids, COUNTERS)
     if growth is None:
         return record
     p, d = growth
-    record |= {"kv_bytes": int(p["bytes_sent"]),
-               "d_kv_bytes": int(d["bytes_received"]),
-               "p_transfer_ms": round(p["seconds"] * 1000, 3),
-               "d_transfer_ms": round(d["seconds"] * 1000, 3),
-               "failures": int(p["failures"] + d["failures"]),
-               "store_errors": int(p["store_errors"] + d["store_errors"])}
+    record |= {
+        "kv_bytes": int(p["bytes_sent"]),
+        "d_kv_bytes": int(d["bytes_received"]),
+        "p_transfer_ms": round(p["seconds"] * 1000, 3),
+        "d_transfer_ms": round(d["seconds"] * 1000, 3),
+        "failures": int(p["failures"] + d["failures"]),
+        "store_errors": int(p["store_errors"] + d["store_errors"]),
+    }
     if deployment.config.kv_transfer == "storage":
         put_s, get_s = p["put_seconds"], d["get_seconds"]
-        record |= {"put_s": round(put_s, 6), "get_s": round(get_s, 6),
-                   "put_gb_per_s": _ratio(record["kv_bytes"], put_s, 1e9),
-                   "get_gb_per_s": _ratio(record["d_kv_bytes"], get_s, 1e9)}
+        record |= {
+            "put_s": round(put_s, 6),
+            "get_s": round(get_s, 6),
+            "put_gb_per_s": _ratio(record["kv_bytes"], put_s, 1e9),
+            "get_gb_per_s": _ratio(record["d_kv_bytes"], get_s, 1e9),
+        }
     else:
         record["busy_s"] = round(p["busy_seconds"], 6)
     return record
@@ -175,24 +189,31 @@ def summarize(mode: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in records if r["success"]]
     ttfts = [r["ttft_ms"] for r in ok]
     out: dict[str, Any] = {
-        "num_requests": len(records), "completed": len(ok),
+        "num_requests": len(records),
+        "completed": len(ok),
         "failures": len(records) - len(ok) + sum(r["failures"] + r["store_errors"] for r in ok),
-        "ttft_median_ms": _median(ttfts), "ttft_mean_ms": round(statistics.fmean(ttfts), 3) if ttfts else None,
-        "ttft_min_ms": min(ttfts, default=None), "ttft_max_ms": max(ttfts, default=None),
+        "ttft_median_ms": _median(ttfts),
+        "ttft_mean_ms": round(statistics.fmean(ttfts), 3) if ttfts else None,
+        "ttft_min_ms": min(ttfts, default=None),
+        "ttft_max_ms": max(ttfts, default=None),
         "kv_bytes_per_request": _median([r["kv_bytes"] for r in ok]),
         "d_kv_bytes_per_request": _median([r["d_kv_bytes"] for r in ok]),
         "p_transfer_ms_median": _median([r["p_transfer_ms"] for r in ok]),
         "d_transfer_ms_median": _median([r["d_transfer_ms"] for r in ok]),
     }
     if mode == "storage":
-        out |= {"put_s_median": _median([r["put_s"] for r in ok]), "get_s_median": _median([r["get_s"] for r in ok]),
-                "put_gb_per_s": _median([r["put_gb_per_s"] for r in ok]),
-                "get_gb_per_s": _median([r["get_gb_per_s"] for r in ok])}
+        out |= {
+            "put_s_median": _median([r["put_s"] for r in ok]),
+            "get_s_median": _median([r["get_s"] for r in ok]),
+            "put_gb_per_s": _median([r["put_gb_per_s"] for r in ok]),
+            "get_gb_per_s": _median([r["get_gb_per_s"] for r in ok]),
+        }
     return out | {"requests": records}
 
 
-def build_prompts(args: argparse.Namespace, lens: list[int], vocab_size: int) -> tuple[list[list[int]],
-                                                                                        list[list[list[int]]]]:
+def build_prompts(
+    args: argparse.Namespace, lens: list[int], vocab_size: int
+) -> tuple[list[list[int]], list[list[list[int]]]]:
     """(warm-up prompts of the first length, per length the measured prompts): fresh random token ids each,
     a seed per length, so no prompt shares a block with another; both modes get the same ones."""
     low = min(MIN_RANDOM_TOKEN_ID, vocab_size // 2)
@@ -200,15 +221,24 @@ def build_prompts(args: argparse.Namespace, lens: list[int], vocab_size: int) ->
     def draw(count: int, n: int, seed: int) -> list[list[int]]:
         if count == 0:
             return []
-        return [r.prompt_token_ids for r in random_requests(count, (n, n), (MAX_TOKENS, MAX_TOKENS), vocab_size,
-                                                            seed=seed, min_token_id=low)]
+        return [
+            r.prompt_token_ids
+            for r in random_requests(count, (n, n), (MAX_TOKENS, MAX_TOKENS), vocab_size, seed=seed, min_token_id=low)
+        ]
 
     warmup = draw(args.num_warmup, lens[0], args.seed * 1000 + 999)
     return warmup, [draw(args.num_requests, n, args.seed * 1000 + i) for i, n in enumerate(lens)]
 
 
-def run_mode(mode: str, args: argparse.Namespace, layout: KVLayout, lens: list[int], prompts: list[list[list[int]]],
-             warmup: list[list[int]], work_dir: Path) -> dict[str, Any]:
+def run_mode(
+    mode: str,
+    args: argparse.Namespace,
+    layout: KVLayout,
+    lens: list[int],
+    prompts: list[list[list[int]]],
+    warmup: list[list[int]],
+    work_dir: Path,
+) -> dict[str, Any]:
     """Start the mode's deployment, send the warm-up and measured requests one at a time, stop it."""
     deployment = deployment_for(mode, args, layout, lens, work_dir)
     print(f"[storage] {mode}: starting {shlex.join(deployment.launch_argv)}", flush=True)
@@ -221,10 +251,17 @@ def run_mode(mode: str, args: argparse.Namespace, layout: KVLayout, lens: list[i
             records = [measure_request(deployment, config, model, p) for p in length_prompts]
             summary = summarize(mode, records)
             per_length.append(summary)
-            extra = (f", put {fmt(summary['put_gb_per_s'], '{:.2f}')} GB/s, get {fmt(summary['get_gb_per_s'], '{:.2f}')}"
-                     " GB/s" if mode == "storage" else "")
-            print(f"[storage] {mode}, {input_len} tokens: {summary['completed']}/{len(records)} ok, TTFT median "
-                  f"{fmt(summary['ttft_median_ms'])} ms{extra}", flush=True)
+            extra = (
+                f", put {fmt(summary['put_gb_per_s'], '{:.2f}')} GB/s, get {fmt(summary['get_gb_per_s'], '{:.2f}')}"
+                " GB/s"
+                if mode == "storage"
+                else ""
+            )
+            print(
+                f"[storage] {mode}, {input_len} tokens: {summary['completed']}/{len(records)} ok, TTFT median "
+                f"{fmt(summary['ttft_median_ms'])} ms{extra}",
+                flush=True,
+            )
         deployment.check_alive()
     return {"model": model, "deployment": deployment.describe(), "warmup": warm, "lengths": per_length}
 
@@ -250,15 +287,25 @@ def _raw_client(conn: Connection, options: dict[str, Any]) -> None:
     client = None
     try:
         client = MooncakeDistributedStore()
-        code = client.setup(options["local_hostname"], options["metadata"], options["global_segment_size"],
-                            options["local_buffer_size"], "tcp", "", options["master"])
+        code = client.setup(
+            options["local_hostname"],
+            options["metadata"],
+            options["global_segment_size"],
+            options["local_buffer_size"],
+            "tcp",
+            "",
+            options["master"],
+        )
         if code != 0:
             client = None  # NOTE: never call into a client whose setup failed: Mooncake crashes the process
             reply({"error": f"setup against {options['master']} failed with code {code}"})
             return
         nbytes = options["nbytes"]
-        buffer = (np.random.default_rng(0).integers(0, 256, size=nbytes, dtype=np.uint8) if options["fill"]
-                  else np.zeros(nbytes, dtype=np.uint8))
+        buffer = (
+            np.random.default_rng(0).integers(0, 256, size=nbytes, dtype=np.uint8)
+            if options["fill"]
+            else np.zeros(nbytes, dtype=np.uint8)
+        )
         base = buffer.ctypes.data
         code = client.register_buffer(base, nbytes)
         if code != 0:
@@ -287,8 +334,16 @@ def _raw_client(conn: Connection, options: dict[str, Any]) -> None:
                 continue
             elif op == "where":
                 replicas = client.batch_get_replica_desc(keys)
-                reply({"endpoints": [r.get_memory_descriptor().buffer_descriptor.transport_endpoint
-                                     for key in keys for r in replicas.get(key, []) if r.is_memory_replica()]})
+                reply(
+                    {
+                        "endpoints": [
+                            r.get_memory_descriptor().buffer_descriptor.transport_endpoint
+                            for key in keys
+                            for r in replicas.get(key, [])
+                            if r.is_memory_replica()
+                        ]
+                    }
+                )
                 continue
             else:
                 reply({"error": f"unknown op {op!r}"})
@@ -314,8 +369,14 @@ class RawClient:
         self.name = name
         self.log_path = log_dir / f"raw-{name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
-        self._child = PipedChild(_raw_client, (options | {"log_path": str(self.log_path)},), f"pdserve-raw-{name}",
-                                 f"the raw {name}", StoreError, self._tail)
+        self._child = PipedChild(
+            _raw_client,
+            (options | {"log_path": str(self.log_path)},),
+            f"pdserve-raw-{name}",
+            f"the raw {name}",
+            StoreError,
+            self._tail,
+        )
         try:
             self.hostname = str(self._recv(RAW_START_TIMEOUT_S)["hostname"])
         except BaseException:
@@ -346,20 +407,26 @@ class RawClient:
 
 def _checked(reply: dict[str, Any], op: str, num_keys: int) -> float:
     if reply["num_ok"] != num_keys:
-        raise StoreError(f"raw Mooncake {op}: {num_keys - reply['num_ok']} of {num_keys} objects failed, codes "
-                         f"{reply['codes']}")
+        raise StoreError(
+            f"raw Mooncake {op}: {num_keys - reply['num_ok']} of {num_keys} objects failed, codes {reply['codes']}"
+        )
     return float(reply["seconds"])
 
 
 def _rates(nbytes: int, seconds: list[float]) -> dict[str, Any]:
     best, median = min(seconds), statistics.median(seconds)
-    return {"seconds": [round(s, 6) for s in seconds], "seconds_best": round(best, 6),
-            "seconds_median": round(median, 6), "gb_per_s_best": round(nbytes / best / 1e9, 6),
-            "gb_per_s_median": round(nbytes / median / 1e9, 6)}
+    return {
+        "seconds": [round(s, 6) for s in seconds],
+        "seconds_best": round(best, 6),
+        "seconds_median": round(median, 6),
+        "gb_per_s_best": round(nbytes / best / 1e9, 6),
+        "gb_per_s_median": round(nbytes / median / 1e9, 6),
+    }
 
 
-def measure_raw(lengths: list[dict[str, Any]], layout: KVLayout, store_options: dict[str, Any], repeats: int,
-                log_dir: Path) -> dict[str, Any]:
+def measure_raw(
+    lengths: list[dict[str, Any]], layout: KVLayout, store_options: dict[str, Any], repeats: int, log_dir: Path
+) -> dict[str, Any]:
     """Add each length's `raw` figures (the same objects through Mooncake alone); returns the setup's facts."""
     from pdserve.launcher import port_allocator
     from pdserve.store.master import MasterProcess
@@ -370,10 +437,13 @@ def measure_raw(lengths: list[dict[str, Any]], layout: KVLayout, store_options: 
         "local_hostname": str(store_options.get("local_hostname", "127.0.0.1")),
         "global_segment_size": parse_size(store_options.get("global_segment_size", DEFAULT_SEGMENT_BYTES)),
         "local_buffer_size": parse_size(store_options.get("local_buffer_size", DEFAULT_LOCAL_BUFFER)),
-        "nbytes": max(x["num_objects"] for x in lengths) * layout.bytes_per_block}
-    print(f"[storage] raw Mooncake baseline: master {options['master']}, segments of "
-          f"{options['global_segment_size'] / 2**20:.0f} MiB, buffers of {options['nbytes'] / 2**20:.1f} MiB",
-          flush=True)
+        "nbytes": max(x["num_objects"] for x in lengths) * layout.bytes_per_block,
+    }
+    print(
+        f"[storage] raw Mooncake baseline: master {options['master']}, segments of "
+        f"{options['global_segment_size'] / 2**20:.0f} MiB, buffers of {options['nbytes'] / 2**20:.1f} MiB",
+        flush=True,
+    )
     with master, contextlib.ExitStack() as stack:
         putter = RawClient("putter", options | {"fill": True}, log_dir)
         stack.callback(putter.close)
@@ -388,8 +458,10 @@ def measure_raw(lengths: list[dict[str, Any]], layout: KVLayout, store_options: 
                 get_s = _checked(getter.ask("get", keys, size), "get", n)
                 if r == 0:  # untimed: connections are set up; check the copy and where the objects went
                     if putter.ask("digest", keys, size)["digest"] != getter.ask("digest", keys, size)["digest"]:
-                        raise StoreError(f"raw Mooncake: the getter read other bytes than the putter put ({n} "
-                                         f"objects of {size} bytes)")
+                        raise StoreError(
+                            f"raw Mooncake: the getter read other bytes than the putter put ({n} "
+                            f"objects of {size} bytes)"
+                        )
                     for endpoint in putter.ask("where", keys)["endpoints"]:
                         who = {putter.hostname: "putter", getter.hostname: "getter"}.get(endpoint, "other")
                         placement[who] += 1
@@ -398,40 +470,77 @@ def measure_raw(lengths: list[dict[str, Any]], layout: KVLayout, store_options: 
                     gets.append(get_s)
                 _checked(putter.ask("remove", keys), "remove", n)
             nbytes = n * size
-            x["raw"] = {"num_objects": n, "object_nbytes": size, "nbytes": nbytes, "repeats": repeats,
-                        "placement": placement, "put": _rates(nbytes, puts), "get": _rates(nbytes, gets)}
+            x["raw"] = {
+                "num_objects": n,
+                "object_nbytes": size,
+                "nbytes": nbytes,
+                "repeats": repeats,
+                "placement": placement,
+                "put": _rates(nbytes, puts),
+                "get": _rates(nbytes, gets),
+            }
             storage = x["storage"]
             x["put_over_raw"] = _ratio(storage["put_gb_per_s"], x["raw"]["put"]["gb_per_s_median"])
             x["get_over_raw"] = _ratio(storage["get_gb_per_s"], x["raw"]["get"]["gb_per_s_median"])
-            print(f"[storage] raw, {x['input_len']} tokens ({n} objects of {size / 2**10:.0f} KiB): put "
-                  f"{x['raw']['put']['gb_per_s_median']:.2f} GB/s, get {x['raw']['get']['gb_per_s_median']:.2f} GB/s "
-                  f"(median of {repeats})", flush=True)
-        return {"master_argv": master.command(), "clients": {"putter": putter.hostname, "getter": getter.hostname},
-                "options": {k: v for k, v in options.items() if k != "fill"}, "repeats": repeats}
+            print(
+                f"[storage] raw, {x['input_len']} tokens ({n} objects of {size / 2**10:.0f} KiB): put "
+                f"{x['raw']['put']['gb_per_s_median']:.2f} GB/s, get {x['raw']['get']['gb_per_s_median']:.2f} GB/s "
+                f"(median of {repeats})",
+                flush=True,
+            )
+        return {
+            "master_argv": master.command(),
+            "clients": {"putter": putter.hostname, "getter": getter.hostname},
+            "options": {k: v for k, v in options.items() if k != "fill"},
+            "repeats": repeats,
+        }
 
 
 # ---- output -------------------------------------------------------------------------------------------------
 
 
 def format_table(lengths: list[dict[str, Any]]) -> str:
-    columns = (("tokens", 7), ("KV MiB", 8), ("objects", 8), ("TTFT dir", 10), ("TTFT sto", 10), ("sto/dir", 8),
-               ("put GB/s", 9), ("raw put", 9), ("put/raw", 8), ("get GB/s", 9), ("raw get", 9), ("get/raw", 8),
-               ("failed", 7))
+    columns = (
+        ("tokens", 7),
+        ("KV MiB", 8),
+        ("objects", 8),
+        ("TTFT dir", 10),
+        ("TTFT sto", 10),
+        ("sto/dir", 8),
+        ("put GB/s", 9),
+        ("raw put", 9),
+        ("put/raw", 8),
+        ("get GB/s", 9),
+        ("raw get", 9),
+        ("get/raw", 8),
+        ("failed", 7),
+    )
     head = "".join(f"{n:>{w}}" for n, w in columns)
     rows = [head, "-" * len(head)]
     for x in lengths:
         d, s, raw = x["direct"], x["storage"], x.get("raw") or {}
-        cells = [x["prompt_tokens"], fmt(x["kv_bytes_per_request"] / 2**20, "{:.2f}"), x["num_objects"],
-                 fmt(d["ttft_median_ms"]), fmt(s["ttft_median_ms"]), fmt(x["ttft_ratio_storage_over_direct"], "{:.2f}x"),
-                 fmt(s["put_gb_per_s"], "{:.2f}"), fmt((raw.get("put") or {}).get("gb_per_s_median"), "{:.2f}"),
-                 fmt(x.get("put_over_raw"), "{:.2f}"), fmt(s["get_gb_per_s"], "{:.2f}"),
-                 fmt((raw.get("get") or {}).get("gb_per_s_median"), "{:.2f}"), fmt(x.get("get_over_raw"), "{:.2f}"),
-                 d["failures"] + s["failures"]]
+        cells = [
+            x["prompt_tokens"],
+            fmt(x["kv_bytes_per_request"] / 2**20, "{:.2f}"),
+            x["num_objects"],
+            fmt(d["ttft_median_ms"]),
+            fmt(s["ttft_median_ms"]),
+            fmt(x["ttft_ratio_storage_over_direct"], "{:.2f}x"),
+            fmt(s["put_gb_per_s"], "{:.2f}"),
+            fmt((raw.get("put") or {}).get("gb_per_s_median"), "{:.2f}"),
+            fmt(x.get("put_over_raw"), "{:.2f}"),
+            fmt(s["get_gb_per_s"], "{:.2f}"),
+            fmt((raw.get("get") or {}).get("gb_per_s_median"), "{:.2f}"),
+            fmt(x.get("get_over_raw"), "{:.2f}"),
+            d["failures"] + s["failures"],
+        ]
         rows.append("".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, columns)))
-    rows.append("TTFT: median ms per mode (dir = direct P->D writes, sto = through the Mooncake pool); put GB/s = "
-                "bytes P put / P rank 0's staging + writing seconds;\nget GB/s = bytes D read / D's read seconds "
-                "(medians over requests); raw = Mooncake alone, one process putting and another getting the same "
-                "objects (median of --raw-repeats)")
+    rows.append(
+        "TTFT: median ms per mode (dir = direct P->D writes, sto = through the Mooncake pool); put GB/s = "
+        "bytes P put / P rank 0's staging + writing seconds;\nget GB/s = bytes D read / D's read seconds "
+        "(medians over requests); raw = Mooncake alone, one process putting and another getting the same "
+        "objects (median of --raw-repeats)"
+    )
     return "\n".join(rows)
 
 
@@ -447,25 +556,53 @@ def plot(path: Path, title: str, lengths: list[dict[str, Any]]) -> Path:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=marker, color=color, label=label)
 
         line(left, [x["direct"]["ttft_median_ms"] for x in lengths], "direct (P writes into D's cache)", "#1f77b4", "o")
-        line(left, [x["storage"]["ttft_median_ms"] for x in lengths], "storage (through the Mooncake pool)",
-             "#d62728", "s")
+        line(
+            left,
+            [x["storage"]["ttft_median_ms"] for x in lengths],
+            "storage (through the Mooncake pool)",
+            "#d62728",
+            "s",
+        )
         for i, x in enumerate(lengths):
             if x["ttft_ratio_storage_over_direct"] and x["storage"]["ttft_median_ms"]:
-                left.annotate(f"{x['ttft_ratio_storage_over_direct']:.2f}x", (i, x["storage"]["ttft_median_ms"]),
-                              textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+                left.annotate(
+                    f"{x['ttft_ratio_storage_over_direct']:.2f}x",
+                    (i, x["storage"]["ttft_median_ms"]),
+                    textcoords="offset points",
+                    xytext=(0, 7),
+                    ha="center",
+                    fontsize=8,
+                )
         left.set_yscale("log")
         left.set_xticks(xs, names)
         left.set_xlabel("prompt tokens")
         left.set_ylabel("median TTFT (ms)")
         left.set_title("TTFT (labels: storage / direct)", fontsize=10)
         left.legend(fontsize=7, frameon=False)
-        line(right, [x["storage"]["put_gb_per_s"] for x in lengths], "storage put (P: stage + write, rank 0)",
-             "#ff7f0e", "^")
+        line(
+            right,
+            [x["storage"]["put_gb_per_s"] for x in lengths],
+            "storage put (P: stage + write, rank 0)",
+            "#ff7f0e",
+            "^",
+        )
         line(right, [x["storage"]["get_gb_per_s"] for x in lengths], "storage get (D: read)", "#2ca02c", "v")
-        line(right, [(x.get("raw") or {}).get("put", {}).get("gb_per_s_median") for x in lengths],
-             "raw Mooncake batch_put_from", "#ff7f0e", "^", "--")
-        line(right, [(x.get("raw") or {}).get("get", {}).get("gb_per_s_median") for x in lengths],
-             "raw Mooncake batch_get_into (another process)", "#2ca02c", "v", "--")
+        line(
+            right,
+            [(x.get("raw") or {}).get("put", {}).get("gb_per_s_median") for x in lengths],
+            "raw Mooncake batch_put_from",
+            "#ff7f0e",
+            "^",
+            "--",
+        )
+        line(
+            right,
+            [(x.get("raw") or {}).get("get", {}).get("gb_per_s_median") for x in lengths],
+            "raw Mooncake batch_get_into (another process)",
+            "#2ca02c",
+            "v",
+            "--",
+        )
         right.set_yscale("log")
         right.set_xticks(xs, names)
         right.set_xlabel("prompt tokens")
@@ -483,9 +620,11 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
     json_path, png_path = args.result_dir / f"{stem}.json", args.result_dir / f"{stem}.png"
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
-    title = (f"{result['model']} ({args.dtype}, block {args.block_size}): 1 prefill + 1 decode behind the router, "
-             f"direct vs storage (Mooncake, TCP), {args.num_requests} sequential requests per length, max_tokens "
-             f"{MAX_TOKENS}\nraw = Mooncake alone, one process putting, another getting the same objects")
+    title = (
+        f"{result['model']} ({args.dtype}, block {args.block_size}): 1 prefill + 1 decode behind the router, "
+        f"direct vs storage (Mooncake, TCP), {args.num_requests} sequential requests per length, max_tokens "
+        f"{MAX_TOKENS}\nraw = Mooncake alone, one process putting, another getting the same objects"
+    )
     plot(png_path, title, result["lengths"])
 
 
@@ -493,24 +632,39 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("storage", help="PD through the Mooncake pool vs direct P -> D writes: TTFT per prompt "
-                       "length, pool GB/s vs raw Mooncake", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "storage",
+        help="PD through the Mooncake pool vs direct P -> D writes: TTFT per prompt length, pool GB/s vs raw Mooncake",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s = p.add_argument_group("deployments (1 prefill + 1 decode instance behind the router, direct then storage)")
     add_instance_args(s)
-    s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto",
-                   help="the direct deployment's data plane (auto: shm to a decode instance on this host)")
-    s.add_argument("--pool-config", type=_json_object, default={},
-                   help="JSON merged into the storage instances' --kv-store-config (and the raw clients' sizes), "
-                        "e.g. '{\"global_segment_size\": \"512MiB\"}' (default: a segment per instance that holds "
-                        "every object of the run)")
+    s.add_argument(
+        "--kv-transfer-engine",
+        choices=KV_TRANSFER_ENGINES,
+        default="auto",
+        help="the direct deployment's data plane (auto: shm to a decode instance on this host)",
+    )
+    s.add_argument(
+        "--pool-config",
+        type=_json_object,
+        default={},
+        help="JSON merged into the storage instances' --kv-store-config (and the raw clients' sizes), "
+        'e.g. \'{"global_segment_size": "512MiB"}\' (default: a segment per instance that holds '
+        "every object of the run)",
+    )
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
     s.add_argument("--server-timeout", type=float, default=300.0, help="seconds for a deployment to start")
     w = p.add_argument_group("workload")
     add_input_lens_arg(w)
     w.add_argument("--num-requests", type=int, default=3, help="measured requests per length and mode, one at a time")
-    w.add_argument("--num-warmup", type=int, default=1,
-                   help="untimed requests of the first length when a deployment starts (default 1)")
+    w.add_argument(
+        "--num-warmup",
+        type=int,
+        default=1,
+        help="untimed requests of the first length when a deployment starts (default 1)",
+    )
     w.add_argument("--raw-repeats", type=int, default=5, help="timed put/get rounds of the raw baseline per length")
     w.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     w.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
@@ -531,8 +685,10 @@ def _json_object(text: str) -> dict[str, Any]:
 def check_args(args: argparse.Namespace) -> None:
     transfer.check_args(args)  # --num-requests, --num-warmup, --raw-repeats, --label
     if {"--kv-store", "--kv-store-config", "--kv-transfer"} & set(shlex.split(args.server_flags)):
-        raise ValueError("--server-flags must not set --kv-store, --kv-store-config or --kv-transfer: the benchmark "
-                         "sets them per deployment (use --pool-config for store options)")
+        raise ValueError(
+            "--server-flags must not set --kv-store, --kv-store-config or --kv-transfer: the benchmark "
+            "sets them per deployment (use --pool-config for store options)"
+        )
 
 
 def combine(lens: list[int], modes: dict[str, dict[str, Any]], layout: KVLayout) -> list[dict[str, Any]]:
@@ -543,10 +699,18 @@ def combine(lens: list[int], modes: dict[str, dict[str, Any]], layout: KVLayout)
         ok = [r for m in (direct, storage) for r in m["requests"] if r["success"]]
         prompt_tokens = (ok[0]["prompt_tokens"] if ok else None) or input_len
         num_objects = math.ceil(prompt_tokens / layout.block_size)
-        out.append({"input_len": input_len, "prompt_tokens": prompt_tokens, "num_objects": num_objects,
-                    "object_nbytes": layout.bytes_per_block, "kv_bytes_per_request": num_objects * layout.bytes_per_block,
-                    "direct": direct, "storage": storage,
-                    "ttft_ratio_storage_over_direct": _ratio(storage["ttft_median_ms"], direct["ttft_median_ms"])})
+        out.append(
+            {
+                "input_len": input_len,
+                "prompt_tokens": prompt_tokens,
+                "num_objects": num_objects,
+                "object_nbytes": layout.bytes_per_block,
+                "kv_bytes_per_request": num_objects * layout.bytes_per_block,
+                "direct": direct,
+                "storage": storage,
+                "ttft_ratio_storage_over_direct": _ratio(storage["ttft_median_ms"], direct["ttft_median_ms"]),
+            }
+        )
     return out
 
 
@@ -569,16 +733,29 @@ def run(args: argparse.Namespace) -> int:
         print("pdserve bench storage: interrupted; every server was stopped", file=sys.stderr)
         return 130
     result = {
-        "benchmark": "storage", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
-        "model": modes["direct"]["model"], "machine": machine_info(),
+        "benchmark": "storage",
+        "date": now_iso(),
+        "label": args.label,
+        "pdserve_version": code_version(),
+        "model": modes["direct"]["model"],
+        "machine": machine_info(),
         "deployments": {mode: modes[mode]["deployment"] for mode in MODES},
         "pool": {"kind": "mooncake", "protocol": "tcp", "store_config": store_options},
         "kv_layout": layout.as_dict(),
-        "workload": {"input_lens_requested": args.input_lens, "input_lens": lens, "num_requests": args.num_requests,
-                     "num_warmup": args.num_warmup, "warmup_len": lens[0], "max_tokens": MAX_TOKENS,
-                     "concurrency": 1, "stream": True, "order": "direct deployment, then storage, then raw",
-                     "prompt": "random token ids, fresh for every request (a seed per length), the same in both "
-                               "modes", "seed": args.seed, "raw_repeats": args.raw_repeats},
+        "workload": {
+            "input_lens_requested": args.input_lens,
+            "input_lens": lens,
+            "num_requests": args.num_requests,
+            "num_warmup": args.num_warmup,
+            "warmup_len": lens[0],
+            "max_tokens": MAX_TOKENS,
+            "concurrency": 1,
+            "stream": True,
+            "order": "direct deployment, then storage, then raw",
+            "prompt": "random token ids, fresh for every request (a seed per length), the same in both modes",
+            "seed": args.seed,
+            "raw_repeats": args.raw_repeats,
+        },
         "notes": NOTES,
         "lengths": lengths,
         "warmup": {mode: modes[mode]["warmup"] for mode in MODES},

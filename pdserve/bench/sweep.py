@@ -52,53 +52,87 @@ def sweep_flags(args: argparse.Namespace) -> list[str]:
 
 
 def serve_config(args: argparse.Namespace, url: str, rate: float, result_dir: Path, label: str) -> ServeBenchConfig:
-    dataset = DatasetConfig(name="random", num_prompts=args.num_prompts, input_len=args.input_len,
-                            output_len=args.output_len, range_ratio=args.random_range_ratio, seed=args.seed)
-    return ServeBenchConfig(base_url=url, endpoint=args.endpoint, dataset=dataset, request_rate=rate,
-                            max_concurrency=args.max_concurrency, goodput_slos=parse_goodput(args.goodput),
-                            tokenizer=args.tokenizer, timeout_s=args.timeout, result_dir=result_dir, label=label,
-                            use_tqdm=args.use_tqdm)
+    dataset = DatasetConfig(
+        name="random",
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.random_range_ratio,
+        seed=args.seed,
+    )
+    return ServeBenchConfig(
+        base_url=url,
+        endpoint=args.endpoint,
+        dataset=dataset,
+        request_rate=rate,
+        max_concurrency=args.max_concurrency,
+        goodput_slos=parse_goodput(args.goodput),
+        tokenizer=args.tokenizer,
+        timeout_s=args.timeout,
+        result_dir=result_dir,
+        label=label,
+        use_tqdm=args.use_tqdm,
+    )
 
 
 def rate_record(rate: float, raw: dict[str, Any], delta: dict[str, dict[str, Any]]) -> dict[str, Any]:
     m = raw["metrics"]
     failures = sum(sum(d["kv_transfer_failures"].values()) for d in delta.values())
     return {
-        "request_rate": rate, "completed": m["completed"], "num_requests": m["num_requests"],
-        "num_errors": m["failed"] + failures, "duration_s": m["duration_s"],
-        "output_throughput": m["output_throughput"], "request_throughput": m["request_throughput"],
-        "goodput": m["goodput"]["request_goodput"], "num_good": m["goodput"]["num_good"],
+        "request_rate": rate,
+        "completed": m["completed"],
+        "num_requests": m["num_requests"],
+        "num_errors": m["failed"] + failures,
+        "duration_s": m["duration_s"],
+        "output_throughput": m["output_throughput"],
+        "request_throughput": m["request_throughput"],
+        "goodput": m["goodput"]["request_goodput"],
+        "num_good": m["goodput"]["num_good"],
         "goodput_share": round(m["goodput"]["num_good"] / m["num_requests"], 4) if m["num_requests"] else None,
         **{key: m[key] for key in ("ttft", "tpot", "itl", "e2el")},
-        "server": delta, "errors": raw["errors"],
+        "server": delta,
+        "errors": raw["errors"],
     }
 
 
-def run_config(name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
-               ) -> dict[str, Any]:
+def run_config(
+    name: str, args: argparse.Namespace, conversations: list[Conversation], work_dir: Path
+) -> dict[str, Any]:
     """Start the deployment of `name`, run every rate through its router, stop it; the config's record."""
-    deployment = Deployment(name, launch_config(name, args, sweep_flags(args), args.gpus), work_dir / name / "logs",
-                            args.server_timeout)
+    deployment = Deployment(
+        name, launch_config(name, args, sweep_flags(args), args.gpus), work_dir / name / "logs", args.server_timeout
+    )
     print(f"[pd-sweep] {name}: starting {shlex.join(deployment.launch_argv)}", flush=True)
     rates = []
     with deployment:
         if args.warmup_prompts:  # first requests compile kernels for new shapes: not in any rate's figures
-            run_benchmark(serve_config(args, deployment.url, math.inf, work_dir / name, f"{name}-warmup"),
-                          conversations[: args.warmup_prompts])
+            run_benchmark(
+                serve_config(args, deployment.url, math.inf, work_dir / name, f"{name}-warmup"),
+                conversations[: args.warmup_prompts],
+            )
         for rate in args.request_rates:
             before = settled_counters(deployment)
-            raw = run_benchmark(serve_config(args, deployment.url, rate, work_dir / name, f"{name}-{rate:g}"),
-                                conversations)
+            raw = run_benchmark(
+                serve_config(args, deployment.url, rate, work_dir / name, f"{name}-{rate:g}"), conversations
+            )
             deployment.check_alive()
             after = settled_counters(deployment)
             rates.append(rate_record(rate, raw, {n: counter_delta(before[n], after[n]) for n in before}))
             r = rates[-1]
-            print(f"[pd-sweep] {name} at {rate:g} req/s: goodput {r['goodput']:.2f} req/s "
-                  f"({r['num_good']}/{r['num_requests']}), TTFT p50 {fmt(r['ttft']['p50_ms'])} ms, "
-                  f"TPOT p50 {fmt(r['tpot']['p50_ms'])} ms, errors {r['num_errors']}", flush=True)
+            print(
+                f"[pd-sweep] {name} at {rate:g} req/s: goodput {r['goodput']:.2f} req/s "
+                f"({r['num_good']}/{r['num_requests']}), TTFT p50 {fmt(r['ttft']['p50_ms'])} ms, "
+                f"TPOT p50 {fmt(r['tpot']['p50_ms'])} ms, errors {r['num_errors']}",
+                flush=True,
+            )
         model = raw["server"]["model"]
-    return {"name": name, "description": DESCRIPTIONS[name], "deployment": deployment.describe(), "model": model,
-            "rates": rates}
+    return {
+        "name": name,
+        "description": DESCRIPTIONS[name],
+        "deployment": deployment.describe(),
+        "model": model,
+        "rates": rates,
+    }
 
 
 def ratios(pd: dict[str, Any], mixed: dict[str, Any]) -> list[dict[str, Any]]:
@@ -109,8 +143,11 @@ def ratios(pd: dict[str, Any], mixed: dict[str, Any]) -> list[dict[str, Any]]:
 
     out = []
     for a, b in zip(pd["rates"], mixed["rates"]):
-        row: dict[str, Any] = {"request_rate": a["request_rate"], "goodput": ratio(a["goodput"], b["goodput"]),
-                               "output_throughput": ratio(a["output_throughput"], b["output_throughput"])}
+        row: dict[str, Any] = {
+            "request_rate": a["request_rate"],
+            "goodput": ratio(a["goodput"], b["goodput"]),
+            "output_throughput": ratio(a["output_throughput"], b["output_throughput"]),
+        }
         for key in ("ttft", "tpot", "itl"):
             for stat in STATS:
                 row[f"{key}_{stat[:-3]}"] = ratio(a[key][stat], b[key][stat])
@@ -119,24 +156,49 @@ def ratios(pd: dict[str, Any], mixed: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    columns = (("config", 8), ("rate", 6), ("ok", 8), ("err", 5), ("goodput", 9), ("good", 7), ("out tok/s", 10),
-               ("TTFT p50", 10), ("p99", 9), ("TPOT p50", 10), ("p99", 8), ("ITL p50", 9))
+    columns = (
+        ("config", 8),
+        ("rate", 6),
+        ("ok", 8),
+        ("err", 5),
+        ("goodput", 9),
+        ("good", 7),
+        ("out tok/s", 10),
+        ("TTFT p50", 10),
+        ("p99", 9),
+        ("TPOT p50", 10),
+        ("p99", 8),
+        ("ITL p50", 9),
+    )
     head = "".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(columns))
     rows = [head, "-" * len(head)]
     for c in result["configs"]:
         for r in c["rates"]:
-            cells = [c["name"], f"{r['request_rate']:g}", f"{r['completed']}/{r['num_requests']}", r["num_errors"],
-                     f"{r['goodput']:.2f}", f"{100 * (r['goodput_share'] or 0):.0f}%", f"{r['output_throughput']:.0f}",
-                     fmt(r["ttft"]["p50_ms"]), fmt(r["ttft"]["p99_ms"]), fmt(r["tpot"]["p50_ms"]),
-                     fmt(r["tpot"]["p99_ms"]), fmt(r["itl"]["p50_ms"])]
-            rows.append("".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}"
-                                for i, (x, (_, w)) in enumerate(zip(cells, columns))))
+            cells = [
+                c["name"],
+                f"{r['request_rate']:g}",
+                f"{r['completed']}/{r['num_requests']}",
+                r["num_errors"],
+                f"{r['goodput']:.2f}",
+                f"{100 * (r['goodput_share'] or 0):.0f}%",
+                f"{r['output_throughput']:.0f}",
+                fmt(r["ttft"]["p50_ms"]),
+                fmt(r["ttft"]["p99_ms"]),
+                fmt(r["tpot"]["p50_ms"]),
+                fmt(r["tpot"]["p99_ms"]),
+                fmt(r["itl"]["p50_ms"]),
+            ]
+            rows.append(
+                "".join(f"{x!s:<{w}}" if i == 0 else f"{x!s:>{w}}" for i, (x, (_, w)) in enumerate(zip(cells, columns)))
+            )
     slos = ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in result["workload"]["goodput_slos_ms"].items())
     rows.append(f"goodput: completed requests/s meeting {slos}; good: their share; latencies in ms")
     for q in result["pd_over_mixed"] or []:
-        rows.append(f"pd / mixed at {q['request_rate']:g} req/s: goodput {fmt(q['goodput'], '{:.2f}')}x, output tok/s "
-                    f"{fmt(q['output_throughput'], '{:.2f}')}x, TTFT p50 {fmt(q['ttft_p50'], '{:.2f}')}x, TPOT p50 "
-                    f"{fmt(q['tpot_p50'], '{:.2f}')}x")
+        rows.append(
+            f"pd / mixed at {q['request_rate']:g} req/s: goodput {fmt(q['goodput'], '{:.2f}')}x, output tok/s "
+            f"{fmt(q['output_throughput'], '{:.2f}')}x, TTFT p50 {fmt(q['ttft_p50'], '{:.2f}')}x, TPOT p50 "
+            f"{fmt(q['tpot_p50'], '{:.2f}')}x"
+        )
     return "\n".join(rows)
 
 
@@ -151,12 +213,19 @@ def plot(path: Path, title: str, result: dict[str, Any]) -> Path:
             axes[0].plot(xs, [r["goodput"] for r in c["rates"]], marker="o", color=color, label=c["name"])
             for ax, key in ((axes[1], "ttft"), (axes[2], "tpot")):
                 ax.plot(xs, [r[key]["p50_ms"] for r in c["rates"]], marker="o", color=color, label=f"{c['name']} p50")
-                ax.plot(xs, [r[key]["p99_ms"] for r in c["rates"]], marker="x", linestyle="--", color=color,
-                        label=f"{c['name']} p99")
+                ax.plot(
+                    xs,
+                    [r[key]["p99_ms"] for r in c["rates"]],
+                    marker="x",
+                    linestyle="--",
+                    color=color,
+                    label=f"{c['name']} p99",
+                )
         axes[0].plot(xs, xs, color="#7f7f7f", linestyle=":", label="offered rate")
         axes[0].set_ylabel("goodput (req/s)")
-        axes[0].set_title("goodput (" + ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in slos.items()) + ")",
-                          fontsize=10)
+        axes[0].set_title(
+            "goodput (" + ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in slos.items()) + ")", fontsize=10
+        )
         for ax, key, name in ((axes[1], "ttft", "TTFT"), (axes[2], "tpot", "TPOT")):
             if key in slos:
                 ax.axhline(slos[key], color="#d62728", linestyle=":", label="SLO")
@@ -173,19 +242,36 @@ def plot(path: Path, title: str, result: dict[str, Any]) -> Path:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("pd-sweep", help="1P1D vs 2 mixed replicas over a request-rate sweep: goodput, TTFT, TPOT",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pd-sweep",
+        help="1P1D vs 2 mixed replicas over a request-rate sweep: goodput, TTFT, TPOT",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s = p.add_argument_group("deployments (every instance of both gets the same engine flags)")
-    s.add_argument("--configs", type=_config_list, default=list(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)")
-    s.add_argument("--gpus", type=parse_gpu_ids, default=(), metavar="I,J",
-                   help="CUDA devices to spread each deployment's two instances over (pdserve launch --gpus)")
+    s.add_argument(
+        "--configs",
+        type=_config_list,
+        default=list(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (default: both, in that order)",
+    )
+    s.add_argument(
+        "--gpus",
+        type=parse_gpu_ids,
+        default=(),
+        metavar="I,J",
+        help="CUDA devices to spread each deployment's two instances over (pdserve launch --gpus)",
+    )
     add_engine_flag_args(s)
-    s.add_argument("--server-tokenizer", default=None,
-                   help="the instances' --tokenizer (needed for dummy shapes, which have none; e.g. 'default')")
+    s.add_argument(
+        "--server-tokenizer",
+        default=None,
+        help="the instances' --tokenizer (needed for dummy shapes, which have none; e.g. 'default')",
+    )
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for every instance, one string")
-    s.add_argument("--server-timeout", type=float, default=600.0,
-                   help="seconds for a deployment to answer /health (default 600)")
+    s.add_argument(
+        "--server-timeout", type=float, default=600.0, help="seconds for a deployment to answer /health (default 600)"
+    )
     w = p.add_argument_group("workload (as for pdserve bench serve, random dataset)")
     w.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="completions")
     w.add_argument("--tokenizer", default=None, help="sizes the prompts (default: pdserve's default model's)")
@@ -195,10 +281,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     w.add_argument("--output-len", type=int, default=256)
     w.add_argument("--random-range-ratio", type=float, default=0.0)
     w.add_argument("--max-concurrency", type=int, default=None)
-    w.add_argument("--warmup-prompts", type=int, default=4,
-                   help="requests sent all at once to each deployment before the sweep, not measured (default 4)")
-    w.add_argument("--goodput", nargs="+", default=list(DEFAULT_GOODPUT), metavar="NAME:MS",
-                   help="SLOs of a good request (default: ttft:1000 tpot:40)")
+    w.add_argument(
+        "--warmup-prompts",
+        type=int,
+        default=4,
+        help="requests sent all at once to each deployment before the sweep, not measured (default 4)",
+    )
+    w.add_argument(
+        "--goodput",
+        nargs="+",
+        default=list(DEFAULT_GOODPUT),
+        metavar="NAME:MS",
+        help="SLOs of a good request (default: ttft:1000 tpot:40)",
+    )
     w.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
     add_output_args(p)
@@ -217,33 +312,48 @@ def _rates(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.warmup_prompts <= args.num_prompts:
-        raise ValueError(f"--warmup-prompts must be between 0 and --num-prompts ({args.num_prompts}), got "
-                         f"{args.warmup_prompts}")
+        raise ValueError(
+            f"--warmup-prompts must be between 0 and --num-prompts ({args.num_prompts}), got {args.warmup_prompts}"
+        )
     if args.label is not None and not LABEL_RE.match(args.label):
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
     check = serve_config(args, "http://127.0.0.1:1", args.request_rates[0], args.result_dir, "check")  # validates
     conversations = build_dataset(check.dataset, load_tokenizer(check.tokenizer))
     started = time.monotonic()
-    records = run_deployments("pd-sweep", args.configs,
-                              lambda name, work: run_config(name, args, conversations, work))
+    records = run_deployments("pd-sweep", args.configs, lambda name, work: run_config(name, args, conversations, work))
     if isinstance(records, int):
         return records
     by_name = {r["name"]: r for r in records}
     result = {
-        "benchmark": "pd-sweep", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
-        "model": records[0]["model"], "machine": machine_info(), "gpus": list(args.gpus),
-        "workload": {"dataset": "random", "endpoint": args.endpoint, "num_prompts_per_rate": args.num_prompts,
-                     "input_len": args.input_len, "output_len": args.output_len,
-                     "random_range_ratio": args.random_range_ratio, "request_rates": args.request_rates,
-                     "max_concurrency": args.max_concurrency, "seed": args.seed, "tokenizer": check.tokenizer,
-                     "goodput_slos_ms": check.goodput_slos},
+        "benchmark": "pd-sweep",
+        "date": now_iso(),
+        "label": args.label,
+        "pdserve_version": code_version(),
+        "model": records[0]["model"],
+        "machine": machine_info(),
+        "gpus": list(args.gpus),
+        "workload": {
+            "dataset": "random",
+            "endpoint": args.endpoint,
+            "num_prompts_per_rate": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "random_range_ratio": args.random_range_ratio,
+            "request_rates": args.request_rates,
+            "max_concurrency": args.max_concurrency,
+            "seed": args.seed,
+            "tokenizer": check.tokenizer,
+            "goodput_slos_ms": check.goodput_slos,
+        },
         "engine": {"dtype": args.dtype, "block_size": args.block_size, "instance_flags": sweep_flags(args)},
         "dataset": dataset_stats(conversations),
-        "notes": {"rates": "each rate runs in the same deployment after the previous one finished",
-                  "num_errors": "failed requests + failed KV transfers",
-                  "warmup": f"{args.warmup_prompts} requests at once to each deployment before its first rate, "
-                            "not in the figures",
-                  "goodput": "completed requests meeting every SLO, per second of the rate's run"},
+        "notes": {
+            "rates": "each rate runs in the same deployment after the previous one finished",
+            "num_errors": "failed requests + failed KV transfers",
+            "warmup": f"{args.warmup_prompts} requests at once to each deployment before its first rate, "
+            "not in the figures",
+            "goodput": "completed requests meeting every SLO, per second of the rate's run",
+        },
         "configs": records,
         "pd_over_mixed": ratios(by_name["pd"], by_name["mixed"]) if len(by_name) == 2 else None,
         "seconds": round(time.monotonic() - started, 1),
@@ -253,15 +363,19 @@ def run(args: argparse.Namespace) -> int:
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
     gpus = f" on GPUs {','.join(map(str, args.gpus))}" if args.gpus else ", every instance on GPU 0"
-    title = (f"{result['model']} ({args.dtype}){gpus}: {args.num_prompts} prompts per rate, {args.input_len} in / "
-             f"{args.output_len} out; pd = 1 prefill + 1 decode, mixed = 2 replicas")
+    title = (
+        f"{result['model']} ({args.dtype}){gpus}: {args.num_prompts} prompts per rate, {args.input_len} in / "
+        f"{args.output_len} out; pd = 1 prefill + 1 decode, mixed = 2 replicas"
+    )
     plot(png_path, title, result)
     print(format_table(result))
     print(f"Results: {json_path}, {png_path}")
     failed = [(c["name"], r) for c in records for r in c["rates"] if r["num_errors"]]
     for name, r in failed:
         first = r["errors"][0]["error"] if r["errors"] else "n/a"
-        print(f"pdserve bench pd-sweep: error: {r['num_errors']} errors in {name!r} at {r['request_rate']:g} req/s; "
-              f"first: {first}", file=sys.stderr)
+        print(
+            f"pdserve bench pd-sweep: error: {r['num_errors']} errors in {name!r} at {r['request_rate']:g} req/s; "
+            f"first: {first}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
-

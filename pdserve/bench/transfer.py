@@ -64,21 +64,21 @@ COUNTERS = {
 FAILURES_PREFIX = "pdserve_kv_transfer_failures_total{"
 NOTES = {
     "gb_per_s_busy": "KV bytes / P's sender busy seconds. Busy time is measured on rank 0 by its sender thread, "
-                     "while the forward runs on the same CPU cores: the engine's throughput while sending, not a "
-                     "link speed",
+    "while the forward runs on the same CPU cores: the engine's throughput while sending, not a "
+    "link speed",
     "gb_per_s_window": "KV bytes / P's transfer window (first send to KVDone), which overlaps the prefill compute "
-                       "when the sends run layer by layer",
+    "when the sends run layer by layer",
     "transfer_share_of_ttft": "P's exposed sender seconds (steps waiting for sends after the forward: the part not "
-                              "hidden behind compute) / client TTFT",
+    "hidden behind compute) / client TTFT",
     "busy_share_of_ttft": "P's busy sender seconds / client TTFT (hidden and exposed together)",
     "d_receive_s": "D's pdserve_kv_transfer_seconds: KVDest sent to KVDone, so it includes P's prefill",
     "raw": "probe.measure_raw_bandwidth: the same engine writing a cache of the same bytes (at least 1 MiB), in "
-           "chunks of one (layer, K|V, block), into another process; all blocks in one write, nothing else running",
+    "chunks of one (layer, K|V, block), into another process; all blocks in one write, nothing else running",
     "overlapped": f"a request whose exposed sender seconds are below {OVERLAP_EXPOSED_SHARE} x its busy seconds: its "
-                  "sends ran layer by layer during the forward. Otherwise D's KVDest reached P after P's prefill step "
-                  "had started, and the blocks went as a catch-up after the forward (exposed = busy)",
+    "sends ran layer by layer during the forward. Otherwise D's KVDest reached P after P's prefill step "
+    "had started, and the blocks went as a catch-up after the forward (exposed = busy)",
     "engine": "auto picks shm for a decode instance on this host when the KV cache is in host memory "
-              "(transfer/base.py pick_region), else mooncake",
+    "(transfer/base.py pick_region), else mooncake",
 }
 
 
@@ -107,9 +107,16 @@ class KVLayout:
         return math.ceil(num_tokens / self.block_size) * self.bytes_per_block
 
     def as_dict(self) -> dict[str, Any]:
-        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "dtype": self.dtype, "dtype_bytes": self.dtype_bytes, "block_size": self.block_size,
-                "chunk_nbytes": self.chunk_nbytes, "bytes_per_block": self.bytes_per_block}
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "dtype_bytes": self.dtype_bytes,
+            "block_size": self.block_size,
+            "chunk_nbytes": self.chunk_nbytes,
+            "bytes_per_block": self.bytes_per_block,
+        }
 
 
 def model_facts(args: argparse.Namespace) -> tuple[KVLayout, int, int]:
@@ -120,8 +127,9 @@ def model_facts(args: argparse.Namespace) -> tuple[KVLayout, int, int]:
 
     arch = load_arch(resolve_model(ModelConfig(model=args.model, load_format=args.load_format, dtype=args.dtype)))
     limit = min(arch.max_position_embeddings, arch.sliding_window or arch.max_position_embeddings)
-    layout = KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, args.dtype, DTYPE_SIZES[args.dtype],
-                      args.block_size)
+    layout = KVLayout(
+        arch.num_layers, arch.num_kv_heads, arch.head_dim, args.dtype, DTYPE_SIZES[args.dtype], args.block_size
+    )
     return layout, arch.vocab_size, limit
 
 
@@ -161,8 +169,9 @@ def settled(url: str, before: dict[str, Any], counters: Mapping[str, str] = COUN
         if now["is_idle"] and now["num_transfers"] + now["failures"] > before["num_transfers"] + before["failures"]:
             return now
         if time.monotonic() > deadline:
-            raise BenchServerError(f"{url} counted no finished KV transfer within {SETTLE_TIMEOUT_S:.0f} s of the "
-                                   "request's end")
+            raise BenchServerError(
+                f"{url} counted no finished KV transfer within {SETTLE_TIMEOUT_S:.0f} s of the request's end"
+            )
         time.sleep(0.05)
 
 
@@ -185,13 +194,23 @@ async def send_timed(config: ServeBenchConfig, model: str, prompt_ids: list[int]
     """
     import aiohttp
 
-    payload = {"model": model, "prompt": prompt_ids, "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": 0,
-               "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.0,
+        "logprobs": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     timing, num_tokens = Timing(), 0
     sent = time.perf_counter()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.timeout_s)) as session, \
-                session.post(config.url, json=payload) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=config.timeout_s)) as session,
+            session.post(config.url, json=payload) as resp,
+        ):
             if resp.status != 200:
                 timing.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return timing
@@ -223,18 +242,26 @@ async def _model_name(config: ServeBenchConfig) -> str:
         return await discover_model(session, config)
 
 
-def send_counted(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int],
-                 counters: Mapping[str, str] = COUNTERS
-                 ) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, Any]] | None]:
+def send_counted(
+    deployment: Deployment,
+    config: ServeBenchConfig,
+    model: str,
+    prompt_ids: list[int],
+    counters: Mapping[str, str] = COUNTERS,
+) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, Any]] | None]:
     """Send one request through the router: what the client saw of it and, if it succeeded, how much P's and
     D's `counters` (and their "failures") grew, read before it and once each counted its transfer."""
     p_url, d_url = deployment.instances("prefill")[0].probe_url, deployment.instances("decode")[0].probe_url
     p0, d0 = read_counters(p_url, counters), read_counters(d_url, counters)
     result = asyncio.run(send_timed(config, model, prompt_ids))
-    record: dict[str, Any] = {"input_len": len(prompt_ids), "prompt_tokens": result.prompt_tokens,
-                              "success": result.success, "error": result.error,
-                              "ttft_ms": None if result.ttft_s is None else round(result.ttft_s * 1000, 3),
-                              "latency_ms": round(result.latency_s * 1000, 3)}
+    record: dict[str, Any] = {
+        "input_len": len(prompt_ids),
+        "prompt_tokens": result.prompt_tokens,
+        "success": result.success,
+        "error": result.error,
+        "ttft_ms": None if result.ttft_s is None else round(result.ttft_s * 1000, 3),
+        "latency_ms": round(result.latency_s * 1000, 3),
+    }
     if not result.success:
         deployment.check_alive()
         return record, None
@@ -246,20 +273,23 @@ def _growth(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {key: after[key] - before[key] for key in after if key != "is_idle"}
 
 
-def measure_request(deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
-                    ) -> dict[str, Any]:
+def measure_request(
+    deployment: Deployment, config: ServeBenchConfig, model: str, prompt_ids: list[int]
+) -> dict[str, Any]:
     """Send one request through the router; what the client and P's and D's counters saw of it."""
     record, growth = send_counted(deployment, config, model, prompt_ids)
     if growth is None:
         return record
     p, d = growth
-    record |= {"kv_bytes": int(p["bytes_sent"]),
-               "transfer_s": round(p["seconds"], 6),
-               "busy_s": round(p["busy_seconds"], 6),
-               "exposed_s": round(p["exposed_seconds"], 6),
-               "d_kv_bytes": int(d["bytes_received"]),
-               "d_receive_s": round(d["seconds"], 6),
-               "failures": p["failures"] + d["failures"]}
+    record |= {
+        "kv_bytes": int(p["bytes_sent"]),
+        "transfer_s": round(p["seconds"], 6),
+        "busy_s": round(p["busy_seconds"], 6),
+        "exposed_s": round(p["exposed_seconds"], 6),
+        "d_kv_bytes": int(d["bytes_received"]),
+        "d_receive_s": round(d["seconds"], 6),
+        "failures": p["failures"] + d["failures"],
+    }
     record["overlapped"] = record["exposed_s"] < OVERLAP_EXPOSED_SHARE * record["busy_s"]
     return record
 
@@ -272,22 +302,31 @@ def summarize_length(input_len: int, records: list[dict[str, Any]], layout: KVLa
     def per_request(key: str) -> float | None:
         return sum(r[key] for r in ok) / n if n else None
 
-    kv_bytes, transfer_s, busy_s, exposed_s = (per_request(k) for k in ("kv_bytes", "transfer_s", "busy_s",
-                                                                          "exposed_s"))
+    kv_bytes, transfer_s, busy_s, exposed_s = (
+        per_request(k) for k in ("kv_bytes", "transfer_s", "busy_s", "exposed_s")
+    )
     ttfts = [r["ttft_ms"] / 1000 for r in ok]
     ttft_s = statistics.fmean(ttfts) if ttfts else None
     prompt_tokens = (ok[0]["prompt_tokens"] if ok else None) or input_len
     return {
-        "input_len": input_len, "prompt_tokens": prompt_tokens, "num_requests": len(records), "completed": n,
+        "input_len": input_len,
+        "prompt_tokens": prompt_tokens,
+        "num_requests": len(records),
+        "completed": n,
         "num_blocks": math.ceil(prompt_tokens / layout.block_size),
         "expected_kv_bytes_per_request": layout.bytes_for(prompt_tokens),
-        "kv_bytes_per_request": kv_bytes, "d_kv_bytes_per_request": per_request("d_kv_bytes"),
-        "transfer_s_per_request": transfer_s, "busy_s_per_request": busy_s, "exposed_s_per_request": exposed_s,
-        "gb_per_s_busy": _ratio(kv_bytes, busy_s, 1e9), "gb_per_s_window": _ratio(kv_bytes, transfer_s, 1e9),
+        "kv_bytes_per_request": kv_bytes,
+        "d_kv_bytes_per_request": per_request("d_kv_bytes"),
+        "transfer_s_per_request": transfer_s,
+        "busy_s_per_request": busy_s,
+        "exposed_s_per_request": exposed_s,
+        "gb_per_s_busy": _ratio(kv_bytes, busy_s, 1e9),
+        "gb_per_s_window": _ratio(kv_bytes, transfer_s, 1e9),
         "ttft_mean_ms": None if ttft_s is None else round(ttft_s * 1000, 3),
         "ttft_min_ms": min((r["ttft_ms"] for r in ok), default=None),
         "ttft_max_ms": max((r["ttft_ms"] for r in ok), default=None),
-        "transfer_share_of_ttft": _ratio(exposed_s, ttft_s), "busy_share_of_ttft": _ratio(busy_s, ttft_s),
+        "transfer_share_of_ttft": _ratio(exposed_s, ttft_s),
+        "busy_share_of_ttft": _ratio(busy_s, ttft_s),
         "d_receive_s_per_request": per_request("d_receive_s"),
         "num_overlapped": sum(r["overlapped"] for r in ok),
         "failures": sum(r.get("failures", 0) for r in ok) + len(records) - n,
@@ -299,8 +338,9 @@ def _ratio(a: float | None, b: float | None, scale: float = 1.0) -> float | None
     return None if a is None or not b else round(a / b / scale, 6)
 
 
-def measure_lengths(args: argparse.Namespace, deployment: Deployment, lens: list[int], layout: KVLayout,
-                    vocab_size: int) -> tuple[str, list[dict[str, Any]]]:
+def measure_lengths(
+    args: argparse.Namespace, deployment: Deployment, lens: list[int], layout: KVLayout, vocab_size: int
+) -> tuple[str, list[dict[str, Any]]]:
     """(the served model's name, one summary per length)."""
     config = ServeBenchConfig(base_url=deployment.url, timeout_s=args.timeout, use_tqdm=False)
     model = asyncio.run(_model_name(config))
@@ -308,15 +348,24 @@ def measure_lengths(args: argparse.Namespace, deployment: Deployment, lens: list
     for i, input_len in enumerate(lens):
         count = args.num_warmup + args.num_requests
         # a seed per length: prompts share no prefix (no prefix-cache hit on P), within or across lengths
-        requests = random_requests(count, (input_len, input_len), (MAX_TOKENS, MAX_TOKENS), vocab_size,
-                                   seed=args.seed * 1000 + i, min_token_id=min(MIN_RANDOM_TOKEN_ID, vocab_size // 2))
+        requests = random_requests(
+            count,
+            (input_len, input_len),
+            (MAX_TOKENS, MAX_TOKENS),
+            vocab_size,
+            seed=args.seed * 1000 + i,
+            min_token_id=min(MIN_RANDOM_TOKEN_ID, vocab_size // 2),
+        )
         records = [measure_request(deployment, config, model, r.prompt_token_ids) for r in requests]
-        summary = summarize_length(input_len, records[args.num_warmup:], layout)
+        summary = summarize_length(input_len, records[args.num_warmup :], layout)
         summary["warmup"] = records[: args.num_warmup]
         out.append(summary)
-        print(f"[transfer] {input_len} tokens: {summary['completed']}/{args.num_requests} ok, TTFT "
-              f"{fmt(summary['ttft_mean_ms'])} ms, {fmt(_mib(summary['kv_bytes_per_request']), '{:.2f}')} MiB KV "
-              f"per request", flush=True)
+        print(
+            f"[transfer] {input_len} tokens: {summary['completed']}/{args.num_requests} ok, TTFT "
+            f"{fmt(summary['ttft_mean_ms'])} ms, {fmt(_mib(summary['kv_bytes_per_request']), '{:.2f}')} MiB KV "
+            f"per request",
+            flush=True,
+        )
     return model, out
 
 
@@ -325,44 +374,72 @@ def measure_raw(engine: str, lengths: list[dict[str, Any]], layout: KVLayout, re
     from pdserve.disagg.transfer.probe import measure_raw_bandwidth
 
     for length in lengths:
-        nbytes = max(length["kv_bytes_per_request"] or length["expected_kv_bytes_per_request"], MIN_RAW_NBYTES,
-                     2 * layout.chunk_nbytes)
+        nbytes = max(
+            length["kv_bytes_per_request"] or length["expected_kv_bytes_per_request"],
+            MIN_RAW_NBYTES,
+            2 * layout.chunk_nbytes,
+        )
         raw = measure_raw_bandwidth(engine, nbytes=int(nbytes), chunk_nbytes=layout.chunk_nbytes, repeats=repeats)
         length["raw"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in raw.items()}
         length["raw"]["chunk_nbytes"] = layout.chunk_nbytes
         length["busy_over_raw"] = _ratio(length["gb_per_s_busy"], raw["gb_per_s_best"])
-        print(f"[transfer] raw {engine}, {_mib(raw['nbytes']):.2f} MiB: {raw['gb_per_s_best']:.2f} GB/s best, "
-              f"{raw['gb_per_s_mean']:.2f} mean", flush=True)
+        print(
+            f"[transfer] raw {engine}, {_mib(raw['nbytes']):.2f} MiB: {raw['gb_per_s_best']:.2f} GB/s best, "
+            f"{raw['gb_per_s_mean']:.2f} mean",
+            flush=True,
+        )
 
 
 # ---- output -------------------------------------------------------------------------------------------------
 
 
 def format_table(lengths: list[dict[str, Any]], engine: str) -> str:
-    columns = (("tokens", 7), ("ok", 5), ("KV MiB", 8), ("window", 8), ("busy", 7), ("exposed", 8), ("overlap", 8),
-               ("GB/s busy", 10), ("GB/s win", 9), (f"raw {engine}", 10), ("TTFT", 8), ("exp/TTFT", 9),
-               ("D recv", 8), ("failed", 7))
+    columns = (
+        ("tokens", 7),
+        ("ok", 5),
+        ("KV MiB", 8),
+        ("window", 8),
+        ("busy", 7),
+        ("exposed", 8),
+        ("overlap", 8),
+        ("GB/s busy", 10),
+        ("GB/s win", 9),
+        (f"raw {engine}", 10),
+        ("TTFT", 8),
+        ("exp/TTFT", 9),
+        ("D recv", 8),
+        ("failed", 7),
+    )
     head = "".join(f"{n:>{w}}" for n, w in columns)
     rows = [head, "-" * len(head)]
     for x in lengths:
         raw = x.get("raw") or {}
         share = x["transfer_share_of_ttft"]
-        cells = [x["prompt_tokens"], f"{x['completed']}/{x['num_requests']}",
-                 fmt(_mib(x["kv_bytes_per_request"]), "{:.2f}"), fmt(_ms(x["transfer_s_per_request"])),
-                 fmt(_ms(x["busy_s_per_request"])), fmt(_ms(x["exposed_s_per_request"])),
-                 f"{x['num_overlapped']}/{x['completed']}",
-                 fmt(x["gb_per_s_busy"], "{:.2f}"), fmt(x["gb_per_s_window"], "{:.3f}"),
-                 fmt(raw.get("gb_per_s_best"), "{:.2f}"), fmt(x["ttft_mean_ms"]),
-                 fmt(None if share is None else share * 100, "{:.1f}%"), fmt(_ms(x["d_receive_s_per_request"])),
-                 x["failures"]]
+        cells = [
+            x["prompt_tokens"],
+            f"{x['completed']}/{x['num_requests']}",
+            fmt(_mib(x["kv_bytes_per_request"]), "{:.2f}"),
+            fmt(_ms(x["transfer_s_per_request"])),
+            fmt(_ms(x["busy_s_per_request"])),
+            fmt(_ms(x["exposed_s_per_request"])),
+            f"{x['num_overlapped']}/{x['completed']}",
+            fmt(x["gb_per_s_busy"], "{:.2f}"),
+            fmt(x["gb_per_s_window"], "{:.3f}"),
+            fmt(raw.get("gb_per_s_best"), "{:.2f}"),
+            fmt(x["ttft_mean_ms"]),
+            fmt(None if share is None else share * 100, "{:.1f}%"),
+            fmt(_ms(x["d_receive_s_per_request"])),
+            x["failures"],
+        ]
         rows.append("".join(f"{c!s:>{w}}" for c, (_, w) in zip(cells, columns)))
-    rows.append("per request, times in ms: window = P's first send to KVDone; busy / exposed = "
-                "P rank 0's sender writing / steps waiting for it;\nGB/s busy = KV bytes / busy (rank 0's sender, "
-                "while the forward runs on the same cores); raw = the engine alone (best of its repeats); "
-                "exp/TTFT = exposed / mean TTFT; D recv = D's KVDest to KVDone;\noverlap = requests whose sends ran during the "
-                "forward (the others' KVDest reached P after its prefill step began: sent after the forward)")
+    rows.append(
+        "per request, times in ms: window = P's first send to KVDone; busy / exposed = "
+        "P rank 0's sender writing / steps waiting for it;\nGB/s busy = KV bytes / busy (rank 0's sender, "
+        "while the forward runs on the same cores); raw = the engine alone (best of its repeats); "
+        "exp/TTFT = exposed / mean TTFT; D recv = D's KVDest to KVDone;\noverlap = requests whose sends ran during the "
+        "forward (the others' KVDest reached P after its prefill step began: sent after the forward)"
+    )
     return "\n".join(rows)
-
 
 
 def _mib(nbytes: float | None) -> float | None:
@@ -379,12 +456,26 @@ def plot(path: Path, title: str, lengths: list[dict[str, Any]], engine: str) -> 
     try:
         xs = list(range(len(lengths)))
         names = [str(x["prompt_tokens"]) for x in lengths]
-        series = ((f"raw {engine} engine alone (best)", [(x.get("raw") or {}).get("gb_per_s_best") for x in lengths],
-                   "#2ca02c", "s"),
-                  ("pdserve: KV bytes / sender busy time\n(P rank 0, forward on the same cores)",
-                   [x["gb_per_s_busy"] for x in lengths], "#1f77b4", "o"),
-                  ("pdserve: KV bytes / transfer window\n(first send to KVDone)",
-                   [x["gb_per_s_window"] for x in lengths], "#ff7f0e", "^"))
+        series = (
+            (
+                f"raw {engine} engine alone (best)",
+                [(x.get("raw") or {}).get("gb_per_s_best") for x in lengths],
+                "#2ca02c",
+                "s",
+            ),
+            (
+                "pdserve: KV bytes / sender busy time\n(P rank 0, forward on the same cores)",
+                [x["gb_per_s_busy"] for x in lengths],
+                "#1f77b4",
+                "o",
+            ),
+            (
+                "pdserve: KV bytes / transfer window\n(first send to KVDone)",
+                [x["gb_per_s_window"] for x in lengths],
+                "#ff7f0e",
+                "^",
+            ),
+        )
         for label, values, color, marker in series:
             points = [(x, v) for x, v in zip(xs, values) if v]
             left.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=label)
@@ -399,7 +490,9 @@ def plot(path: Path, title: str, lengths: list[dict[str, Any]], engine: str) -> 
         bars = right.bar(xs, exposed, width=0.6, color="#d62728", label="exposed sender time / TTFT (not hidden)")
         right.bar_label(bars, labels=[f"{v:.2f}%" for v in exposed], fontsize=8)
         right.plot(xs, busy, "o", color="#1f77b4", label="busy sender time / TTFT (hidden + exposed)")
-        right.set_xticks(xs, [f"{name}\n{x['num_overlapped']}/{x['completed']} overlapped" for name, x in zip(names, lengths)])
+        right.set_xticks(
+            xs, [f"{name}\n{x['num_overlapped']}/{x['completed']} overlapped" for name, x in zip(names, lengths)]
+        )
         right.set_xlabel("prompt tokens (requests whose sends ran during the forward)")
         right.set_ylabel("% of mean TTFT")
         right.set_ylim(0, max([*exposed, *busy, 1.0]) * 1.3)
@@ -415,19 +508,29 @@ def plot(path: Path, title: str, lengths: list[dict[str, Any]], engine: str) -> 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("transfer", help="P -> D KV transfer per prompt length: bytes, time, GB/s vs the raw engine, "
-                       "share of TTFT", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "transfer",
+        help="P -> D KV transfer per prompt length: bytes, time, GB/s vs the raw engine, share of TTFT",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s = p.add_argument_group("deployment (1 prefill + 1 decode instance behind the router)")
     add_instance_args(s)
-    s.add_argument("--kv-transfer-engine", choices=KV_TRANSFER_ENGINES, default="auto",
-                   help="auto: shm to a decode instance on this host with a CPU cache, else mooncake")
+    s.add_argument(
+        "--kv-transfer-engine",
+        choices=KV_TRANSFER_ENGINES,
+        default="auto",
+        help="auto: shm to a decode instance on this host with a CPU cache, else mooncake",
+    )
     s.add_argument("--server-flags", default="", help="more pdserve serve flags for both instances, one string")
     s.add_argument("--server-timeout", type=float, default=300.0, help="seconds for the deployment to start")
     w = p.add_argument_group("workload")
     add_input_lens_arg(w)
     w.add_argument("--num-requests", type=int, default=5, help="measured requests per length, one at a time")
     w.add_argument("--num-warmup", type=int, default=1, help="untimed requests before each length's (default 1)")
-    w.add_argument("--raw-repeats", type=int, default=10, help="timed writes of each raw engine measurement (default 10)")
+    w.add_argument(
+        "--raw-repeats", type=int, default=10, help="timed writes of each raw engine measurement (default 10)"
+    )
     w.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     w.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
     add_output_args(p)
@@ -446,9 +549,13 @@ def add_instance_args(group: argparse._ArgumentGroup) -> None:
 
 
 def add_input_lens_arg(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--input-lens", type=_int_list, default=list(DEFAULT_INPUT_LENS),
-                       help="comma-separated prompt lengths in tokens, clamped to what the model accepts "
-                            f"(default {','.join(map(str, DEFAULT_INPUT_LENS))})")
+    group.add_argument(
+        "--input-lens",
+        type=_int_list,
+        default=list(DEFAULT_INPUT_LENS),
+        help="comma-separated prompt lengths in tokens, clamped to what the model accepts "
+        f"(default {','.join(map(str, DEFAULT_INPUT_LENS))})",
+    )
 
 
 def _int_list(text: str) -> list[int]:
@@ -463,15 +570,27 @@ def _int_list(text: str) -> list[int]:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.num_requests < 1 or args.num_warmup < 0 or args.raw_repeats < 1:
-        raise ValueError(f"--num-requests and --raw-repeats must be at least 1 and --num-warmup at least 0, got "
-                         f"{args.num_requests}, {args.raw_repeats} and {args.num_warmup}")
+        raise ValueError(
+            f"--num-requests and --raw-repeats must be at least 1 and --num-warmup at least 0, got "
+            f"{args.num_requests}, {args.raw_repeats} and {args.num_warmup}"
+        )
     if args.label is not None and not LABEL_RE.match(args.label):
         raise ValueError(f"--label {args.label!r} may hold only letters, digits, '.', '_' and '-'")
 
 
 def instance_flags(args: argparse.Namespace, lens: list[int]) -> list[str]:
-    flags = ["--dtype", args.dtype, "--load-format", args.load_format, "--block-size", str(args.block_size),
-             "--device", args.device, "--max-model-len", str(args.max_model_len or max(lens) + MAX_TOKENS)]
+    flags = [
+        "--dtype",
+        args.dtype,
+        "--load-format",
+        args.load_format,
+        "--block-size",
+        str(args.block_size),
+        "--device",
+        args.device,
+        "--max-model-len",
+        str(args.max_model_len or max(lens) + MAX_TOKENS),
+    ]
     if args.model is not None:
         flags += ["--model", args.model]
     if args.num_blocks is not None:
@@ -484,9 +603,11 @@ def lengths_and_model(args: argparse.Namespace, tag: str) -> tuple[KVLayout, int
     layout, vocab_size, model_limit = model_facts(args)
     lens = resolve_input_lens(args.input_lens, model_limit, args.max_model_len)
     if lens != args.input_lens:
-        print(f"[{tag}] input lengths {args.input_lens} clamped to {lens}: the model accepts "
-              f"{min(model_limit, args.max_model_len or model_limit)} tokens, {MAX_TOKENS} of them generated",
-              flush=True)
+        print(
+            f"[{tag}] input lengths {args.input_lens} clamped to {lens}: the model accepts "
+            f"{min(model_limit, args.max_model_len or model_limit)} tokens, {MAX_TOKENS} of them generated",
+            flush=True,
+        )
     return layout, vocab_size, lens
 
 
@@ -494,8 +615,12 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     layout, vocab_size, lens = lengths_and_model(args, "transfer")
     engine = engine_used(args.kv_transfer_engine, args.device)
-    config = LaunchConfig(num_prefill=1, num_decode=1, kv_transfer_engine=args.kv_transfer_engine,
-                          engine_argv=tuple(instance_flags(args, lens)))
+    config = LaunchConfig(
+        num_prefill=1,
+        num_decode=1,
+        kv_transfer_engine=args.kv_transfer_engine,
+        engine_argv=tuple(instance_flags(args, lens)),
+    )
     try:
         with sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="pdserve-bench-transfer-") as tmp:
             deployment = Deployment("pd", config, Path(tmp) / "logs", args.server_timeout)
@@ -510,14 +635,26 @@ def run(args: argparse.Namespace) -> int:
         print("pdserve bench transfer: interrupted; every server was stopped", file=sys.stderr)
         return 130
     result = {
-        "benchmark": "transfer", "date": now_iso(), "label": args.label, "pdserve_version": code_version(),
-        "model": model, "machine": machine_info(),
+        "benchmark": "transfer",
+        "date": now_iso(),
+        "label": args.label,
+        "pdserve_version": code_version(),
+        "model": model,
+        "machine": machine_info(),
         "deployment": deployment.describe() | {"kv_transfer_engine": args.kv_transfer_engine, "engine_used": engine},
         "kv_layout": layout.as_dict(),
-        "workload": {"input_lens_requested": args.input_lens, "input_lens": lens, "num_requests": args.num_requests,
-                     "num_warmup": args.num_warmup, "max_tokens": MAX_TOKENS, "concurrency": 1, "stream": True,
-                     "prompt": "random token ids, a different seed per length", "seed": args.seed,
-                     "raw_repeats": args.raw_repeats},
+        "workload": {
+            "input_lens_requested": args.input_lens,
+            "input_lens": lens,
+            "num_requests": args.num_requests,
+            "num_warmup": args.num_warmup,
+            "max_tokens": MAX_TOKENS,
+            "concurrency": 1,
+            "stream": True,
+            "prompt": "random token ids, a different seed per length",
+            "seed": args.seed,
+            "raw_repeats": args.raw_repeats,
+        },
         "notes": NOTES,
         "lengths": lengths,
     }
@@ -535,8 +672,10 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace, engine: str)
     json_path, png_path = args.result_dir / f"{stem}.json", args.result_dir / f"{stem}.png"
     result["files"] = {"json": str(json_path), "png": str(png_path)}
     write_json(json_path, result)
-    title = (f"{result['model']} ({args.dtype}, block {args.block_size}): 1 prefill + 1 decode behind the router, "
-             f"engine {engine} ({args.kv_transfer_engine}), {args.num_requests} sequential requests per length, "
-             f"max_tokens {MAX_TOKENS}\nbusy-time GB/s is measured on P's rank 0 while the forward runs on the same "
-             f"cores; raw = the engine alone")
+    title = (
+        f"{result['model']} ({args.dtype}, block {args.block_size}): 1 prefill + 1 decode behind the router, "
+        f"engine {engine} ({args.kv_transfer_engine}), {args.num_requests} sequential requests per length, "
+        f"max_tokens {MAX_TOKENS}\nbusy-time GB/s is measured on P's rank 0 while the forward runs on the same "
+        f"cores; raw = the engine alone"
+    )
     plot(png_path, title, result["lengths"], engine)

@@ -72,8 +72,11 @@ class ControlChannel:
                 logger.error("dropping an undecodable control message: %s", e)
                 continue
             if message.version != PROTOCOL_VERSION:
-                logger.error("dropping a control message of protocol version %d (this instance speaks %d)",
-                             message.version, PROTOCOL_VERSION)
+                logger.error(
+                    "dropping a control message of protocol version %d (this instance speaks %d)",
+                    message.version,
+                    PROTOCOL_VERSION,
+                )
                 continue
             messages.append(message)
 
@@ -92,15 +95,21 @@ def prompt_digest(token_ids: tuple[int, ...] | list[int]) -> str:
     return hashlib.blake2b(struct.pack(f"<{len(token_ids)}I", *token_ids), digest_size=16).hexdigest()
 
 
-def layout_mismatch(own_fingerprint: str, own_tp: int, peer_fingerprint: str, peer_tp: int, own_role: str) -> str | None:
+def layout_mismatch(
+    own_fingerprint: str, own_tp: int, peer_fingerprint: str, peer_tp: int, own_role: str
+) -> str | None:
     """Why this instance and its peer cannot exchange KV blocks, or None if they can."""
     peer_role = "decode" if own_role == "prefill" else "prefill"
     if own_tp != peer_tp:
         sizes = {own_role: own_tp, peer_role: peer_tp}
-        return (f"the prefill instance has tensor-parallel size {sizes['prefill']} and the decode instance "
-                f"{sizes['decode']}; P and D must have the same tensor-parallel size for now")
+        return (
+            f"the prefill instance has tensor-parallel size {sizes['prefill']} and the decode instance "
+            f"{sizes['decode']}; P and D must have the same tensor-parallel size for now"
+        )
     if own_fingerprint != peer_fingerprint:
-        return (f"KV layout mismatch: this {own_role} instance's fingerprint is {own_fingerprint[:16]}..., the "
-                f"{peer_role} instance's {peer_fingerprint[:16]}...; both must serve the same model weights, "
-                "dtype and block size")
+        return (
+            f"KV layout mismatch: this {own_role} instance's fingerprint is {own_fingerprint[:16]}..., the "
+            f"{peer_role} instance's {peer_fingerprint[:16]}...; both must serve the same model weights, "
+            "dtype and block size"
+        )
     return None

@@ -35,9 +35,16 @@ class TransferStats:
 
     def snapshot(self) -> TransferCounters:
         return TransferCounters(
-            bytes_sent=self.bytes_sent, bytes_received=self.bytes_received, num_transfers=self.num_transfers,
-            seconds_sum=self.seconds_sum, seconds_buckets=list(self._buckets), failures=dict(self.failures),
-            send_seconds_busy=self.send_seconds_busy, send_seconds_exposed=self.send_seconds_exposed,
-            pool_seconds_put=self.pool_seconds_put, pool_seconds_get=self.pool_seconds_get,
-            num_load_recomputes=self.num_load_recomputes, num_recomputed_tokens=self.num_recomputed_tokens,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            num_transfers=self.num_transfers,
+            seconds_sum=self.seconds_sum,
+            seconds_buckets=list(self._buckets),
+            failures=dict(self.failures),
+            send_seconds_busy=self.send_seconds_busy,
+            send_seconds_exposed=self.send_seconds_exposed,
+            pool_seconds_put=self.pool_seconds_put,
+            pool_seconds_get=self.pool_seconds_get,
+            num_load_recomputes=self.num_load_recomputes,
+            num_recomputed_tokens=self.num_recomputed_tokens,
         )

@@ -53,10 +53,19 @@ class _Incoming:
 
 
 class DecodeSide:
-    def __init__(self, kv: KVCacheManager, scheduler: Scheduler, control: ControlChannel,
-                 regions: list[list[KVRegion]], fingerprint: str, tp_size: int, bytes_per_block: int,
-                 config: DisaggConfig, clock: Callable[[], float] = time.monotonic,
-                 read_pool: PoolReader | None = None) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        scheduler: Scheduler,
+        control: ControlChannel,
+        regions: list[list[KVRegion]],
+        fingerprint: str,
+        tp_size: int,
+        bytes_per_block: int,
+        config: DisaggConfig,
+        clock: Callable[[], float] = time.monotonic,
+        read_pool: PoolReader | None = None,
+    ) -> None:
         if config.is_storage and read_pool is None:
             raise ValueError("storage mode needs a pool reader")
         self.kv = kv
@@ -69,8 +78,13 @@ class DecodeSide:
         self.bytes_per_block = bytes_per_block  # all ranks
         self.config = config
         self.clock = clock
-        self.reserve = DecodeReserve(kv.block_size, config.reserve_ratio_init, config.reserve_ratio_min,
-                                     config.reserve_ratio_decay, config.reserve_clip)
+        self.reserve = DecodeReserve(
+            kv.block_size,
+            config.reserve_ratio_init,
+            config.reserve_ratio_min,
+            config.reserve_ratio_decay,
+            config.reserve_clip,
+        )
         self.stats = TransferStats()
         self.waiting: deque[_Incoming] = deque()
         self.receiving: dict[str, _Incoming] = {}  # room -> admitted, blocks allocated, KVDest sent
@@ -97,13 +111,22 @@ class DecodeSide:
         """Blocks kept back for the future tokens of running requests, of those receiving their KV, and of
         `candidate` (a request being admitted, whose prompt blocks are allocated with it)."""
         kv = self.kv
-        running = [Reservee(r.num_tokens, r.sampling.max_tokens - len(r.output_token_ids),
-                            len(kv.block_ids(r.req_id))) for r in self.scheduler.running]
-        running += [Reservee(i.request.num_prompt_tokens, i.request.sampling.max_tokens,
-                             len(kv.block_ids(i.request.req_id))) for i in self.receiving.values()]
+        running = [
+            Reservee(r.num_tokens, r.sampling.max_tokens - len(r.output_token_ids), len(kv.block_ids(r.req_id)))
+            for r in self.scheduler.running
+        ]
+        running += [
+            Reservee(i.request.num_prompt_tokens, i.request.sampling.max_tokens, len(kv.block_ids(i.request.req_id)))
+            for i in self.receiving.values()
+        ]
         if candidate is not None:
-            running.append(Reservee(candidate.num_prompt_tokens, candidate.sampling.max_tokens,
-                                    math.ceil(candidate.num_prompt_tokens / kv.block_size)))
+            running.append(
+                Reservee(
+                    candidate.num_prompt_tokens,
+                    candidate.sampling.max_tokens,
+                    math.ceil(candidate.num_prompt_tokens / kv.block_size),
+                )
+            )
         return self.reserve.num_blocks(running)
 
     def admit(self) -> list[RequestUpdate]:
@@ -120,8 +143,9 @@ class DecodeSide:
             incoming = self.waiting[0]
             request = incoming.request
             room_for_seq = len(self.scheduler.running) + len(self.receiving) < self.scheduler.config.max_num_seqs
-            if room_for_seq and self.kv.allocate_slots(request, request.num_prompt_tokens,
-                                                       reserve=self.reserve_blocks(request)):
+            if room_for_seq and self.kv.allocate_slots(
+                request, request.num_prompt_tokens, reserve=self.reserve_blocks(request)
+            ):
                 self.waiting.popleft()
                 self.receiving[incoming.handle.room] = incoming
                 incoming.deadline = self.clock() + self.config.transfer_timeout
@@ -136,25 +160,44 @@ class DecodeSide:
         for incoming in [i for i in self.waiting if now > i.deadline]:
             self.waiting.remove(incoming)
             self.control.send(incoming.handle.peer, KVAbort(room=incoming.handle.room, reason="no capacity on decode"))
-            failed.append(self._fail(incoming, RequestError(
-                503, "no_capacity", f"the decode instance had no room for {incoming.request.num_prompt_tokens} "
-                f"prompt tokens within {self.config.admission_timeout:.0f}s; retry later or add decode capacity")))
+            failed.append(
+                self._fail(
+                    incoming,
+                    RequestError(
+                        503,
+                        "no_capacity",
+                        f"the decode instance had no room for {incoming.request.num_prompt_tokens} "
+                        f"prompt tokens within {self.config.admission_timeout:.0f}s; retry later or add decode capacity",
+                    ),
+                )
+            )
         return failed
 
     def _send_dest(self, incoming: _Incoming) -> None:
         request = incoming.request
         incoming.sent_at = self.clock()
-        dest = KVDest(room=incoming.handle.room, block_ids=list(self.kv.block_ids(request.req_id)),
-                      regions=self.regions, fingerprint=self.fingerprint, tp_size=self.tp_size,
-                      num_prompt_tokens=request.num_prompt_tokens, prompt_digest=prompt_digest(request.prompt_token_ids),
-                      reply_to=self.control.address, load_failure_policy=self.config.kv_load_failure_policy)
+        dest = KVDest(
+            room=incoming.handle.room,
+            block_ids=list(self.kv.block_ids(request.req_id)),
+            regions=self.regions,
+            fingerprint=self.fingerprint,
+            tp_size=self.tp_size,
+            num_prompt_tokens=request.num_prompt_tokens,
+            prompt_digest=prompt_digest(request.prompt_token_ids),
+            reply_to=self.control.address,
+            load_failure_policy=self.config.kv_load_failure_policy,
+        )
         if self.config.fault_delay_ms:  # testing only: KVDest arrives at a random point of P's prefill
             import random
 
             time.sleep(random.uniform(0, self.config.fault_delay_ms) / 1000)
         self.control.send(incoming.handle.peer, dest)
-        logger.debug("request %s: %d blocks allocated, KVDest sent to %s", request.req_id,
-                     len(dest.block_ids), incoming.handle.peer)
+        logger.debug(
+            "request %s: %d blocks allocated, KVDest sent to %s",
+            request.req_id,
+            len(dest.block_ids),
+            incoming.handle.peer,
+        )
 
     # ---- KV arrives ------------------------------------------------------------------
 
@@ -169,20 +212,38 @@ class DecodeSide:
             return []
         expected = incoming.handle.peer_incarnation
         if expected and message.incarnation != expected:
-            logger.warning("dropping %s for room %s from a stale prefill instance (%s, expected %s)",
-                           type(message).__name__, message.room, message.incarnation, expected)
+            logger.warning(
+                "dropping %s for room %s from a stale prefill instance (%s, expected %s)",
+                type(message).__name__,
+                message.room,
+                message.incarnation,
+                expected,
+            )
             return []
         if isinstance(message, KVAbort):
-            return [self._fail(incoming, RequestError(502, "kv_transfer_failed",
-                                                      f"the prefill instance aborted: {message.reason}"), False)]
+            return [
+                self._fail(
+                    incoming,
+                    RequestError(502, "kv_transfer_failed", f"the prefill instance aborted: {message.reason}"),
+                    False,
+                )
+            ]
         if self.config.is_storage and (message.status == "ok" or message.code == WRITE_FAILED):
             incoming.done = message
             self._to_read.append(incoming)
             return self.read_from_pool()
         if message.status != "ok":
-            return [self._fail(incoming, RequestError(502, message.code or "kv_transfer_failed",
-                                                      f"the prefill instance failed the KV transfer: {message.error}"),
-                               False)]
+            return [
+                self._fail(
+                    incoming,
+                    RequestError(
+                        502,
+                        message.code or "kv_transfer_failed",
+                        f"the prefill instance failed the KV transfer: {message.error}",
+                    ),
+                    False,
+                )
+            ]
         num_blocks = math.ceil(incoming.request.num_prompt_tokens / self.kv.block_size)
         self.stats.bytes_received += num_blocks * self.bytes_per_block
         return [self._start(incoming, message, num_blocks)]
@@ -217,9 +278,11 @@ class DecodeSide:
                 continue
             num_blocks = math.ceil(incoming.request.num_prompt_tokens / self.kv.block_size)
             if num_blocks > self.kv.num_host_blocks:
-                incoming.unreadable = (f"the prompt's {num_blocks} blocks do not fit in this decode instance's host "
-                                       f"tier ({self.kv.num_host_blocks} blocks), which stages pool reads; raise "
-                                       "--host-kv-cache-memory")
+                incoming.unreadable = (
+                    f"the prompt's {num_blocks} blocks do not fit in this decode instance's host "
+                    f"tier ({self.kv.num_host_blocks} blocks), which stages pool reads; raise "
+                    "--host-kv-cache-memory"
+                )
                 continue
             load = self.kv.plan_prompt_load(incoming.request)
             if load is None:
@@ -253,16 +316,28 @@ class DecodeSide:
                 self.stats.fail("load_failed")
                 self.stats.num_load_recomputes += 1
                 self.stats.num_recomputed_tokens += request.num_prompt_tokens - num_read * self.kv.block_size
-                logger.warning("request %s: %d of %d prompt blocks missing from the KV pool (%s); prefilling "
-                               "them here (--kv-load-failure-policy recompute)", request.req_id,
-                               num_blocks - num_read, num_blocks, self._why_missing(incoming))
+                logger.warning(
+                    "request %s: %d of %d prompt blocks missing from the KV pool (%s); prefilling "
+                    "them here (--kv-load-failure-policy recompute)",
+                    request.req_id,
+                    num_blocks - num_read,
+                    num_blocks,
+                    self._why_missing(incoming),
+                )
             return self._start(incoming, message, num_read)
         if load is not None:
             self.kv.finish_prompt_load(request, load, 0)
-        return self._fail(incoming, RequestError(
-            502, "kv_load_failed", f"{num_blocks - num_read} of the prompt's {num_blocks} KV blocks were missing "
-            f"from the KV pool or could not be read ({self._why_missing(incoming)}); retry the request, or run the "
-            "decode instance with --kv-load-failure-policy recompute to prefill missing blocks there"), False)
+        return self._fail(
+            incoming,
+            RequestError(
+                502,
+                "kv_load_failed",
+                f"{num_blocks - num_read} of the prompt's {num_blocks} KV blocks were missing "
+                f"from the KV pool or could not be read ({self._why_missing(incoming)}); retry the request, or run the "
+                "decode instance with --kv-load-failure-policy recompute to prefill missing blocks there",
+            ),
+            False,
+        )
 
     def _why_missing(self, incoming: _Incoming) -> str:
         message = incoming.done
@@ -272,8 +347,10 @@ class DecodeSide:
         if message.status != "ok":
             return message.error
         if message.tp_size and message.tp_size != self.tp_size:
-            return (f"they were written by a prefill instance with TP size {message.tp_size}, and this decode "
-                    f"instance runs TP size {self.tp_size}: each rank reads its own objects")
+            return (
+                f"they were written by a prefill instance with TP size {message.tp_size}, and this decode "
+                f"instance runs TP size {self.tp_size}: each rank reads its own objects"
+            )
         if message.fingerprint and message.fingerprint != self.fingerprint:
             return "they were written by a prefill instance with another model, dtype, block size or layout"
         return "evicted, or the pool failed: see pdserve_kv_store_errors_total"
@@ -288,9 +365,17 @@ class DecodeSide:
                 self.kv.release(f"quarantine:{room}")
         failed = []
         for incoming in [i for i in self.receiving.values() if now > i.deadline]:
-            failed.append(self._fail(incoming, RequestError(
-                502, "kv_transfer_timeout", f"the KV cache did not arrive from the prefill instance within "
-                f"{self.config.transfer_timeout:.0f}s")))
+            failed.append(
+                self._fail(
+                    incoming,
+                    RequestError(
+                        502,
+                        "kv_transfer_timeout",
+                        f"the KV cache did not arrive from the prefill instance within "
+                        f"{self.config.transfer_timeout:.0f}s",
+                    ),
+                )
+            )
         return failed
 
     def abort(self, req_id: str) -> bool:
@@ -302,8 +387,11 @@ class DecodeSide:
         return True
 
     def _fail(self, incoming: _Incoming, error: RequestError, peer_may_write: bool = True) -> RequestUpdate:
-        self.stats.fail({"kv_transfer_timeout": "timeout", "no_capacity": "no_capacity",
-                         "kv_load_failed": "load_failed"}.get(error.code, "peer_error"))
+        self.stats.fail(
+            {"kv_transfer_timeout": "timeout", "no_capacity": "no_capacity", "kv_load_failed": "load_failed"}.get(
+                error.code, "peer_error"
+            )
+        )
         logger.warning("request %s failed: %s", incoming.request.req_id, error.message)
         self._remove(incoming, error.code if peer_may_write else None)
         return RequestUpdate(incoming.request, [], finished=True, error=error)

@@ -59,9 +59,17 @@ class _Outgoing:
 
 
 class PrefillSide:
-    def __init__(self, kv: KVCacheManager, control: ControlChannel, fingerprint: str, tp_size: int,
-                 transfer_timeout: float, clock: Callable[[], float] = time.monotonic, dest_wait: float = 0.0,
-                 storage: bool = False) -> None:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        control: ControlChannel,
+        fingerprint: str,
+        tp_size: int,
+        transfer_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        dest_wait: float = 0.0,
+        storage: bool = False,
+    ) -> None:
         self.kv = kv
         self.storage = storage
         self.control = control
@@ -101,12 +109,18 @@ class PrefillSide:
                 return []
             logger.info("room %s aborted by the decode instance (%s)", message.room, message.reason)
             if out.dest is not None:  # acknowledge: nothing more will be written, D may reuse the blocks
-                self.control.send(out.dest.reply_to, KVDone(room=out.room, status="error", code="aborted",
-                                                            error="aborted by the decode instance"))
+                self.control.send(
+                    out.dest.reply_to,
+                    KVDone(room=out.room, status="error", code="aborted", error="aborted by the decode instance"),
+                )
             self._drop(out)
             # D gave the request up and answers its client itself (503 no_capacity, ...); the router waits for that
-            return [(out.request.req_id, RequestError(499, ABORTED_BY_DECODE,
-                                                      f"the decode instance aborted: {message.reason}"))]
+            return [
+                (
+                    out.request.req_id,
+                    RequestError(499, ABORTED_BY_DECODE, f"the decode instance aborted: {message.reason}"),
+                )
+            ]
         if out is None:
             self._early[message.room] = (message, self.clock())
             return []
@@ -115,10 +129,14 @@ class PrefillSide:
     def _attach(self, out: _Outgoing, dest: KVDest) -> list[tuple[str, RequestError]]:
         problem = layout_mismatch(self.fingerprint, self.tp_size, dest.fingerprint, dest.tp_size, "prefill")
         request = out.request
-        if problem is None and (dest.num_prompt_tokens != request.num_prompt_tokens
-                                or dest.prompt_digest != prompt_digest(request.prompt_token_ids)):
-            problem = (f"the decode instance has a {dest.num_prompt_tokens}-token prompt, this prefill instance "
-                       f"{request.num_prompt_tokens} tokens: P and D tokenized the request differently")
+        if problem is None and (
+            dest.num_prompt_tokens != request.num_prompt_tokens
+            or dest.prompt_digest != prompt_digest(request.prompt_token_ids)
+        ):
+            problem = (
+                f"the decode instance has a {dest.num_prompt_tokens}-token prompt, this prefill instance "
+                f"{request.num_prompt_tokens} tokens: P and D tokenized the request differently"
+            )
         if problem is None and len(dest.block_ids) < math.ceil(request.num_prompt_tokens / self.kv.block_size):
             problem = f"the decode instance allocated {len(dest.block_ids)} blocks, too few for the prompt"
         if problem is not None:
@@ -168,8 +186,11 @@ class PrefillSide:
         sends: list[PoolSend] = []
         for seq in sched.plan.seqs:
             out = self._by_req.get(seq.req_id)
-            if out is not None and not out.is_staged \
-                    and seq.start_pos + len(seq.token_ids) >= out.request.num_prompt_tokens:
+            if (
+                out is not None
+                and not out.is_staged
+                and seq.start_pos + len(seq.token_ids) >= out.request.num_prompt_tokens
+            ):
                 self._stage(sends, out, seq.block_ids)
         scheduled = {seq.req_id for seq in sched.plan.seqs}
         for out in self._by_room.values():
@@ -181,17 +202,25 @@ class PrefillSide:
         num_blocks = math.ceil(out.request.num_prompt_tokens / self.kv.block_size)
         if num_blocks > self.kv.num_host_blocks:  # it would never fit: fail the write now, D's policy decides
             out.is_staged = True
-            out.write_error = (f"the prompt's {num_blocks} blocks do not fit in the prefill instance's host tier "
-                               f"({self.kv.num_host_blocks} blocks), which stages pool writes; raise "
-                               "--host-kv-cache-memory")
+            out.write_error = (
+                f"the prompt's {num_blocks} blocks do not fit in the prefill instance's host tier "
+                f"({self.kv.num_host_blocks} blocks), which stages pool writes; raise "
+                "--host-kv-cache-memory"
+            )
             self.stats.fail("write_error")
             logger.warning("request %s: %s", out.request.req_id, out.write_error)
             return
         host_ids = self.kv.stage_prompt(out.request)
         if host_ids is None:  # the host tier is busy this step: the blocks are held and staged in a later one
             return
-        sends.append(PoolSend(room=out.room, device_block_ids=block_ids[:len(host_ids)], host_block_ids=host_ids,
-                              keys=self.kv.prompt_object_keys(out.request)))
+        sends.append(
+            PoolSend(
+                room=out.room,
+                device_block_ids=block_ids[: len(host_ids)],
+                host_block_ids=host_ids,
+                keys=self.kv.prompt_object_keys(out.request),
+            )
+        )
         out.is_staged = True
         out.started = self.clock()
 
@@ -199,8 +228,15 @@ class PrefillSide:
         assert out.dest is not None
         if end <= out.num_sent:
             return
-        sends.append(KVSend(room=out.room, regions=out.dest.regions, src_block_ids=block_ids[out.num_sent:end],
-                            dst_block_ids=out.dest.block_ids[out.num_sent:end], layerwise=layerwise))
+        sends.append(
+            KVSend(
+                room=out.room,
+                regions=out.dest.regions,
+                src_block_ids=block_ids[out.num_sent : end],
+                dst_block_ids=out.dest.block_ids[out.num_sent : end],
+                layerwise=layerwise,
+            )
+        )
         out.num_sent = end
         if out.started is None:
             out.started = self.clock()
@@ -234,8 +270,11 @@ class PrefillSide:
         for out in list(self._by_room.values()):
             if out.failures:
                 failed += self._fail(out, "kv_transfer_failed", "; ".join(out.failures.values()))
-            elif out.first_token is not None and out.dest is not None \
-                    and out.num_sent >= math.ceil(out.request.num_prompt_tokens / self.kv.block_size):
+            elif (
+                out.first_token is not None
+                and out.dest is not None
+                and out.num_sent >= math.ceil(out.request.num_prompt_tokens / self.kv.block_size)
+            ):
                 self._complete(out)
             elif out.first_token is not None and out.held is None:
                 out.held = self.kv.hold(f"send:{out.room}", out.request.req_id)
@@ -249,20 +288,26 @@ class PrefillSide:
                 if out.failures:
                     out.write_error = "; ".join(out.failures.values())
                     self.stats.fail("write_error")
-                    logger.warning("request %s: KV write to the pool failed (room %s): %s", out.request.req_id,
-                                   out.room, out.write_error)
+                    logger.warning(
+                        "request %s: KV write to the pool failed (room %s): %s",
+                        out.request.req_id,
+                        out.room,
+                        out.write_error,
+                    )
                 else:
                     out.is_written = True
-                    self.kv.note_in_pool(self.kv.keys_for(out.request)[:out.request.num_prompt_tokens
-                                                                        // self.kv.block_size])
+                    self.kv.note_in_pool(
+                        self.kv.keys_for(out.request)[: out.request.num_prompt_tokens // self.kv.block_size]
+                    )
                 if out.held is not None:
                     self.kv.release(f"send:{out.room}")
                     out.held = None
             elif out.first_token is not None and not out.is_staged and out.held is None:
                 out.held = self.kv.hold(f"send:{out.room}", out.request.req_id)
                 # the pool send to come writes these blocks: the request's finish must not write them through
-                self.kv.note_in_pool(self.kv.keys_for(out.request)[:out.request.num_prompt_tokens
-                                                                    // self.kv.block_size])
+                self.kv.note_in_pool(
+                    self.kv.keys_for(out.request)[: out.request.num_prompt_tokens // self.kv.block_size]
+                )
             self._complete_written(out)
 
     def _complete_written(self, out: _Outgoing) -> None:
@@ -271,30 +316,52 @@ class PrefillSide:
             return
         if out.write_error is not None:
             num_blocks = math.ceil(out.request.num_prompt_tokens / self.kv.block_size)
-            self.control.send(out.dest.reply_to, KVDone(
-                room=out.room, status="error", code=WRITE_FAILED, first_token=out.first_token, logprobs=out.logprobs,
-                error=f"the prefill instance could not write the prompt's {num_blocks} blocks to the KV pool: "
-                      f"{out.write_error}", tp_size=self.tp_size, fingerprint=self.fingerprint))
+            self.control.send(
+                out.dest.reply_to,
+                KVDone(
+                    room=out.room,
+                    status="error",
+                    code=WRITE_FAILED,
+                    first_token=out.first_token,
+                    logprobs=out.logprobs,
+                    error=f"the prefill instance could not write the prompt's {num_blocks} blocks to the KV pool: "
+                    f"{out.write_error}",
+                    tp_size=self.tp_size,
+                    fingerprint=self.fingerprint,
+                ),
+            )
             self._drop(out)
             return
         self._complete(out)
 
     def _complete(self, out: _Outgoing) -> None:
         assert out.dest is not None and out.first_token is not None
-        self.control.send(out.dest.reply_to, KVDone(room=out.room, first_token=out.first_token,
-                                                    logprobs=out.logprobs, tp_size=self.tp_size,
-                                                    fingerprint=self.fingerprint))
+        self.control.send(
+            out.dest.reply_to,
+            KVDone(
+                room=out.room,
+                first_token=out.first_token,
+                logprobs=out.logprobs,
+                tp_size=self.tp_size,
+                fingerprint=self.fingerprint,
+            ),
+        )
         if out.started is not None:
             self.stats.observe(self.clock() - out.started)
-        logger.info("request %s: KV of %d blocks %s (room %s)", out.request.req_id,
-                    math.ceil(out.request.num_prompt_tokens / self.kv.block_size),
-                    "in the pool, KVDone sent to " + out.dest.reply_to if self.storage else "sent to " + out.dest.reply_to,
-                    out.room)
+        logger.info(
+            "request %s: KV of %d blocks %s (room %s)",
+            out.request.req_id,
+            math.ceil(out.request.num_prompt_tokens / self.kv.block_size),
+            "in the pool, KVDone sent to " + out.dest.reply_to if self.storage else "sent to " + out.dest.reply_to,
+            out.room,
+        )
         self._drop(out)
 
     # ---- failures and the end ------------------------------------------------------
 
-    def _fail(self, out: _Outgoing, code: str, message: str, reply_to: str | None = None) -> list[tuple[str, RequestError]]:
+    def _fail(
+        self, out: _Outgoing, code: str, message: str, reply_to: str | None = None
+    ) -> list[tuple[str, RequestError]]:
         reply_to = reply_to or (out.dest.reply_to if out.dest is not None else None)
         if reply_to:
             self.control.send(reply_to, KVDone(room=out.room, status="error", error=message, code=code))
@@ -317,8 +384,15 @@ class PrefillSide:
         if out is None or out.first_token is not None:
             return False
         if out.dest is not None:
-            self.control.send(out.dest.reply_to, KVDone(room=out.room, status="error", code="kv_transfer_failed",
-                                                        error="the prefill instance aborted the request"))
+            self.control.send(
+                out.dest.reply_to,
+                KVDone(
+                    room=out.room,
+                    status="error",
+                    code="kv_transfer_failed",
+                    error="the prefill instance aborted the request",
+                ),
+            )
         self._drop(out)
         return not out.is_scheduled
 
@@ -328,8 +402,9 @@ class PrefillSide:
         failed, self._deferred = self._deferred, []
         for out in list(self._by_room.values()):
             if out.dest is None and now > out.deadline:
-                failed += self._fail(out, "kv_transfer_timeout",
-                                     f"no KVDest from the decode instance within {self.timeout:.0f}s")
+                failed += self._fail(
+                    out, "kv_transfer_timeout", f"no KVDest from the decode instance within {self.timeout:.0f}s"
+                )
         for room, (_, since) in list(self._early.items()):
             if now - since > self.timeout:
                 del self._early[room]

@@ -21,8 +21,9 @@ class Reservee:
 
 
 class DecodeReserve:
-    def __init__(self, block_size: int, init: float = 1.0, minimum: float = 0.1, decay: float = 0.998,
-                 clip: int = 1024) -> None:
+    def __init__(
+        self, block_size: int, init: float = 1.0, minimum: float = 0.1, decay: float = 0.998, clip: int = 1024
+    ) -> None:
         self.block_size = block_size
         self.init = init
         self.minimum = minimum

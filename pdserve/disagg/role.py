@@ -35,12 +35,27 @@ class PDRole:
         self.decode: DecodeSide | None = None
         self._unscheduled: dict[str, Request] = {}  # P: waiting for KVDest (or dest_wait) before scheduling
         if config.role == "prefill":
-            self.prefill = PrefillSide(core.kv, self.control, core.fingerprint, tp, config.transfer_timeout,
-                                       dest_wait=config.kv_dest_wait, storage=config.is_storage)
+            self.prefill = PrefillSide(
+                core.kv,
+                self.control,
+                core.fingerprint,
+                tp,
+                config.transfer_timeout,
+                dest_wait=config.kv_dest_wait,
+                storage=config.is_storage,
+            )
         else:
-            self.decode = DecodeSide(core.kv, core.scheduler, self.control, core.executor.regions, core.fingerprint,
-                                     tp, bytes_per_block(core.config, core.arch) * tp, config,
-                                     read_pool=lambda loads: core.executor.load_from_pool(loads)[0])
+            self.decode = DecodeSide(
+                core.kv,
+                core.scheduler,
+                self.control,
+                core.executor.regions,
+                core.fingerprint,
+                tp,
+                bytes_per_block(core.config, core.arch) * tp,
+                config,
+                read_pool=lambda loads: core.executor.load_from_pool(loads)[0],
+            )
 
     @staticmethod
     def create(core: EngineCore, config: DisaggConfig) -> PDRole | None:

@@ -45,8 +45,14 @@ class _Batch:
 
 
 class KVSender:
-    def __init__(self, engines: dict[str, TransferEngine], rank: int, num_layers: int,
-                 trace_dir: str | None = None, fault_delay_ms: int = 0) -> None:
+    def __init__(
+        self,
+        engines: dict[str, TransferEngine],
+        rank: int,
+        num_layers: int,
+        trace_dir: str | None = None,
+        fault_delay_ms: int = 0,
+    ) -> None:
         self.engines = engines
         self.rank = rank
         self.num_layers = num_layers
@@ -102,9 +108,14 @@ class KVSender:
                 except TransferError as e:
                     for room in self._rooms:
                         self._failed.setdefault(room, str(e))
-        return KVSendReport(rank=self.rank, num_bytes=self._num_bytes, failed=dict(self._failed),
-                            batches_digest=self._digest.hexdigest(), seconds_busy=self._busy,
-                            seconds_exposed=time.perf_counter() - started)
+        return KVSendReport(
+            rank=self.rank,
+            num_bytes=self._num_bytes,
+            failed=dict(self._failed),
+            batches_digest=self._digest.hexdigest(),
+            seconds_busy=self._busy,
+            seconds_exposed=time.perf_counter() - started,
+        )
 
     def close(self) -> None:
         self._queue.put(None)
@@ -114,8 +125,11 @@ class KVSender:
             self._trace = None
 
     def _submit(self, batch: _Batch) -> None:
-        entry = {"step": batch.step_id, "layers": batch.layers if len(batch.layers) == 1 else "all",
-                 "rooms": [s.room for s in batch.sends]}
+        entry = {
+            "step": batch.step_id,
+            "layers": batch.layers if len(batch.layers) == 1 else "all",
+            "rooms": [s.room for s in batch.sends],
+        }
         line = json.dumps(entry, separators=(",", ":"))
         self._digest.update(line.encode())
         if self._trace is not None:

@@ -83,11 +83,13 @@ class AsyncEngineClient:
 
     def start(self) -> None:
         """Spawn the engine core (it loads the model in the background) and start listening."""
-        spec = CoreProcSpec(self.config, f"ipc://{self._dir}/to-core", f"ipc://{self._dir}/from-core",
-                            os.getpid(), self.log_level)
+        spec = CoreProcSpec(
+            self.config, f"ipc://{self._dir}/to-core", f"ipc://{self._dir}/from-core", os.getpid(), self.log_level
+        )
         # not a daemon: the engine core starts tensor-parallel workers of its own
-        self._proc = mp.get_context("spawn").Process(target=core_main, args=(msgspec.json.encode(spec),),
-                                                     name="pdserve-engine-core")
+        self._proc = mp.get_context("spawn").Process(
+            target=core_main, args=(msgspec.json.encode(spec),), name="pdserve-engine-core"
+        )
         self._proc.start()
         self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_process())]
 
@@ -136,8 +138,11 @@ class AsyncEngineClient:
                 logger.error("dropping an undecodable message from the engine core: %s", e)
                 continue
             if message.version != PROTOCOL_VERSION:
-                logger.error("dropping a message of protocol version %d (this server speaks %d)",
-                             message.version, PROTOCOL_VERSION)
+                logger.error(
+                    "dropping a message of protocol version %d (this server speaks %d)",
+                    message.version,
+                    PROTOCOL_VERSION,
+                )
                 continue
             if isinstance(message, EngineReady):
                 incarnation = message.incarnation
@@ -146,8 +151,12 @@ class AsyncEngineClient:
                 logger.warning("dropping a message from a stale engine core (%s)", message.incarnation)
                 continue
             if isinstance(message, EngineReady):
-                logger.info("engine ready: %s, max_model_len %d, %d KV blocks", message.model_name,
-                            message.max_model_len, message.num_blocks)
+                logger.info(
+                    "engine ready: %s, max_model_len %d, %d KV blocks",
+                    message.model_name,
+                    message.max_model_len,
+                    message.num_blocks,
+                )
             elif isinstance(message, EngineFailed):
                 logger.error("engine core failed: %s", message.error)
                 self._fail_all(message.error)
@@ -168,8 +177,13 @@ class AsyncEngineClient:
     def num_open_requests(self) -> int:
         return len(self._streams)
 
-    async def generate(self, req_id: str, prompt_token_ids: list[int], sampling: WireSamplingParams,
-                       transfer: TransferHandle | None = None) -> AsyncGenerator[RequestDelta, None]:
+    async def generate(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        sampling: WireSamplingParams,
+        transfer: TransferHandle | None = None,
+    ) -> AsyncGenerator[RequestDelta, None]:
         """Yield deltas until the request finishes. Leaving the loop early aborts the request."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
@@ -177,8 +191,11 @@ class AsyncEngineClient:
         self._streams[req_id] = stream
         finished = False
         try:
-            await self._to_core.send(encode(AddRequest(req_id=req_id, prompt_token_ids=prompt_token_ids,
-                                                       sampling=sampling, transfer=transfer)))
+            await self._to_core.send(
+                encode(
+                    AddRequest(req_id=req_id, prompt_token_ids=prompt_token_ids, sampling=sampling, transfer=transfer)
+                )
+            )
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -197,5 +214,6 @@ class AsyncEngineClient:
         if self.failure is not None:
             return
         with contextlib.suppress(zmq.ZMQError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._to_core.send(encode(AbortRequest(req_id=req_id, finish_reason=finish_reason))),
-                                   timeout=2)
+            await asyncio.wait_for(
+                self._to_core.send(encode(AbortRequest(req_id=req_id, finish_reason=finish_reason))), timeout=2
+            )

@@ -47,10 +47,11 @@ def bytes_per_block(config: EngineConfig, arch: ModelArch) -> int:
 def fingerprint(config: EngineConfig, source: ModelSource, arch: ModelArch) -> ModelFingerprint:
     tp = config.parallel.tensor_parallel_size
     return ModelFingerprint(
-        weights_id=weights_id(source, config.model.seed), dtype=config.model.dtype,
+        weights_id=weights_id(source, config.model.seed),
+        dtype=config.model.dtype,
         block_size=config.cache.block_size,
         layout=f"block-major:L{arch.num_layers}x2xT{config.cache.block_size}xH{arch.num_kv_heads // tp}"
-               f"xD{arch.head_dim}",
+        f"xD{arch.head_dim}",
         tp_size=tp,
     )
 
@@ -83,19 +84,32 @@ class EngineCore:
         started = time.monotonic()
         self.executor: Executor
         if config.parallel.tensor_parallel_size == 1:
-            self.executor = UniProcExecutor(config, self.source, self.arch, self.num_blocks, self.num_host_blocks,
-                                            self.max_model_len)
+            self.executor = UniProcExecutor(
+                config, self.source, self.arch, self.num_blocks, self.num_host_blocks, self.max_model_len
+            )
         else:
             self.executor = MultiProcExecutor(config, self.num_blocks, self.num_host_blocks, self.max_model_len)
         cache = config.cache
-        logger.info("model %s loaded in %.1fs; KV cache %d device blocks of %d tokens, %d host blocks, pool %s, "
-                    "prefix caching %s; max_model_len %d", self.source.name, time.monotonic() - started,
-                    self.num_blocks, cache.block_size, self.num_host_blocks, cache.kv_store or "none",
-                    "on" if cache.enable_prefix_caching else "off", self.max_model_len)
+        logger.info(
+            "model %s loaded in %.1fs; KV cache %d device blocks of %d tokens, %d host blocks, pool %s, "
+            "prefix caching %s; max_model_len %d",
+            self.source.name,
+            time.monotonic() - started,
+            self.num_blocks,
+            cache.block_size,
+            self.num_host_blocks,
+            cache.kv_store or "none",
+            "on" if cache.enable_prefix_caching else "off",
+            self.max_model_len,
+        )
         self.kv = KVCacheManager(
-            self.num_blocks, cache.block_size, root=fingerprint(config, self.source, self.arch).root(),
-            num_host_blocks=self.num_host_blocks, has_pool=cache.kv_store is not None,
-            enable_prefix_caching=cache.enable_prefix_caching, preempt_save=cache.preempt_save,
+            self.num_blocks,
+            cache.block_size,
+            root=fingerprint(config, self.source, self.arch).root(),
+            num_host_blocks=self.num_host_blocks,
+            has_pool=cache.kv_store is not None,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            preempt_save=cache.preempt_save,
             # storage-mode D writes prompt + output at finish, so a conversation's next turn hits on P
             cache_output=cache.cache_output or (config.disagg.is_storage and config.disagg.role == "decode"),
         )
@@ -124,20 +138,28 @@ class EngineCore:
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    transfer: TransferHandle | None = None) -> Request:
+    def add_request(
+        self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, transfer: TransferHandle | None = None
+    ) -> Request:
         """Queue a request; with `transfer` it is one half of a PD pair (what half: this instance's role)."""
         self.validate_prompt(prompt_token_ids)
         if transfer is not None and self.pd is None:
-            raise ValueError("this instance runs --role mixed and takes no kv_transfer_params; start it with "
-                             "--role prefill or --role decode to serve PD requests")
+            raise ValueError(
+                "this instance runs --role mixed and takes no kv_transfer_params; start it with "
+                "--role prefill or --role decode to serve PD requests"
+            )
         request = Request(req_id, tuple(prompt_token_ids), sampling, self.eos_token_id, time.time())
         if transfer is not None and self.pd is not None:
             self.pd.add(request, transfer)
         else:
             self.scheduler.add_request(request)
-        logger.info("request %s added: %d prompt tokens, max_tokens %d%s", req_id, len(prompt_token_ids),
-                    sampling.max_tokens, f", {self.config.disagg.role} of room {transfer.room}" if transfer else "")
+        logger.info(
+            "request %s added: %d prompt tokens, max_tokens %d%s",
+            req_id,
+            len(prompt_token_ids),
+            sampling.max_tokens,
+            f", {self.config.disagg.role} of room {transfer.room}" if transfer else "",
+        )
         return request
 
     def abort(self, req_id: str) -> None:
@@ -151,8 +173,13 @@ class EngineCore:
         if request is None:
             return
         self.scheduler.finish(req_id, reason)
-        logger.info("request %s finished (%s): %d output tokens, %d preemptions", req_id, reason.value,
-                    len(request.output_token_ids), request.num_preemptions)
+        logger.info(
+            "request %s finished (%s): %d output tokens, %d preemptions",
+            req_id,
+            reason.value,
+            len(request.output_token_ids),
+            request.num_preemptions,
+        )
 
     @property
     def has_unfinished(self) -> bool:
@@ -174,9 +201,13 @@ class EngineCore:
         for update in updates:
             if update.finished:
                 r = update.request
-                logger.info("request %s finished (%s): %d output tokens, %d preemptions", r.req_id,
-                            r.finish_reason.value if r.finish_reason else None, len(r.output_token_ids),
-                            r.num_preemptions)
+                logger.info(
+                    "request %s finished (%s): %d output tokens, %d preemptions",
+                    r.req_id,
+                    r.finish_reason.value if r.finish_reason else None,
+                    len(r.output_token_ids),
+                    r.num_preemptions,
+                )
         return updates
 
     def _step(self) -> list[RequestUpdate]:
@@ -194,8 +225,12 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if self.pd is not None:
             self.pd.plan(sched)
-        if not sched.plan.seqs and sched.plan.cache_ops.is_empty and not sched.plan.kv_sends \
-                and not sched.plan.pool_sends:
+        if (
+            not sched.plan.seqs
+            and sched.plan.cache_ops.is_empty
+            and not sched.plan.kv_sends
+            and not sched.plan.pool_sends
+        ):
             return []
         output = self.executor.execute(sched.plan)
         self.store_counters = output.store
@@ -217,12 +252,18 @@ class EngineCore:
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting) + (self.pd.num_requests_waiting if self.pd is not None else 0),
-            num_blocks_total=self.kv.num_blocks, num_blocks_free=self.kv.num_free_blocks,
-            num_preemptions=s.num_preemptions, num_prompt_tokens=s.num_prompt_tokens,
-            num_generation_tokens=s.num_generation_tokens, num_recomputed_tokens=s.num_recomputed_tokens,
-            prefix_query_tokens=c.query_tokens, prefix_hit_tokens_device=c.hit_tokens_device,
-            prefix_hit_tokens_host=c.hit_tokens_host, prefix_hit_tokens_pool=c.hit_tokens_pool,
-            num_blocks_saved_on_preemption=c.blocks_saved_on_preemption, store=self.store_counters,
+            num_blocks_total=self.kv.num_blocks,
+            num_blocks_free=self.kv.num_free_blocks,
+            num_preemptions=s.num_preemptions,
+            num_prompt_tokens=s.num_prompt_tokens,
+            num_generation_tokens=s.num_generation_tokens,
+            num_recomputed_tokens=s.num_recomputed_tokens,
+            prefix_query_tokens=c.query_tokens,
+            prefix_hit_tokens_device=c.hit_tokens_device,
+            prefix_hit_tokens_host=c.hit_tokens_host,
+            prefix_hit_tokens_pool=c.hit_tokens_pool,
+            num_blocks_saved_on_preemption=c.blocks_saved_on_preemption,
+            store=self.store_counters,
             kv_transfer=self.pd.stats.snapshot() if self.pd is not None else TransferCounters(),
         )
 

@@ -101,8 +101,14 @@ def _delta(update: RequestUpdate) -> RequestDelta:
     r = update.request
     reason = r.finish_reason.value if update.finished and r.finish_reason else None
     if update.error is not None:
-        return RequestDelta(r.req_id, [], finish_reason=reason, error=update.error.message,
-                            error_code=update.error.code, error_status=update.error.status)
+        return RequestDelta(
+            r.req_id,
+            [],
+            finish_reason=reason,
+            error=update.error.message,
+            error_code=update.error.code,
+            error_status=update.error.status,
+        )
     return RequestDelta(r.req_id, update.new_token_ids, update.new_logprobs, finish_reason=reason)
 
 
@@ -117,12 +123,21 @@ def core_main(spec_json: bytes) -> None:
     core = None
     try:
         core = EngineCore(spec.config)
-        outputs.send(encode(EngineReady(
-            model_name=core.source.name, max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
-            num_blocks=core.num_blocks, block_size=spec.config.cache.block_size, role=spec.config.disagg.role,
-            control_address=core.control_address, fingerprint=core.fingerprint,
-            tp_size=spec.config.parallel.tensor_parallel_size,
-        )))
+        outputs.send(
+            encode(
+                EngineReady(
+                    model_name=core.source.name,
+                    max_model_len=core.max_model_len,
+                    vocab_size=core.arch.vocab_size,
+                    num_blocks=core.num_blocks,
+                    block_size=spec.config.cache.block_size,
+                    role=spec.config.disagg.role,
+                    control_address=core.control_address,
+                    fingerprint=core.fingerprint,
+                    tp_size=spec.config.parallel.tensor_parallel_size,
+                )
+            )
+        )
         CoreLoop(core, inputs, outputs, spec.parent_pid).run()
     except Exception as e:  # noqa: BLE001 - reported to the API server, which reports unhealthy
         logger.error("engine core failed: %s", traceback.format_exc())

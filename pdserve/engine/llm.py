@@ -68,7 +68,9 @@ class LLM:
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        params = (
+            [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params; give one or one each")
         encoded = [self._to_token_ids(p, i) for i, p in enumerate(prompts)]
@@ -79,19 +81,29 @@ class LLM:
                 raise ValueError(f"prompt {i}: {e}") from None
         return self._run(encoded, params, use_tqdm)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                                                          return_dict=False)}
-                   for c in conversations]
+        prompts = [
+            {
+                "prompt_token_ids": self.tokenizer.apply_chat_template(
+                    c, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            }
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         from tqdm import tqdm
 
         req_ids = [f"offline-{next(_counter)}" for _ in encoded]
@@ -101,7 +113,9 @@ class LLM:
         try:
             for req_id, (_, ids), sp in zip(req_ids, encoded, params):
                 self.engine.add_request(req_id, ids, sp)
-            with tqdm(total=len(req_ids), desc="generating", unit="req", disable=not use_tqdm or len(req_ids) < 2) as bar:
+            with tqdm(
+                total=len(req_ids), desc="generating", unit="req", disable=not use_tqdm or len(req_ids) < 2
+            ) as bar:
                 while len(reasons) < len(req_ids):
                     for update in self.engine.step():
                         req_id = update.request.req_id

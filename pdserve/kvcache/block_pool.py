@@ -138,7 +138,8 @@ class BlockPool:
             raise AssertionError("a negative reference count")
         if len(free) + len(cached) + len(in_use) != self.num_blocks:
             raise AssertionError(
-                f"free {len(free)} + cached {len(cached)} + in-use {len(in_use)} != total {self.num_blocks}")
+                f"free {len(free)} + cached {len(cached)} + in-use {len(in_use)} != total {self.num_blocks}"
+            )
         if any(b in self._key_of for b in free) or not cached <= set(self._key_of):
             raise AssertionError("a free block is named, or a cached block is not")
         if {self._block_of[k] for k in self._block_of} != set(self._key_of) or len(self._block_of) != len(self._key_of):

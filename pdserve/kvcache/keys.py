@@ -58,16 +58,17 @@ def chain_keys(prev: bytes, token_ids: Sequence[int], block_size: int, extra: by
     """Keys of the full blocks of `token_ids`, chained after `prev` (the root, or the key of the block before)."""
     keys = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        prev = chain_key(prev, token_ids[start:start + block_size], extra)
+        prev = chain_key(prev, token_ids[start : start + block_size], extra)
         keys.append(prev)
     return keys
 
 
-def partial_key(root: bytes, full_keys: Sequence[bytes], token_ids: Sequence[int], block_size: int,
-                extra: bytes = b"") -> str | None:
+def partial_key(
+    root: bytes, full_keys: Sequence[bytes], token_ids: Sequence[int], block_size: int, extra: bytes = b""
+) -> str | None:
     """Name of the last incomplete block of `token_ids`, or None if the last block is full."""
     num_full = len(token_ids) // block_size
-    tail = token_ids[num_full * block_size:]
+    tail = token_ids[num_full * block_size :]
     if not tail:
         return None
     prev = full_keys[num_full - 1] if num_full else root

@@ -71,9 +71,18 @@ class KVCacheManager:
     runs; `free` returns all of it (named blocks stay cached for reuse).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, *, root: bytes = b"pdserve", num_host_blocks: int = 0,
-                 has_pool: bool = False, enable_prefix_caching: bool = True, preempt_save: bool = True,
-                 cache_output: bool = False) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        root: bytes = b"pdserve",
+        num_host_blocks: int = 0,
+        has_pool: bool = False,
+        enable_prefix_caching: bool = True,
+        preempt_save: bool = True,
+        cache_output: bool = False,
+    ) -> None:
         if has_pool and not num_host_blocks:
             raise ValueError("a pool needs a host tier to stage its blocks")
         self.block_size = block_size
@@ -146,9 +155,9 @@ class KVCacheManager:
             return MatchResult()
         keys = self._matchable_keys(request)
         device_ids = self.device.match(keys) if self.enable_prefix_caching else []
-        host_ids = self.host.match(keys[len(device_ids):]) if self.host else []
+        host_ids = self.host.match(keys[len(device_ids) :]) if self.host else []
         loaded = self._loaded_from_pool.get(request.req_id, ())
-        host_keys = keys[len(device_ids):len(device_ids) + len(host_ids)]
+        host_keys = keys[len(device_ids) : len(device_ids) + len(host_ids)]
         return MatchResult(device_ids, host_ids, sum(1 for key in host_keys if key in loaded))
 
     def pool_lookup_keys(self, request: Request) -> list[bytes]:
@@ -159,7 +168,7 @@ class KVCacheManager:
         if not self.has_pool or self.host is None or not self._can_match(request):
             return MatchResult(), []
         match = self.match(request)
-        return match, self._matchable_keys(request)[match.num_blocks:]
+        return match, self._matchable_keys(request)[match.num_blocks :]
 
     def plan_pool_load(self, request: Request, num_in_pool: int | None = None) -> PoolLoad | None:
         """Host blocks to read the request's next cached blocks into from the pool, or None.
@@ -204,8 +213,9 @@ class KVCacheManager:
 
     # ---- allocation ----------------------------------------------------------------
 
-    def allocate_slots(self, request: Request, num_tokens: int, reserve: int = 0,
-                       match: MatchResult | None = None) -> bool:
+    def allocate_slots(
+        self, request: Request, num_tokens: int, reserve: int = 0, match: MatchResult | None = None
+    ) -> bool:
         """Grow the request's table to hold `num_tokens` tokens; on admission pass its `match`
         (maybe empty), which is taken first and counted in the hit statistics.
 
@@ -239,7 +249,7 @@ class KVCacheManager:
                 if self.enable_prefix_caching:
                     self.device.cache(device_id, keys[len(table)])
                 table.append(device_id)
-            new_ids = new_ids[len(match.host_block_ids):]
+            new_ids = new_ids[len(match.host_block_ids) :]
             self._num_named[req_id] = len(table)
         if is_admission:
             self._count_hits(request, match)
@@ -279,7 +289,7 @@ class KVCacheManager:
         `<key>:partial:N` for an incomplete last block (kvcache.keys)."""
         bs = self.block_size
         prompt = request.prompt_token_ids
-        full = self.keys_for(request)[:len(prompt) // bs]
+        full = self.keys_for(request)[: len(prompt) // bs]
         partial = partial_key(self.root, full, prompt, bs)
         return [k.hex() for k in full] + ([partial] if partial is not None else [])
 
@@ -291,7 +301,7 @@ class KVCacheManager:
         if self.host is None or self.host.num_free_blocks < num:
             return None
         host_ids, _ = self.host.allocate(num)  # evicted host blocks are dropped: the pool has them
-        for host_id, key in zip(host_ids, self.keys_for(request)[:request.num_prompt_tokens // self.block_size]):
+        for host_id, key in zip(host_ids, self.keys_for(request)[: request.num_prompt_tokens // self.block_size]):
             self.host.cache(host_id, key)
         self._refs_in_flight.extend(host_ids)
         return host_ids
@@ -440,18 +450,25 @@ class KVCacheManager:
                 held[block_id] = held.get(block_id, 0) + 1
         for block_id in range(self.device.num_blocks):
             if self.device.ref_count(block_id) != held.get(block_id, 0):
-                raise AssertionError(f"device block {block_id}: {self.device.ref_count(block_id)} references, "
-                                     f"{held.get(block_id, 0)} tables and holds have it")
+                raise AssertionError(
+                    f"device block {block_id}: {self.device.ref_count(block_id)} references, "
+                    f"{held.get(block_id, 0)} tables and holds have it"
+                )
         if self.host is not None:
             host_held: dict[int, int] = {}
-            for block_id in [*self._refs_pending, *self._refs_in_flight,
-                             *(b for ids in self._held_for_admission.values() for b in ids),
-                             *(b for ids in self._loading.values() for b in ids)]:
+            for block_id in [
+                *self._refs_pending,
+                *self._refs_in_flight,
+                *(b for ids in self._held_for_admission.values() for b in ids),
+                *(b for ids in self._loading.values() for b in ids),
+            ]:
                 host_held[block_id] = host_held.get(block_id, 0) + 1
             for block_id in range(self.host.num_blocks):
                 if self.host.ref_count(block_id) != host_held.get(block_id, 0):
-                    raise AssertionError(f"host block {block_id}: {self.host.ref_count(block_id)} references, "
-                                         f"{host_held.get(block_id, 0)} held by ops or waiting requests")
+                    raise AssertionError(
+                        f"host block {block_id}: {self.host.ref_count(block_id)} references, "
+                        f"{host_held.get(block_id, 0)} held by ops or waiting requests"
+                    )
 
 
 class _OpsBuilder:

@@ -24,8 +24,19 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_r, stride_o,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    n_cols,
+    eps,
+    stride_x,
+    stride_r,
+    stride_o,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -46,8 +57,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     n, hidden = x.shape
     out = torch.empty_like(x)
     res = residual if residual is not None else x
-    _add_rms_norm_kernel[(n,)](x, res, weight, out, hidden, eps, x.stride(0), res.stride(0), out.stride(0),
-                               HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(hidden), num_warps=8)
+    _add_rms_norm_kernel[(n,)](
+        x,
+        res,
+        weight,
+        out,
+        hidden,
+        eps,
+        x.stride(0),
+        res.stride(0),
+        out.stride(0),
+        HAS_RES=residual is not None,
+        BLOCK=triton.next_power_of_2(hidden),
+        num_warps=8,
+    )
     return out
 
 
@@ -70,8 +93,22 @@ def _rotate(ptr, stride_h, num_heads, c, s, HALF: tl.constexpr, BLOCK_H: tl.cons
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
-                 cs_stride, NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_stride_t,
+    q_stride_h,
+    k_stride_t,
+    k_stride_h,
+    cs_stride,
+    NUM_Q: tl.constexpr,
+    NUM_K: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)[None, :]
@@ -89,9 +126,23 @@ def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.
     if n == 0:
         return
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
-    _rope_kernel[(n,)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-                       NUM_Q=num_q, NUM_K=num_k, HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(max(num_q, num_k)),
-                       num_warps=4)
+    _rope_kernel[(n,)](
+        q,
+        k,
+        positions,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        NUM_Q=num_q,
+        NUM_K=num_k,
+        HALF=head_dim // 2,
+        BLOCK_H=triton.next_power_of_2(max(num_q, num_k)),
+        num_warps=4,
+    )
 
 
 @triton.jit
@@ -113,14 +164,25 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     size = width // 2
     out = torch.empty(n, size, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul_kernel[(n, triton.cdiv(size, block))](x, out, size, x.stride(0), out.stride(0), BLOCK=block,
-                                                     num_warps=4)
+    _silu_mul_kernel[(n, triton.cdiv(size, block))](x, out, size, x.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                     v_offset, NUM_K: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    k_stride_t,
+    k_stride_h,
+    v_stride_t,
+    v_stride_h,
+    v_offset,
+    NUM_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t)
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -140,5 +202,18 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     if n == 0:
         return
     assert kv_cache.is_contiguous() and k.stride(2) == 1 and v.stride(2) == 1
-    _write_kv_kernel[(n,)](k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                           kv_cache[0].numel(), NUM_K=num_k, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_k), num_warps=2)
+    _write_kv_kernel[(n,)](
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        kv_cache[0].numel(),
+        NUM_K=num_k,
+        HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_k),
+        num_warps=2,
+    )

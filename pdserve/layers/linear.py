@@ -33,7 +33,9 @@ class ColumnParallelLinear(nn.Module):
                 raise ValueError(f"output size {size} is not divisible by tensor_parallel_size {tp.size}")
         self.local_sizes = [size // tp.size for size in output_sizes]
         out = sum(self.local_sizes)
-        self.weight = _set_loader(nn.Parameter(torch.empty(out, input_size, dtype=dtype), requires_grad=False), self._load)
+        self.weight = _set_loader(
+            nn.Parameter(torch.empty(out, input_size, dtype=dtype), requires_grad=False), self._load
+        )
         self.packed_weight: torch.Tensor | None = None  # see prepack_for_cpu
         self.bias = None
         if bias:
@@ -65,7 +67,9 @@ class RowParallelLinear(nn.Module):
         self.packed_weight: torch.Tensor | None = None  # see prepack_for_cpu
         self.bias = None
         if bias:
-            self.bias = _set_loader(nn.Parameter(torch.zeros(output_size, dtype=dtype), requires_grad=False), _copy_full)
+            self.bias = _set_loader(
+                nn.Parameter(torch.zeros(output_size, dtype=dtype), requires_grad=False), _copy_full
+            )
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         tp = get_tp_group()

@@ -49,8 +49,9 @@ class Sampler:
             token_ids = self._sample(logits, req_ids, specs)
         elif random_rows:
             rows = to_device(random_rows, logits.device, torch.int64)
-            sampled = self._sample(logits.index_select(0, rows), [req_ids[i] for i in random_rows],
-                                   [specs[i] for i in random_rows])
+            sampled = self._sample(
+                logits.index_select(0, rows), [req_ids[i] for i in random_rows], [specs[i] for i in random_rows]
+            )
             token_ids.index_copy_(0, rows, sampled)
         if all(s.num_logprobs < 0 for s in specs):
             return token_ids
@@ -62,8 +63,9 @@ class Sampler:
         return torch.cat([token_ids[:, None].double(), chosen.double(), top_values.double(), top_ids.double()], dim=1)
 
     @staticmethod
-    def to_host(packed: torch.Tensor, specs: list[SamplingSpec]
-                ) -> tuple[list[int], list[list[tuple[int, float]]] | None]:
+    def to_host(
+        packed: torch.Tensor, specs: list[SamplingSpec]
+    ) -> tuple[list[int], list[list[tuple[int, float]]] | None]:
         """The one host sync of a step: sample_on_device's result as token ids (and logprobs)."""
         rows = packed.tolist()
         if packed.dim() == 1:
@@ -73,7 +75,7 @@ class Sampler:
         out = []
         for row, spec in zip(rows, specs):
             k_row = max(spec.num_logprobs, 0)
-            top = zip((int(i) for i in row[2 + k:2 + k + k_row]), row[2:2 + k_row])
+            top = zip((int(i) for i in row[2 + k : 2 + k + k_row]), row[2 : 2 + k_row])
             out.append([(int(row[0]), row[1]), *top])
         return tokens, out
 

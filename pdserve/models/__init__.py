@@ -13,8 +13,13 @@ __all__ = ["ModelArch", "ModelSource", "build_model"]
 
 
 def build_model(
-    arch: ModelArch, source: ModelSource, dtype: torch.dtype, device: torch.device,
-    max_position: int, attention_backend: str = "torch", seed: int = 0,
+    arch: ModelArch,
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_position: int,
+    attention_backend: str = "torch",
+    seed: int = 0,
 ) -> LlamaForCausalLM:
     """Build this rank's shard of the model on `device` and load its weights."""
     with torch.device(device):

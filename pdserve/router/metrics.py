@@ -52,23 +52,40 @@ class RouterMetrics:
 
     def render(self, instances: Iterable[Instance]) -> str:
         instances = list(instances)
-        lines = ["# HELP pdserve_router_requests_total Requests the router sent to an instance (a PD request counts "
-                 "once for P and once for D)", "# TYPE pdserve_router_requests_total counter"]
-        lines += [f"pdserve_router_requests_total{_labels(instance=u, role=r)} {n}"
-                  for (u, r), n in sorted(self.requests.items())]
-        lines += ["# HELP pdserve_router_errors_total Error answers the router gave, by the instance that caused "
-                  "them and the error code", "# TYPE pdserve_router_errors_total counter"]
-        lines += [f"pdserve_router_errors_total{_labels(instance=u, code=c)} {n}"
-                  for (u, c), n in sorted(self.errors.items())]
-        lines += ["# HELP pdserve_router_in_flight Requests the router has open on an instance",
-                  "# TYPE pdserve_router_in_flight gauge"]
+        lines = [
+            "# HELP pdserve_router_requests_total Requests the router sent to an instance (a PD request counts "
+            "once for P and once for D)",
+            "# TYPE pdserve_router_requests_total counter",
+        ]
+        lines += [
+            f"pdserve_router_requests_total{_labels(instance=u, role=r)} {n}"
+            for (u, r), n in sorted(self.requests.items())
+        ]
+        lines += [
+            "# HELP pdserve_router_errors_total Error answers the router gave, by the instance that caused "
+            "them and the error code",
+            "# TYPE pdserve_router_errors_total counter",
+        ]
+        lines += [
+            f"pdserve_router_errors_total{_labels(instance=u, code=c)} {n}" for (u, c), n in sorted(self.errors.items())
+        ]
+        lines += [
+            "# HELP pdserve_router_in_flight Requests the router has open on an instance",
+            "# TYPE pdserve_router_in_flight gauge",
+        ]
         lines += [f"pdserve_router_in_flight{_labels(instance=i.url)} {i.num_in_flight}" for i in instances]
-        lines += ["# HELP pdserve_router_instance_healthy 1 while the instance passes its health checks",
-                  "# TYPE pdserve_router_instance_healthy gauge"]
-        lines += [f"pdserve_router_instance_healthy{_labels(instance=i.url, role=i.role)} {int(i.is_healthy)}"
-                  for i in instances]
-        lines += ["# HELP pdserve_router_request_seconds Time from a request's arrival to its last byte",
-                  "# TYPE pdserve_router_request_seconds histogram"]
+        lines += [
+            "# HELP pdserve_router_instance_healthy 1 while the instance passes its health checks",
+            "# TYPE pdserve_router_instance_healthy gauge",
+        ]
+        lines += [
+            f"pdserve_router_instance_healthy{_labels(instance=i.url, role=i.role)} {int(i.is_healthy)}"
+            for i in instances
+        ]
+        lines += [
+            "# HELP pdserve_router_request_seconds Time from a request's arrival to its last byte",
+            "# TYPE pdserve_router_request_seconds histogram",
+        ]
         cumulative = 0
         for bound, n in zip(REQUEST_BUCKETS, self.bucket_counts):
             cumulative += n

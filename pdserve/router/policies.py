@@ -34,8 +34,7 @@ class RouterPolicy(ABC):
     name: str = ""
 
     @abstractmethod
-    def choose(self, candidates: Sequence[Instance], request_key: str | None) -> Instance:
-        ...
+    def choose(self, candidates: Sequence[Instance], request_key: str | None) -> Instance: ...
 
 
 class RoundRobin(RouterPolicy):
@@ -173,15 +172,21 @@ def pair_problem(p: Instance, d: Instance) -> str | None:
         missing = p if p.info is None else d
         return f"{missing.role} {missing.url} has not reported /v1/pd/info yet"
     if p.info.tp_size != d.info.tp_size:
-        return (f"prefill {p.url} has tensor-parallel size {p.info.tp_size} and decode {d.url} has "
-                f"{d.info.tp_size}; P and D must have the same tensor-parallel size for now")
+        return (
+            f"prefill {p.url} has tensor-parallel size {p.info.tp_size} and decode {d.url} has "
+            f"{d.info.tp_size}; P and D must have the same tensor-parallel size for now"
+        )
     if p.info.fingerprint != d.info.fingerprint:
-        return (f"prefill {p.url} (fingerprint {p.info.fingerprint}) and decode {d.url} (fingerprint "
-                f"{d.info.fingerprint}) serve different models or KV layouts; start both with the same --model, "
-                "--dtype and --block-size")
+        return (
+            f"prefill {p.url} (fingerprint {p.info.fingerprint}) and decode {d.url} (fingerprint "
+            f"{d.info.fingerprint}) serve different models or KV layouts; start both with the same --model, "
+            "--dtype and --block-size"
+        )
     if p.info.kv_transfer != d.info.kv_transfer:
-        return (f"prefill {p.url} uses kv_transfer {p.info.kv_transfer} and decode {d.url} uses "
-                f"{d.info.kv_transfer}; start both with the same KV transfer mode")
+        return (
+            f"prefill {p.url} uses kv_transfer {p.info.kv_transfer} and decode {d.url} uses "
+            f"{d.info.kv_transfer}; start both with the same KV transfer mode"
+        )
     return None
 
 
@@ -206,8 +211,7 @@ def plan_route(instances: Sequence[Instance], policy: RouterPolicy, key: str | N
 
 
 def _unavailable_message(instances: Sequence[Instance], healthy: dict[str, list[Instance]]) -> str:
-    counts = ", ".join(f"{role} {len(healthy[role])}/{sum(1 for i in instances if i.role == role)}"
-                       for role in ROLES)
+    counts = ", ".join(f"{role} {len(healthy[role])}/{sum(1 for i in instances if i.role == role)}" for role in ROLES)
     if not instances:
         return "no instance is registered; start instances with --register-with or list them on the command line"
     has_pd = any(i.role in ("prefill", "decode") for i in instances)

@@ -76,9 +76,18 @@ class InstanceInfo:
         if not isinstance(data, dict):
             raise ValueError("/v1/pd/info did not answer a JSON object")
         values: dict[str, Any] = {}
-        for name, kind in (("role", str), ("incarnation", str), ("control_address", str), ("fingerprint", str),
-                           ("model", str), ("tp_size", int), ("kv_transfer", str), ("num_open_requests", int),
-                           ("num_blocks_free", int), ("num_blocks_total", int)):
+        for name, kind in (
+            ("role", str),
+            ("incarnation", str),
+            ("control_address", str),
+            ("fingerprint", str),
+            ("model", str),
+            ("tp_size", int),
+            ("kv_transfer", str),
+            ("num_open_requests", int),
+            ("num_blocks_free", int),
+            ("num_blocks_total", int),
+        ):
             value = data.get(name)
             if value is None and name.startswith("num_"):
                 continue
@@ -127,11 +136,20 @@ class Instance:
 
     def describe(self) -> dict[str, Any]:
         """The JSON the router's /health lists."""
-        return {"url": self.url, "role": self.role, "source": "static" if self.is_static else "registered",
-                "healthy": self.is_healthy, "in_flight": self.num_in_flight, "requests": self.num_requests,
-                "incarnation": self.incarnation, "control_address": self.control_address,
-                "fingerprint": self.fingerprint, "tp_size": self.tp_size,
-                "kv_transfer": self.info.kv_transfer if self.info else None, "last_error": self.last_error}
+        return {
+            "url": self.url,
+            "role": self.role,
+            "source": "static" if self.is_static else "registered",
+            "healthy": self.is_healthy,
+            "in_flight": self.num_in_flight,
+            "requests": self.num_requests,
+            "incarnation": self.incarnation,
+            "control_address": self.control_address,
+            "fingerprint": self.fingerprint,
+            "tp_size": self.tp_size,
+            "kv_transfer": self.info.kv_transfer if self.info else None,
+            "last_error": self.last_error,
+        }
 
 
 class Registry:
@@ -170,8 +188,9 @@ class Registry:
         inst = self._instances.get(url)
         is_new = inst is None or inst.role != role
         if inst is not None and inst.is_static and inst.role != role:
-            raise ValueError(f"{url} is a {inst.role} instance on the router's command line; it cannot register as "
-                             f"{role}")
+            raise ValueError(
+                f"{url} is a {inst.role} instance on the router's command line; it cannot register as {role}"
+            )
         if inst is not None and inst.role != role:
             logger.warning("instance %s registered as %s; it was %s", url, role, inst.role)
             inst = self._instances[url] = Instance(url, role, is_static=False)
@@ -237,12 +256,20 @@ class Registry:
         """Drop registered instances whose heartbeats stopped; returns the dropped."""
         now = time.monotonic() if now is None else now
         limit = self.health.num_missed_heartbeats
-        dropped = [i for i in self._instances.values()
-                   if not i.is_static and now - i.last_heartbeat > limit * i.heartbeat_interval_s]
+        dropped = [
+            i
+            for i in self._instances.values()
+            if not i.is_static and now - i.last_heartbeat > limit * i.heartbeat_interval_s
+        ]
         for inst in dropped:
             del self._instances[inst.url]
-            logger.warning("instance %s (%s) missed %d heartbeats (%.1f s); dropped", inst.url, inst.role, limit,
-                           now - inst.last_heartbeat)
+            logger.warning(
+                "instance %s (%s) missed %d heartbeats (%.1f s); dropped",
+                inst.url,
+                inst.role,
+                limit,
+                now - inst.last_heartbeat,
+            )
         return dropped
 
     async def _run(self) -> None:
@@ -283,8 +310,12 @@ class Registry:
         if old is not None and info is not None and info.incarnation != old:
             logger.warning("instance %s restarted (incarnation %s -> %s)", inst.url, old, info.incarnation)
         if not inst.is_healthy:
-            logger.info("instance %s (%s) is healthy (incarnation %s)", inst.url, inst.role,
-                        info.incarnation if info else "unknown")
+            logger.info(
+                "instance %s (%s) is healthy (incarnation %s)",
+                inst.url,
+                inst.role,
+                info.incarnation if info else "unknown",
+            )
         inst.info = info
         inst.is_healthy = True
         inst.last_error = None

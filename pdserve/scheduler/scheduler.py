@@ -122,8 +122,9 @@ class Scheduler:
         del self.requests[request.req_id]
         self._finished_since_last_plan.append(request.req_id)
 
-    def add_computed(self, request: Request, token_id: int | None,
-                     logprobs: list[tuple[int, float]] | None = None) -> RequestUpdate:
+    def add_computed(
+        self, request: Request, token_id: int | None, logprobs: list[tuple[int, float]] | None = None
+    ) -> RequestUpdate:
         """Start running a request whose prompt was computed elsewhere (its KV is in its blocks already,
         num_computed_tokens set), appending the token sampled there. It may finish at once (a stop token).
         token_id None: only the first num_computed_tokens are there; the rest of the prompt is computed
@@ -166,8 +167,9 @@ class Scheduler:
                 lookups.append((request, keys))
         return lookups
 
-    def plan_pool_loads(self, lookups: list[tuple[Request, list[bytes]]] | None = None,
-                        num_in_pool: list[int] | None = None) -> list[PoolLoad]:
+    def plan_pool_loads(
+        self, lookups: list[tuple[Request, list[bytes]]] | None = None, num_in_pool: list[int] | None = None
+    ) -> list[PoolLoad]:
         """Pool reads for `lookups` (default: pool_lookups()), each limited to the blocks the pool holds."""
         if lookups is None:
             lookups = self.pool_lookups()
@@ -268,8 +270,12 @@ class Scheduler:
             )
         self._step_id += 1
         is_executed = bool(seqs) or self.kv.has_pending_ops  # else its finished ids ride on the next plan
-        plan = StepPlan(step_id=self._step_id, seqs=seqs, finished_req_ids=self._finished_since_last_plan,
-                        cache_ops=self.kv.take_ops() if is_executed else CacheOps())
+        plan = StepPlan(
+            step_id=self._step_id,
+            seqs=seqs,
+            finished_req_ids=self._finished_since_last_plan,
+            cache_ops=self.kv.take_ops() if is_executed else CacheOps(),
+        )
         if is_executed:
             self._finished_since_last_plan = []
         return SchedulerOutput(plan=plan, num_new_tokens=num_new)

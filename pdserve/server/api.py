@@ -65,8 +65,9 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
         if settings.register_with and settings.public_url:
             from pdserve.router.heartbeat import heartbeat
 
-            beat = asyncio.create_task(heartbeat(settings.register_with, settings.public_url, settings.role,
-                                                 settings.heartbeat_interval, stop))
+            beat = asyncio.create_task(
+                heartbeat(settings.register_with, settings.public_url, settings.role, settings.heartbeat_interval, stop)
+            )
         yield
         stop.set()
         if beat is not None:
@@ -107,8 +108,9 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error")
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "internal_error",
-                              "server_error")
+        return error_response(
+            500, f"internal error ({type(exc).__name__}); see the server log", "internal_error", "server_error"
+        )
 
     @app.get("/health")
     async def health() -> Response:
@@ -124,13 +126,22 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
         if info is None or not client.is_healthy:
             return error_response(503, "the engine is not ready", "model_loading", "server_error")
         stats = client.stats
-        return JSONResponse({
-            "role": settings.role, "incarnation": info.incarnation, "control_address": info.control_address,
-            "fingerprint": info.fingerprint, "model": settings.model_name, "tp_size": info.tp_size,
-            "kv_transfer": settings.kv_transfer, "num_open_requests": client.num_open_requests,
-            "num_blocks_free": stats.num_blocks_free, "num_blocks_total": stats.num_blocks_total,
-            "block_size": info.block_size, "max_model_len": info.max_model_len,
-        })
+        return JSONResponse(
+            {
+                "role": settings.role,
+                "incarnation": info.incarnation,
+                "control_address": info.control_address,
+                "fingerprint": info.fingerprint,
+                "model": settings.model_name,
+                "tp_size": info.tp_size,
+                "kv_transfer": settings.kv_transfer,
+                "num_open_requests": client.num_open_requests,
+                "num_blocks_free": stats.num_blocks_free,
+                "num_blocks_total": stats.num_blocks_total,
+                "block_size": info.block_size,
+                "max_model_len": info.max_model_len,
+            }
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -138,9 +149,18 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
 
     @app.get("/v1/models", dependencies=[Depends(check_auth)])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "pdserve", "max_model_len": client.info and
-                                            client.info.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "pdserve",
+                    "max_model_len": client.info and client.info.max_model_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions", dependencies=[Depends(check_auth)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -150,8 +170,9 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await _respond(serving.prepare_chat(body), body, request, is_chat=True)
 
-    async def _respond(p: Prepared, body: CompletionRequest | ChatCompletionRequest, request: Request,
-                       is_chat: bool) -> Response:
+    async def _respond(
+        p: Prepared, body: CompletionRequest | ChatCompletionRequest, request: Request, is_chat: bool
+    ) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
             # wait for the first token before answering, so that a failure before it (no capacity, a failed
@@ -169,31 +190,60 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
             choice.update(message={"role": "assistant", "content": text}, logprobs=serving.logprobs_chat(collected))
         else:
             choice.update(text=text, logprobs=serving.logprobs_completion(collected))
-        return JSONResponse({
-            "id": p.req_id, "object": "chat.completion" if is_chat else "text_completion",
-            "created": int(time.time()), "model": settings.model_name, "choices": [choice],
-            "usage": usage(p, sum(len(e.token_ids) for e in collected)),
-        })
+        return JSONResponse(
+            {
+                "id": p.req_id,
+                "object": "chat.completion" if is_chat else "text_completion",
+                "created": int(time.time()),
+                "model": settings.model_name,
+                "choices": [choice],
+                "usage": usage(p, sum(len(e.token_ids) for e in collected)),
+            }
+        )
 
-    async def _stream(p: Prepared, first: Event | None, events: AsyncIterator[Event], include_usage: bool,
-                      is_chat: bool) -> AsyncIterator[str]:
+    async def _stream(
+        p: Prepared, first: Event | None, events: AsyncIterator[Event], include_usage: bool, is_chat: bool
+    ) -> AsyncIterator[str]:
         created = int(time.time())
-        head = {"id": p.req_id, "object": "chat.completion.chunk" if is_chat else "text_completion",
-                "created": created, "model": settings.model_name}
+        head = {
+            "id": p.req_id,
+            "object": "chat.completion.chunk" if is_chat else "text_completion",
+            "created": created,
+            "model": settings.model_name,
+        }
 
         def chunk(e: Event) -> dict[str, Any]:
             if is_chat:
-                choice = {"index": 0, "delta": {"content": e.text} if e.text else {},
-                          "finish_reason": e.finish_reason, "logprobs": serving.logprobs_chat([e])}
+                choice = {
+                    "index": 0,
+                    "delta": {"content": e.text} if e.text else {},
+                    "finish_reason": e.finish_reason,
+                    "logprobs": serving.logprobs_chat([e]),
+                }
             else:
-                choice = {"index": 0, "text": e.text, "finish_reason": e.finish_reason,
-                          "logprobs": serving.logprobs_completion([e])}
+                choice = {
+                    "index": 0,
+                    "text": e.text,
+                    "finish_reason": e.finish_reason,
+                    "logprobs": serving.logprobs_completion([e]),
+                }
             return {**head, "choices": [choice]}
 
         num_out = 0
         if is_chat:
-            yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None, "logprobs": None}]})
+            yield sse(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ],
+                }
+            )
         try:
             async with contextlib.aclosing(events):  # type: ignore[type-var]
                 if first is not None:

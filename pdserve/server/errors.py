@@ -6,8 +6,9 @@ from fastapi.responses import JSONResponse
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, code: str | None = None, type_: str = "invalid_request_error"
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -15,6 +16,7 @@ class ApiError(Exception):
         self.type = type_
 
 
-def error_response(status: int, message: str, code: str | None = None,
-                   type_: str = "invalid_request_error") -> JSONResponse:
+def error_response(
+    status: int, message: str, code: str | None = None, type_: str = "invalid_request_error"
+) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status)

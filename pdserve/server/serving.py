@@ -48,8 +48,16 @@ class Event:
 
 
 class Serving:
-    def __init__(self, client: AsyncEngineClient, tokenizer: Any, metrics: Metrics, model_name: str,
-                 max_open_requests: int, role: str = "mixed", kv_transfer: str = "direct") -> None:
+    def __init__(
+        self,
+        client: AsyncEngineClient,
+        tokenizer: Any,
+        metrics: Metrics,
+        model_name: str,
+        max_open_requests: int,
+        role: str = "mixed",
+        kv_transfer: str = "direct",
+    ) -> None:
         self.client = client
         self.role = role
         self.kv_transfer = kv_transfer
@@ -64,17 +72,30 @@ class Serving:
         if self.client.failure is not None:
             raise ApiError(503, f"the engine failed: {self.client.failure}", "engine_dead", "server_error")
         if not self.client.is_ready:
-            raise ApiError(503, "the model is still loading; retry when /health answers 200", "model_loading",
-                           "server_error")
+            raise ApiError(
+                503, "the model is still loading; retry when /health answers 200", "model_loading", "server_error"
+            )
         if body.model is not None and body.model != self.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                           "model_not_found")
+            raise ApiError(
+                404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}", "model_not_found"
+            )
         if self.client.num_open_requests >= self.max_open_requests:
-            raise ApiError(503, f"the server is at its queue limit ({self.max_open_requests} open requests); "
-                           "retry later or raise --max-queue-len", "queue_full", "server_error")
+            raise ApiError(
+                503,
+                f"the server is at its queue limit ({self.max_open_requests} open requests); "
+                "retry later or raise --max-queue-len",
+                "queue_full",
+                "server_error",
+            )
 
-    def prepare(self, body: SamplingFields, prompt_token_ids: list[int], max_tokens: int | None,
-                num_logprobs: int | None, prefix: str) -> Prepared:
+    def prepare(
+        self,
+        body: SamplingFields,
+        prompt_token_ids: list[int],
+        max_tokens: int | None,
+        num_logprobs: int | None,
+        prefix: str,
+    ) -> Prepared:
         """`max_tokens` None means: the rest of the context."""
         info = self.client.info
         assert info is not None
@@ -83,31 +104,51 @@ class Serving:
         if bad is not None:
             raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {info.vocab_size})")
         if n >= info.max_model_len:
-            raise ApiError(400, f"the prompt has {n} tokens; this model's maximum context length is "
-                           f"{info.max_model_len} tokens, so the prompt may have at most {info.max_model_len - 1}; "
-                           "shorten it", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {n} tokens; this model's maximum context length is "
+                f"{info.max_model_len} tokens, so the prompt may have at most {info.max_model_len - 1}; "
+                "shorten it",
+                "context_length_exceeded",
+            )
         max_tokens = max_tokens or info.max_model_len - n
         if n + max_tokens > info.max_model_len:
-            raise ApiError(400, f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} in "
-                           f"all, more than this model's maximum context length of {info.max_model_len}; "
-                           f"lower max_tokens to at most {info.max_model_len - n}", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} in "
+                f"all, more than this model's maximum context length of {info.max_model_len}; "
+                f"lower max_tokens to at most {info.max_model_len - n}",
+                "context_length_exceeded",
+            )
         sampling = WireSamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-            min_p=body.min_p, seed=body.seed, stop_token_ids=list(body.stop_token_ids or []),
-            ignore_eos=body.ignore_eos, logprobs=num_logprobs,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            logprobs=num_logprobs,
         )
         transfer = None
         if body.kv_transfer_params is not None:
             kt = body.kv_transfer_params
             if self.role == "mixed":
-                raise ApiError(400, "this instance runs --role mixed and takes no kv_transfer_params; send PD "
-                               "requests through `pdserve router` to --role prefill/decode instances")
+                raise ApiError(
+                    400,
+                    "this instance runs --role mixed and takes no kv_transfer_params; send PD "
+                    "requests through `pdserve router` to --role prefill/decode instances",
+                )
             if kt.mode != self.kv_transfer:
-                raise ApiError(400, f"kv_transfer_params.mode is {kt.mode!r} but this instance runs "
-                               f"--kv-transfer {self.kv_transfer}")
+                raise ApiError(
+                    400,
+                    f"kv_transfer_params.mode is {kt.mode!r} but this instance runs --kv-transfer {self.kv_transfer}",
+                )
             transfer = TransferHandle(room=kt.room, peer=kt.peer, peer_incarnation=kt.peer_incarnation, mode=kt.mode)
-        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids, sampling, list(body.stop or []), num_logprobs,
-                        transfer)
+        return Prepared(
+            f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids, sampling, list(body.stop or []), num_logprobs, transfer
+        )
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         self.check_ready(body)
@@ -125,8 +166,9 @@ class Serving:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             for i, m in enumerate(messages):
                 _check_utf8(m["content"], f"message {i}")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
         except ApiError:
             raise
         except ValueError as e:
@@ -148,7 +190,9 @@ class Serving:
         first: float | None = None
         reason = "abort"
         try:
-            async with contextlib.aclosing(self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer)) as deltas:
+            async with contextlib.aclosing(
+                self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer)
+            ) as deltas:
                 async for delta in deltas:
                     if first is None and delta.token_ids:
                         first = time.monotonic() - start
@@ -186,10 +230,19 @@ class Serving:
         if not entries:
             return None
         decode = self._token_text
-        return {"content": [{
-            "token": decode(e[0][0]), "logprob": e[0][1], "bytes": list(decode(e[0][0]).encode()),
-            "top_logprobs": [{"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode())} for t, lp in e[1:]],
-        } for e in entries]}
+        return {
+            "content": [
+                {
+                    "token": decode(e[0][0]),
+                    "logprob": e[0][1],
+                    "bytes": list(decode(e[0][0]).encode()),
+                    "top_logprobs": [
+                        {"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode())} for t, lp in e[1:]
+                    ],
+                }
+                for e in entries
+            ]
+        }
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -239,5 +292,6 @@ def _check_utf8(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError(400, f"{what} is not valid Unicode text ({e.reason} at character {e.start}); "
-                       "send well-formed UTF-8") from None
+        raise ApiError(
+            400, f"{what} is not valid Unicode text ({e.reason} at character {e.start}); send well-formed UTF-8"
+        ) from None

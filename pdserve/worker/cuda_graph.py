@@ -36,8 +36,15 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, scratch_block: int, max_model_len: int,
-                 max_num_seqs: int, num_kv_heads: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        scratch_block: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        num_kv_heads: int,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.shape[3]
@@ -64,9 +71,14 @@ class DecodeGraphs:
 
     def _metadata(self, size: int) -> TritonMetadata:
         return TritonMetadata(
-            slot_mapping=self.slots[:size], block_tables=self.block_tables[:size], seq_lens=self.seq_lens[:size],
-            q_starts=self.arange[:size], q_lens=self.ones[:size], tile_seq=self.arange[:size],
-            tile_q=self.zeros[:size], tile_q_len=1,
+            slot_mapping=self.slots[:size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.seq_lens[:size],
+            q_starts=self.arange[:size],
+            q_lens=self.ones[:size],
+            tile_seq=self.arange[:size],
+            tile_q=self.zeros[:size],
+            tile_q_len=1,
             num_splits=plan_splits(size, self.num_kv_heads, self.max_model_len),
         )
 
@@ -88,15 +100,20 @@ class DecodeGraphs:
                 self.outputs[size] = self.model(*args)
             self.graphs[size] = graph
         torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs for decode batches of %s sequences in %.1fs", len(self.graphs),
-                    self.sizes, time.monotonic() - started)
+        logger.info(
+            "captured %d CUDA graphs for decode batches of %s sequences in %.1fs",
+            len(self.graphs),
+            self.sizes,
+            time.monotonic() - started,
+        )
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+    def run(
+        self, token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]]
+    ) -> torch.Tensor:
         """Hidden states [len(token_ids), hidden] of one decode step (one token per sequence)."""
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
@@ -106,8 +123,9 @@ class DecodeGraphs:
         ids[2, :n] = torch.tensor(slots)
         tables = self._host_tables
         width = max(len(t) for t in block_tables)
-        tables[:n, :width] = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in block_tables],
-                                          dtype=torch.int32)
+        tables[:n, :width] = torch.tensor(
+            [t + [self.scratch_block] * (width - len(t)) for t in block_tables], dtype=torch.int32
+        )
         tables[:n, width] = torch.tensor(positions, dtype=torch.int32) + 1  # the sequence lengths
         self.token_ids[:n].copy_(ids[0, :n], non_blocking=True)
         self.positions[:n].copy_(ids[1, :n], non_blocking=True)

@@ -65,8 +65,15 @@ class Executor(ABC):
 
 
 class UniProcExecutor(Executor):
-    def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
-                 num_host_blocks: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        arch: ModelArch,
+        num_blocks: int,
+        num_host_blocks: int,
+        max_model_len: int,
+    ) -> None:
         from pdserve.worker.model_runner import ModelRunner
 
         self.runner = ModelRunner(config, source, arch, num_blocks, num_host_blocks, max_model_len)
@@ -102,8 +109,14 @@ class WorkerFailed(RuntimeError):
 
 
 class MultiProcExecutor(Executor):
-    def __init__(self, config: EngineConfig, num_blocks: int, num_host_blocks: int, max_model_len: int,
-                 start_timeout: float = 600) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_blocks: int,
+        num_host_blocks: int,
+        max_model_len: int,
+        start_timeout: float = 600,
+    ) -> None:
         from pdserve.worker.worker import WorkerSpec, worker_main
 
         self.tp_size = config.parallel.tensor_parallel_size
@@ -120,10 +133,21 @@ class MultiProcExecutor(Executor):
             sock = self._ctx.socket(zmq.PUSH)
             sock.bind(f"ipc://{self._dir}/plan-{rank}")
             self._plans.append(sock)
-            spec = WorkerSpec(config, rank, num_blocks, num_host_blocks, max_model_len, init_method,
-                              f"ipc://{self._dir}/plan-{rank}", f"ipc://{self._dir}/results", threads, os.getpid())
-            proc = mp_ctx.Process(target=worker_main, args=(msgspec.json.encode(spec),),
-                                  name=f"pdserve-worker-{rank}", daemon=True)
+            spec = WorkerSpec(
+                config,
+                rank,
+                num_blocks,
+                num_host_blocks,
+                max_model_len,
+                init_method,
+                f"ipc://{self._dir}/plan-{rank}",
+                f"ipc://{self._dir}/results",
+                threads,
+                os.getpid(),
+            )
+            proc = mp_ctx.Process(
+                target=worker_main, args=(msgspec.json.encode(spec),), name=f"pdserve-worker-{rank}", daemon=True
+            )
             proc.start()
             self._procs.append(proc)
         self._closed = False

@@ -40,7 +40,7 @@ def swap_out(kv_cache: torch.Tensor, host: torch.Tensor, device_ids: list[int], 
     index = to_device(device_ids, kv_cache.device, torch.int64)
     staged = kv_cache.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, bs, h, d]
     for i, first, n in _host_runs(host_ids):
-        host[first:first + n].copy_(staged[i:i + n], non_blocking=True)
+        host[first : first + n].copy_(staged[i : i + n], non_blocking=True)
 
 
 def swap_in(kv_cache: torch.Tensor, host: torch.Tensor, host_ids: list[int], device_ids: list[int]) -> None:
@@ -48,7 +48,7 @@ def swap_in(kv_cache: torch.Tensor, host: torch.Tensor, host_ids: list[int], dev
     consecutive blocks, then one scatter kernel puts them in place."""
     staged = torch.empty((len(host_ids), *host.shape[1:]), dtype=host.dtype, device=kv_cache.device)
     for i, first, n in _host_runs(host_ids):
-        staged[i:i + n].copy_(host[first:first + n], non_blocking=True)
+        staged[i : i + n].copy_(host[first : first + n], non_blocking=True)
     index = to_device(device_ids, kv_cache.device, torch.int64)
     kv_cache.index_copy_(2, index, staged.permute(1, 2, 0, 3, 4, 5))
 
@@ -59,13 +59,27 @@ def _leading_run(flags: list[bool]) -> int:
 
 
 class KVTiers:
-    def __init__(self, kv_cache: torch.Tensor, num_host_blocks: int, rank: int, store_kind: str | None,
-                 store_options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        num_host_blocks: int,
+        rank: int,
+        store_kind: str | None,
+        store_options: dict[str, Any],
+    ) -> None:
         self.kv_cache = kv_cache
         self.rank = rank
         num_layers, _, _, block_size, num_heads, head_dim = kv_cache.shape
-        self.host = torch.zeros(num_host_blocks, num_layers, 2, block_size, num_heads, head_dim,
-                                dtype=kv_cache.dtype, pin_memory=kv_cache.is_cuda)
+        self.host = torch.zeros(
+            num_host_blocks,
+            num_layers,
+            2,
+            block_size,
+            num_heads,
+            head_dim,
+            dtype=kv_cache.dtype,
+            pin_memory=kv_cache.is_cuda,
+        )
         self.store: KVStore | None = None
         self._num_errors = 0
         self._bytes_put = 0
@@ -123,8 +137,12 @@ class KVTiers:
         write every object the pool does not hold yet. Unlike write-through puts, a failure is reported per
         room (never read as a miss): D must not be told the blocks are there."""
         started = time.perf_counter()
-        swap_out(self.kv_cache, self.host, [b for s in sends for b in s.device_block_ids],
-                 [h for s in sends for h in s.host_block_ids])
+        swap_out(
+            self.kv_cache,
+            self.host,
+            [b for s in sends for b in s.device_block_ids],
+            [h for s in sends for h in s.host_block_ids],
+        )
         self._sync()
         rooms = [s.room for s in sends for _ in s.keys]
         names = [object_key(key, self.rank) for s in sends for key in s.keys]
@@ -154,8 +172,9 @@ class KVTiers:
                 if missing:
                     self._fail("put", f"{sum(missing.values())} objects not written", sum(missing.values()))
                 self._bytes_put += num_bytes
-        return KVSendReport(rank=self.rank, num_bytes=num_bytes, failed=failed,
-                            seconds_busy=time.perf_counter() - started)
+        return KVSendReport(
+            rank=self.rank, num_bytes=num_bytes, failed=failed, seconds_busy=time.perf_counter() - started
+        )
 
     def count_present(self, keys: list[str]) -> int:
         """How many leading `keys` the pool holds (for this rank); 0 on any store failure."""
@@ -173,7 +192,7 @@ class KVTiers:
         `host_ids`; returns how many leading blocks were read completely."""
         if self.store is None or not keys:
             return 0
-        blocks = [self.host[h] for h in host_ids[:len(keys)]]
+        blocks = [self.host[h] for h in host_ids[: len(keys)]]
         try:
             done = self.store.get([object_key(key, self.rank) for key in keys], blocks)
         except Exception as e:  # noqa: BLE001 - any backend failure is a miss, never a crash (StoreError expected)
@@ -187,8 +206,13 @@ class KVTiers:
 
     def _fail(self, op: str, error: object, count: int) -> None:
         self._num_errors += 1
-        logger.warning("KV store %s failed (%s); %d blocks treated as misses", op, error, count,
-                       exc_info=isinstance(error, Exception) and not isinstance(error, StoreError))
+        logger.warning(
+            "KV store %s failed (%s); %d blocks treated as misses",
+            op,
+            error,
+            count,
+            exc_info=isinstance(error, Exception) and not isinstance(error, StoreError),
+        )
         if isinstance(error, StoreError) and self.store is not None and not self.store.wait_idle(IDLE_WAIT_S):
             # NOTE: a call still running inside the store may touch these host blocks; they are reused next step
             logger.error("KV store call still running after %.0fs; host blocks may be overwritten", IDLE_WAIT_S)

@@ -34,8 +34,15 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
-                 num_host_blocks: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        arch: ModelArch,
+        num_blocks: int,
+        num_host_blocks: int,
+        max_model_len: int,
+    ) -> None:
         tp = get_tp_group()
         self.device = torch.device(config.parallel.resolved_device())
         if self.device.type == "cuda":  # this rank's GPU, current for everything the runner does
@@ -47,24 +54,53 @@ class ModelRunner:
         """This rank's GPU as the current device (an engine process may drive runners on several)."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _build(self, config: EngineConfig, source: ModelSource, arch: ModelArch, num_blocks: int,
-               num_host_blocks: int, max_model_len: int) -> None:
+    def _build(
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        arch: ModelArch,
+        num_blocks: int,
+        num_host_blocks: int,
+        max_model_len: int,
+    ) -> None:
         self.dtype = TORCH_DTYPES[config.model.dtype]
         self.block_size = config.cache.block_size
-        self.model = build_model(arch, source, self.dtype, self.device, max_position=max_model_len,
-                                 attention_backend=config.parallel.resolved_attention_backend(),
-                                 seed=config.model.seed)
+        self.model = build_model(
+            arch,
+            source,
+            self.dtype,
+            self.device,
+            max_position=max_model_len,
+            attention_backend=config.parallel.resolved_attention_backend(),
+            seed=config.model.seed,
+        )
         tp = get_tp_group()
         parallel = config.parallel
-        use_graphs = (self.device.type == "cuda" and tp.size == 1 and not parallel.enforce_eager
-                      and parallel.resolved_attention_backend() == "triton" and config.disagg.role != "prefill")
+        use_graphs = (
+            self.device.type == "cuda"
+            and tp.size == 1
+            and not parallel.enforce_eager
+            and parallel.resolved_attention_backend() == "triton"
+            and config.disagg.role != "prefill"
+        )
         # CUDA graphs pad a batch with rows that write into a scratch block past the managed ones
-        shape = (arch.num_layers, 2, num_blocks + int(use_graphs), self.block_size, arch.num_kv_heads // tp.size,
-                 arch.head_dim)
+        shape = (
+            arch.num_layers,
+            2,
+            num_blocks + int(use_graphs),
+            self.block_size,
+            arch.num_kv_heads // tp.size,
+            arch.head_dim,
+        )
         self.shm_path: str | None = None
         disagg = config.disagg
-        if disagg.role == "decode" and not disagg.is_storage and self.device.type == "cpu" \
-                and disagg.transfer_engine != "mooncake" and shm_available():
+        if (
+            disagg.role == "decode"
+            and not disagg.is_storage
+            and self.device.type == "cpu"
+            and disagg.transfer_engine != "mooncake"
+            and shm_available()
+        ):
             # a peer on this host writes received KV straight into this cache
             self.kv_cache, self.shm_path = allocate_shared(shape, self.dtype, f"rank{tp.rank}")
         else:
@@ -72,19 +108,28 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed=config.model.seed)
         self.sampled_vocab_size = config.model.sampled_vocab_size
         self.backend = self.model.attention_backend
-        self.tiers = KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store,
-                             config.cache.kv_store_options) if num_host_blocks else None
-        self.engines = open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path,
-                                    receive=disagg.role == "decode") \
-            if disagg.role != "mixed" and not disagg.is_storage else {}
-        self.sender = KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir,
-                               disagg.fault_delay_ms) if self.engines else None
+        self.tiers = (
+            KVTiers(self.kv_cache, num_host_blocks, tp.rank, config.cache.kv_store, config.cache.kv_store_options)
+            if num_host_blocks
+            else None
+        )
+        self.engines = (
+            open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path, receive=disagg.role == "decode")
+            if disagg.role != "mixed" and not disagg.is_storage
+            else {}
+        )
+        self.sender = (
+            KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir, disagg.fault_delay_ms)
+            if self.engines
+            else None
+        )
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             from pdserve.worker.cuda_graph import DecodeGraphs  # imports Triton
 
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, num_blocks, max_model_len,
-                                       config.scheduler.max_num_seqs, arch.num_kv_heads)
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, num_blocks, max_model_len, config.scheduler.max_num_seqs, arch.num_kv_heads
+            )
             self.graphs.capture()
 
     def regions(self) -> list[KVRegion]:
@@ -154,8 +199,12 @@ class ModelRunner:
             slots += [seq.block_ids[p // bs] * bs + p % bs for p in span]
             if seq.sample:
                 sample_rows.append(len(token_ids) - 1)
-        if self.graphs is not None and layer_done is None and self.graphs.fits(len(plan.seqs)) \
-                and all(len(s.token_ids) == 1 and s.start_pos > 0 and s.sample for s in plan.seqs):
+        if (
+            self.graphs is not None
+            and layer_done is None
+            and self.graphs.fits(len(plan.seqs))
+            and all(len(s.token_ids) == 1 and s.start_pos > 0 and s.sample for s in plan.seqs)
+        ):
             hidden = self.graphs.run(token_ids, positions, slots, [s.block_ids for s in plan.seqs])
             return self._sample(plan, hidden)
         layout = BatchLayout(
@@ -167,8 +216,11 @@ class ModelRunner:
         )
         meta = self.backend.prepare(layout, self.device)
         hidden = self.model(
-            torch.tensor(token_ids, device=self.device), torch.tensor(positions, device=self.device),
-            self.kv_cache, meta, layer_done,
+            torch.tensor(token_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.kv_cache,
+            meta,
+            layer_done,
         )
         if len(sample_rows) != hidden.shape[0]:  # (a decode-only batch samples every row)
             hidden = hidden.index_select(0, to_device(sample_rows, self.device, torch.int64))

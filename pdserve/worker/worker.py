@@ -53,11 +53,16 @@ def worker_main(spec_json: bytes) -> None:
         device = config.parallel.resolved_device()
         if device == "cuda":
             torch.cuda.set_device(config.parallel.gpu_id(spec.rank))
-        init_tp_group(spec.rank, config.parallel.tensor_parallel_size,
-                      "nccl" if device == "cuda" else "gloo", spec.dist_init_method)
+        init_tp_group(
+            spec.rank,
+            config.parallel.tensor_parallel_size,
+            "nccl" if device == "cuda" else "gloo",
+            spec.dist_init_method,
+        )
         source = resolve_model(config.model)
-        runner = ModelRunner(config, source, load_arch(source), spec.num_blocks, spec.num_host_blocks,
-                             spec.max_model_len)
+        runner = ModelRunner(
+            config, source, load_arch(source), spec.num_blocks, spec.num_host_blocks, spec.max_model_len
+        )
         results.send(encode(WorkerReady(rank=spec.rank, regions=runner.regions())))
         while True:
             if not plans.poll(1000):
@@ -69,10 +74,21 @@ def worker_main(spec_json: bytes) -> None:
                 runner.close()
                 return
             if isinstance(message, LoadFromPool):
-                num_loaded = (runner.load_from_pool(message.keys, message.host_block_ids) if message.host_block_ids
-                              else runner.count_in_pool(message.keys))
-                results.send(encode(PoolLoaded(load_id=message.load_id, rank=spec.rank, num_loaded=num_loaded,
-                                               store=runner.store_counters())))
+                num_loaded = (
+                    runner.load_from_pool(message.keys, message.host_block_ids)
+                    if message.host_block_ids
+                    else runner.count_in_pool(message.keys)
+                )
+                results.send(
+                    encode(
+                        PoolLoaded(
+                            load_id=message.load_id,
+                            rank=spec.rank,
+                            num_loaded=num_loaded,
+                            store=runner.store_counters(),
+                        )
+                    )
+                )
                 continue
             output = runner.execute(message)
             if spec.rank == 0:

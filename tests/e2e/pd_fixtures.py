@@ -36,14 +36,24 @@ class RouterProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> RouterProcess:
-        args = [sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port), "--health-interval", "0.5",
-                *self.flags]
+        args = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "router",
+            "--port",
+            str(self.port),
+            "--health-interval",
+            "0.5",
+            *self.flags,
+        ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             log.write(f"$ {' '.join(args)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
         _LIVE.append(self)  # type: ignore[arg-type]
         return self
 
@@ -135,10 +145,15 @@ def stream_text(r: httpx.Response) -> tuple[str, list[str]]:
 
 # ---- the equality workload: completions and chat, streaming and not ---------------------------------
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):",
-           "Write a long story about a dragon. " * 12]  # ~100 tokens: several 32-token chunks on P
-CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
-         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors. " * 8}]]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Write a long story about a dragon. " * 12,
+]  # ~100 tokens: several 32-token chunks on P
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors. " * 8}],
+]
 MAX_TOKENS = 24
 
 
@@ -146,16 +161,25 @@ def requests() -> list[tuple[str, dict[str, Any]]]:
     out = []
     for stream in (False, True):
         for p in PROMPTS:
-            out.append(("/v1/completions", {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1,
-                                             "stream": stream}))
+            out.append(
+                (
+                    "/v1/completions",
+                    {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1, "stream": stream},
+                )
+            )
         for m in CHATS:
-            out.append(("/v1/chat/completions", {"messages": m, "max_tokens": MAX_TOKENS, "temperature": 0,
-                                                  "logprobs": True, "stream": stream}))
+            out.append(
+                (
+                    "/v1/chat/completions",
+                    {"messages": m, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": True, "stream": stream},
+                )
+            )
     return out
 
 
-async def answer(client: httpx.AsyncClient, url: str, path: str, body: dict[str, Any],
-                 headers: dict[str, str]) -> tuple[str, list[str]]:
+async def answer(
+    client: httpx.AsyncClient, url: str, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[str, list[str]]:
     r = await client.post(url + path, json=body, headers=headers, timeout=180)
     assert r.status_code == 200, r.text
     if body["stream"]:
@@ -172,7 +196,9 @@ async def answers(url: str, headers: dict[str, str]) -> list[tuple[str, list[str
         return list(await asyncio.gather(*(answer(client, url, path, body, headers) for path, body in requests())))
 
 
-def start_pd(tmp_path: Path, p_flags: list[str], d_flags: list[str]) -> tuple[ServerProcess, ServerProcess, RouterProcess]:
+def start_pd(
+    tmp_path: Path, p_flags: list[str], d_flags: list[str]
+) -> tuple[ServerProcess, ServerProcess, RouterProcess]:
     p = start_instance("prefill", tmp_path, p_flags)
     d = start_instance("decode", tmp_path, d_flags)
     p.wait_ready()
@@ -186,8 +212,12 @@ def stop_all(*parts: Any) -> None:
         part.stop()
 
 
-def tp2_pd_equals_mixed(tmp_path: Path, default_hf_dir: Path, flags: list[str],
-                        check_after: Callable[[ServerProcess, ServerProcess, int], None]) -> None:
+def tp2_pd_equals_mixed(
+    tmp_path: Path,
+    default_hf_dir: Path,
+    flags: list[str],
+    check_after: Callable[[ServerProcess, ServerProcess, int], None],
+) -> None:
     """TP=2 (gloo) on both P and D. The default model's 9 heads do not split in two, so this runs a tiny
     random-weight Llama with the default model's tokenizer. The reference is P itself answering plain
     requests: an instance of any role serves a request without kv_transfer_params through the mixed path."""

@@ -87,8 +87,10 @@ class ServerProcess:
         last = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"pdserve serve exited with code {self.proc.returncode} before /health "
-                                   f"answered 200; its log ({self.log_path}):\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"pdserve serve exited with code {self.proc.returncode} before /health "
+                    f"answered 200; its log ({self.log_path}):\n{self.log_tail()}"
+                )
             try:
                 r = httpx.get(f"{self.url}/health", timeout=5)
                 if r.status_code == 200:
@@ -98,8 +100,10 @@ class ServerProcess:
             except httpx.TransportError as e:
                 last = repr(e)
             time.sleep(0.25)
-        raise RuntimeError(f"pdserve serve did not answer /health with 200 within {timeout_s:.0f} s (last: {last}); "
-                           f"its log ({self.log_path}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"pdserve serve did not answer /health with 200 within {timeout_s:.0f} s (last: {last}); "
+            f"its log ({self.log_path}):\n{self.log_tail()}"
+        )
 
     def engine_core_pid(self) -> int:
         """The pid of the spawned engine core process (not the multiprocessing resource tracker)."""
@@ -141,8 +145,9 @@ class ServerProcess:
         return code, [p.pid for p in alive]
 
 
-def server_process(flags: list[str], log_path: Path, api_key: str | None = None,
-                   require_clean_exit: bool = True) -> Iterator[ServerProcess]:
+def server_process(
+    flags: list[str], log_path: Path, api_key: str | None = None, require_clean_exit: bool = True
+) -> Iterator[ServerProcess]:
     """Generator body for a server fixture: start, wait for health, yield, stop and check the exit."""
     server = ServerProcess(flags, log_path, api_key).start()
     try:
@@ -158,7 +163,8 @@ def assert_clean_exit(server: ServerProcess, code: int | None, leftovers: list[i
     """A graceful exit: uvicorn finishes its shutdown, then re-raises SIGTERM (exit code -15) or returns 0."""
     assert code in (0, -signal.SIGTERM), (
         f"pdserve serve did not exit within {EXIT_TIMEOUT_S:.0f} s of SIGTERM (exit code {code}; None: it had to be "
-        f"killed); log:\n{server.log_tail()}")
+        f"killed); log:\n{server.log_tail()}"
+    )
     assert "Application shutdown complete." in server.log_text(), f"no graceful shutdown; log:\n{server.log_tail()}"
     assert not leftovers, f"engine processes {leftovers} outlived the server; log:\n{server.log_tail()}"
 
@@ -174,7 +180,7 @@ def server_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     time.sleep(0.2)  # the server processes write their log lines on their own
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for s in _LIVE:
-        text = s.log_text()[offsets.get(id(s), 0):][-30000:]
+        text = s.log_text()[offsets.get(id(s), 0) :][-30000:]
         message = f"\n===== pdserve serve log during {request.node.nodeid} ({s.log_path}) =====\n{text}"
         if reporter is not None:
             reporter.write_line(message)
@@ -219,14 +225,20 @@ def wait_idle(url: str, timeout_s: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:
         m = metrics(url)
-        if (m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"] and m["pdserve_num_requests_running"] == 0
-                and m["pdserve_num_requests_waiting"] == 0):
+        if (
+            m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"]
+            and m["pdserve_num_requests_running"] == 0
+            and m["pdserve_num_requests_waiting"] == 0
+        ):
             return m
         if time.monotonic() > deadline:
-            keys = ("pdserve_kv_blocks_free", "pdserve_kv_blocks_total", "pdserve_num_requests_running",
-                    "pdserve_num_requests_waiting")
-            raise AssertionError(f"the server did not go idle within {timeout_s:.0f} s: "
-                                 f"{ {k: m[k] for k in keys} }")
+            keys = (
+                "pdserve_kv_blocks_free",
+                "pdserve_kv_blocks_total",
+                "pdserve_num_requests_running",
+                "pdserve_num_requests_waiting",
+            )
+            raise AssertionError(f"the server did not go idle within {timeout_s:.0f} s: { {k: m[k] for k in keys} }")
         time.sleep(0.1)
 
 
@@ -255,7 +267,7 @@ def sse_events(text: str) -> list[Any]:
         if not block:
             continue
         assert block.startswith("data: "), f"not an SSE data line: {block!r}"
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
 

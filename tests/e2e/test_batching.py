@@ -65,18 +65,22 @@ def test_seeded_sampling_is_reproducible_in_any_batch(default_llm, prompts):
 
 
 def test_stop_strings_and_stop_tokens(default_llm):
-    base = default_llm.generate(["The capital of France is"], SamplingParams(max_tokens=20, temperature=0),
-                                use_tqdm=False)[0].outputs[0]
+    base = default_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=20, temperature=0), use_tqdm=False
+    )[0].outputs[0]
     assert "Paris." in base.text
-    stopped = default_llm.generate(["The capital of France is"],
-                                   SamplingParams(max_tokens=20, temperature=0, stop=["."]), use_tqdm=False)[0]
+    stopped = default_llm.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=20, temperature=0, stop=["."]), use_tqdm=False
+    )[0]
     out = stopped.outputs[0]
     assert out.text == base.text[: base.text.index(".")]
     assert out.finish_reason == "stop" and out.stop_reason == "."
     token = base.token_ids[3]
-    by_token = default_llm.generate(["The capital of France is"],
-                                    SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[token]),
-                                    use_tqdm=False)[0].outputs[0]
+    by_token = default_llm.generate(
+        ["The capital of France is"],
+        SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[token]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert by_token.token_ids == base.token_ids[: base.token_ids.index(token) + 1]
     assert by_token.finish_reason == "stop"
     assert default_llm.engine.kv.num_free_blocks == default_llm.engine.num_blocks
@@ -86,8 +90,9 @@ def test_logprobs(default_llm, default_hf_model):
     import torch
 
     tokenizer = default_llm.get_tokenizer()
-    out = default_llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, logprobs=5),
-                               use_tqdm=False)[0].outputs[0]
+    out = default_llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, logprobs=5), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.logprobs is not None and len(out.logprobs) == 3
     prompt = tokenizer.encode("Hello")
     with torch.no_grad():

@@ -13,11 +13,41 @@ from pdserve.bench.gpu import PARTS, GpuBenchConfig, clamp_lens, prefill_flops, 
 from pdserve.cli import main
 from pdserve.models.arch import DUMMY_SHAPES
 
-TINY = ["--allow-cpu", "--model", "tiny", "--load-format", "dummy", "--dtype", "float32",
-        "--decode-batches", "1,2", "--decode-context", "16", "--decode-steps", "3", "--decode-warmup", "1",
-        "--hf-repeats", "1", "--prefill-lens", "32,64", "--prefill-repeats", "1", "--transfer-lens", "16,48",
-        "--transfer-repeats", "1", "--copy-bytes", "1MiB", "--copy-repeats", "2", "--matmul-size", "64",
-        "--matmul-repeats", "2"]
+TINY = [
+    "--allow-cpu",
+    "--model",
+    "tiny",
+    "--load-format",
+    "dummy",
+    "--dtype",
+    "float32",
+    "--decode-batches",
+    "1,2",
+    "--decode-context",
+    "16",
+    "--decode-steps",
+    "3",
+    "--decode-warmup",
+    "1",
+    "--hf-repeats",
+    "1",
+    "--prefill-lens",
+    "32,64",
+    "--prefill-repeats",
+    "1",
+    "--transfer-lens",
+    "16,48",
+    "--transfer-repeats",
+    "1",
+    "--copy-bytes",
+    "1MiB",
+    "--copy-repeats",
+    "2",
+    "--matmul-size",
+    "64",
+    "--matmul-repeats",
+    "2",
+]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the behaviour without a GPU")
 
 
@@ -31,12 +61,21 @@ def test_slug_weights_and_flops() -> None:
     # causal: query i sees i + 1 keys; QK^T and PV are 2 FLOPs per multiply-add each
     assert flops["attention"] == sum(4 * arch.num_layers * arch.num_heads * arch.head_dim * (i + 1) for i in range(100))
     assert flops["total"] == flops["linear"] + flops["attention"] + 2 * arch.hidden_size * arch.vocab_size
-    assert clamp_lens([64, 4096, 8192], 2048, "x") == ([64, 2032], "x [64, 4096, 8192] clamped to [64, 2032]: the "
-                                                       "model accepts 2048 tokens and 16 are kept for generated tokens")
+    assert clamp_lens([64, 4096, 8192], 2048, "x") == (
+        [64, 2032],
+        "x [64, 4096, 8192] clamped to [64, 2032]: the model accepts 2048 tokens and 16 are kept for generated tokens",
+    )
 
 
-@pytest.mark.parametrize("kwargs, flag", [({"parts": ("decode", "nope")}, "--parts"), ({"decode_steps": 0}, "--decode-steps"),
-                                          ({"prefill_lens": ()}, "--prefill-lens"), ({"label": "a/b"}, "--label")])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"parts": ("decode", "nope")}, "--parts"),
+        ({"decode_steps": 0}, "--decode-steps"),
+        ({"prefill_lens": ()}, "--prefill-lens"),
+        ({"label": "a/b"}, "--label"),
+    ],
+)
 def test_config_errors_name_the_flag(kwargs, flag) -> None:
     with pytest.raises(ValueError, match=flag):
         GpuBenchConfig(**kwargs)
@@ -72,8 +111,9 @@ def test_bench_gpu_on_cpu_with_the_tiny_model(tmp_path, capsys) -> None:
     assert decode["eager"]["enforce_eager"] and not decode["eager"]["cuda_graphs"]
     assert decode["weight_bytes"] == weight_params(DUMMY_SHAPES["tiny"])["total"] * 4
     assert decode["eager"]["engine_weight_bytes"] >= decode["weight_bytes"]  # the CPU's packed weights may pad
-    assert decode["roofline_ms"] == pytest.approx(decode["weight_bytes"] / (copy["gb_per_s_best"] * 1e9) * 1e3,
-                                                  rel=1e-2, abs=1e-4)
+    assert decode["roofline_ms"] == pytest.approx(
+        decode["weight_bytes"] / (copy["gb_per_s_best"] * 1e9) * 1e3, rel=1e-2, abs=1e-4
+    )
     for row in decode["rows"]:
         assert row["graphs_ms"] is None and row["eager_ms"] > 0 and row["hf_ms"] is not None
         assert row["eager_over_roofline"] > 0 and row["hf_over_eager"] is not None
@@ -99,8 +139,9 @@ def test_bench_gpu_on_cpu_with_the_tiny_model(tmp_path, capsys) -> None:
         assert row["tokens"] == tokens and row["kv_bytes"] == -(-tokens // 16) * block_bytes
         assert row["ttft_ms_median"] > 0 and row["prefill_alone_ms_median"] > 0 and row["requests"] == 1
         assert 0 <= row["exposed_share_of_ttft"] <= 1 and row["busy_ms_median"] >= 0 and row["exposed_ms_median"] >= 0
-        assert row["ttft_over_prefill_alone"] == pytest.approx(row["ttft_ms_median"] / row["prefill_alone_ms_median"],
-                                                               rel=1e-2)
+        assert row["ttft_over_prefill_alone"] == pytest.approx(
+            row["ttft_ms_median"] / row["prefill_alone_ms_median"], rel=1e-2
+        )
     assert result["seconds"]["total"] > 0 and result["files"]["json"].endswith("gpu-cpu-smoke.json")
 
 

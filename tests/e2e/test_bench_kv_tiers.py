@@ -26,9 +26,27 @@ NUM_BLOCKS, NUM_HOST_BLOCKS, BLOCK_SIZE = 32, 16, 16
 TINY = {"num_hidden_layers": 2, "num_key_value_heads": 2, "head_dim": 16}
 # bytes of one block in the pool: layers x (K, V) x tokens x kv heads x head_dim x fp32
 BLOCK_BYTES = TINY["num_hidden_layers"] * 2 * BLOCK_SIZE * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
-WORKLOAD = ["--dataset", "multi-turn", "--num-prompts", "8", "--num-turns", "3", "--input-len", "32",
-            "--output-len", "8", "--max-concurrency", "2", "--num-blocks", str(NUM_BLOCKS),
-            "--num-host-blocks", str(NUM_HOST_BLOCKS), "--block-size", str(BLOCK_SIZE), "--no-tqdm"]
+WORKLOAD = [
+    "--dataset",
+    "multi-turn",
+    "--num-prompts",
+    "8",
+    "--num-turns",
+    "3",
+    "--input-len",
+    "32",
+    "--output-len",
+    "8",
+    "--max-concurrency",
+    "2",
+    "--num-blocks",
+    str(NUM_BLOCKS),
+    "--num-host-blocks",
+    str(NUM_HOST_BLOCKS),
+    "--block-size",
+    str(BLOCK_SIZE),
+    "--no-tqdm",
+]
 NUM_REQUESTS = 8 * 3
 
 
@@ -36,9 +54,19 @@ NUM_REQUESTS = 8 * 3
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, default_hf_dir: Path) -> Path:
     """A tiny Llama config plus the default model's tokenizer, served with --load-format dummy."""
     path = tmp_path_factory.mktemp("kv-tiers-model")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 64,
-              "intermediate_size": 128, "num_attention_heads": 4, "max_position_embeddings": 2048,
-              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, **TINY}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **TINY,
+    }
     (path / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (default_hf_dir / name).is_file():
@@ -47,8 +75,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, default_hf_dir: Path) -
 
 
 def bench_cmd(model: Path, result_dir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "pdserve.cli", "bench", "kv-tiers", "--model", str(model), "--load-format", "dummy",
-            "--result-dir", str(result_dir), *flags]
+    return [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "bench",
+        "kv-tiers",
+        "--model",
+        str(model),
+        "--load-format",
+        "dummy",
+        "--result-dir",
+        str(result_dir),
+        *flags,
+    ]
 
 
 def bench_env(result_dir: Path) -> dict[str, str]:
@@ -58,8 +98,9 @@ def bench_env(result_dir: Path) -> dict[str, str]:
 
 
 def run_bench(model: Path, result_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(bench_cmd(model, result_dir, *flags), capture_output=True, text=True, timeout=400,
-                          env=bench_env(result_dir))
+    done = subprocess.run(
+        bench_cmd(model, result_dir, *flags), capture_output=True, text=True, timeout=400, env=bench_env(result_dir)
+    )
     print(done.stdout, done.stderr, sep="\n")
     return done
 
@@ -79,9 +120,13 @@ def check_common(result: dict[str, Any], names: list[str]) -> dict[str, dict[str
     assert result["benchmark"] == "kv-tiers"
     assert set(result["pdserve_version"]) == {"commit", "dirty"} and result["machine"]["cpu_count"] >= 1
     assert result["dataset"]["num_requests"] == NUM_REQUESTS
-    assert result["cache"] | {"cache_output": None} == {"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS,
-                                                        "num_host_blocks": NUM_HOST_BLOCKS,
-                                                        "pool": result["cache"]["pool"], "cache_output": None}
+    assert result["cache"] | {"cache_output": None} == {
+        "block_size": BLOCK_SIZE,
+        "num_blocks": NUM_BLOCKS,
+        "num_host_blocks": NUM_HOST_BLOCKS,
+        "pool": result["cache"]["pool"],
+        "cache_output": None,
+    }
     configs = {c["name"]: c for c in result["configs"]}
     assert list(configs) == names
     for name, c in configs.items():
@@ -105,8 +150,12 @@ def check_common(result: dict[str, Any], names: list[str]) -> dict[str, dict[str
         assert c["probe"]["first"] == c["probe"]["each_later"] and c["probe"]["first"]["prompt_tokens_computed"] > 0
     none = configs["none"]["server"]
     assert none["prompt_tokens_computed"] == none["prompt_tokens_sent"] > 0 and none["hit_tokens_total"] == 0
-    assert configs["none"]["vs_none"] == {"prompt_tokens_computed": 1.0, "ttft_mean": 1.0, "ttft_p99": 1.0,
-                                          "e2el_mean": 1.0}
+    assert configs["none"]["vs_none"] == {
+        "prompt_tokens_computed": 1.0,
+        "ttft_mean": 1.0,
+        "ttft_p99": 1.0,
+        "e2el_mean": 1.0,
+    }
     return configs
 
 
@@ -148,8 +197,7 @@ def test_kv_tiers_mooncake_pool(tiny_model, tmp_path):
     require_module("mooncake.store")  # under CI=true a missing Mooncake fails instead of skipping
     from pdserve.store.master import is_port_open
 
-    done = run_bench(tiny_model, tmp_path, *WORKLOAD, "--pool", "mooncake", "--configs", "none,pool",
-                     "--label", "mc")
+    done = run_bench(tiny_model, tmp_path, *WORKLOAD, "--pool", "mooncake", "--configs", "none,pool", "--label", "mc")
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "kv-tiers-multi-turn-mc.json").read_text())
     configs = check_common(result, ["none", "pool"])
@@ -163,13 +211,26 @@ def test_kv_tiers_mooncake_pool(tiny_model, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_failed_server_start_shows_its_log(tiny_model, tmp_path):
-    done = run_bench(tiny_model, tmp_path, "--num-prompts", "1", "--num-blocks", "2", "--max-model-len", "512",
-                     "--configs", "none", "--no-tqdm")
+    done = run_bench(
+        tiny_model,
+        tmp_path,
+        "--num-prompts",
+        "1",
+        "--num-blocks",
+        "2",
+        "--max-model-len",
+        "512",
+        "--configs",
+        "none",
+        "--no-tqdm",
+    )
     assert done.returncode == 1
     # pdserve serve answers /health 503 "failed: ..." and then exits 1 when its engine fails to start; the
     # benchmark reports whichever it sees first, with the reason
-    assert ("the 'none' server exited with code 1 before /health answered" in done.stderr
-            or "the 'none' server's engine failed to start (HTTP 503" in done.stderr), done.stderr
+    assert (
+        "the 'none' server exited with code 1 before /health answered" in done.stderr
+        or "the 'none' server's engine failed to start (HTTP 503" in done.stderr
+    ), done.stderr
     assert "engine failed to start" in done.stderr and "--num-blocks" in done.stderr, done.stderr
     assert not list(tmp_path.glob("*.json"))
     assert not leftover_servers(tiny_model)
@@ -179,8 +240,13 @@ def test_failed_server_start_shows_its_log(tiny_model, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
 def test_interrupted_benchmark_stops_its_server(tiny_model, tmp_path, sig):
     """Ctrl-C: the benchmark stops the server and exits 130. SIGKILL: the server gets SIGTERM from the kernel."""
-    proc = subprocess.Popen(bench_cmd(tiny_model, tmp_path, *WORKLOAD, "--configs", "none"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bench_env(tmp_path))
+    proc = subprocess.Popen(
+        bench_cmd(tiny_model, tmp_path, *WORKLOAD, "--configs", "none"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=bench_env(tmp_path),
+    )
     try:
         deadline = time.monotonic() + 60
         servers: list[psutil.Process] = []

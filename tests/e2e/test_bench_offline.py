@@ -10,8 +10,21 @@ from pdserve.bench.common import random_requests
 from pdserve.bench.offline import OfflineConfig
 from pdserve.cli import main
 
-TINY = ["--num-prompts", "4", "--input-len-min", "8", "--input-len-max", "24",
-        "--output-len-min", "3", "--output-len-max", "6", "--hf-batch-size", "2", "--no-tqdm"]
+TINY = [
+    "--num-prompts",
+    "4",
+    "--input-len-min",
+    "8",
+    "--input-len-max",
+    "24",
+    "--output-len-min",
+    "3",
+    "--output-len-max",
+    "6",
+    "--hf-batch-size",
+    "2",
+    "--no-tqdm",
+]
 
 
 def test_random_requests_are_seeded_and_in_range():
@@ -22,12 +35,15 @@ def test_random_requests_are_seeded_and_in_range():
     assert all(1000 <= t < 49152 for r in a for t in r.prompt_token_ids)
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    ({"num_prompts": 0}, "--num-prompts"),
-    ({"input_len": (10, 5)}, "--input-len-max"),
-    ({"output_len": (0, 5)}, "--output-len-min"),
-    ({"hf_batch_size": 0}, "--hf-batch-size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"num_prompts": 0}, "--num-prompts"),
+        ({"input_len": (10, 5)}, "--input-len-max"),
+        ({"output_len": (0, 5)}, "--output-len-min"),
+        ({"hf_batch_size": 0}, "--hf-batch-size"),
+    ],
+)
 def test_config_errors_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         OfflineConfig(**kwargs)
@@ -53,7 +69,8 @@ def test_bench_offline_tiny(tmp_path, capsys):
         assert figures["computed_output_tokens"] >= result["dataset"]["total_output_tokens"]
     assert result["pdserve"]["computed_output_tokens"] == result["dataset"]["total_output_tokens"]
     assert result["ratio_pdserve_over_hf"] == pytest.approx(
-        result["pdserve"]["output_tokens_per_s"] / result["hf"]["output_tokens_per_s"], rel=1e-2)
+        result["pdserve"]["output_tokens_per_s"] / result["hf"]["output_tokens_per_s"], rel=1e-2
+    )
     assert isinstance(result["meets_target"], bool)
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch_num_threads"] >= 1
     assert set(result["pdserve_version"]) == {"commit", "dirty"}

@@ -43,7 +43,9 @@ def run_bench(name: str, argv: list[str]) -> int:
 def leftover_parts(result: dict[str, Any]) -> list[str]:
     """Command lines of processes still running with a port of the benchmark's deployment(s)."""
     ports = set()
-    for deployment in [result["deployment"]] if "deployment" in result else [c["deployment"] for c in result["configs"]]:
+    for deployment in (
+        [result["deployment"]] if "deployment" in result else [c["deployment"] for c in result["configs"]]
+    ):
         ports |= {p["url"].rsplit(":", 1)[1] for p in deployment["parts"]}
     out = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -65,8 +67,22 @@ def test_config_list_and_input_lens() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_transfer(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_bench("transfer", ["--input-lens", "32,64", "--num-requests", "2", *SMALL_ENGINE, "--raw-repeats", "2",
-                                  "--result-dir", str(tmp_path), "--label", "e2e"])
+    code = run_bench(
+        "transfer",
+        [
+            "--input-lens",
+            "32,64",
+            "--num-requests",
+            "2",
+            *SMALL_ENGINE,
+            "--raw-repeats",
+            "2",
+            "--result-dir",
+            str(tmp_path),
+            "--label",
+            "e2e",
+        ],
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "GB/s busy" in out.out and "Results:" in out.out
@@ -101,8 +117,25 @@ def test_bench_transfer(tmp_path: Path, block_bytes: int, capsys: pytest.Capture
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_pd(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_bench("pd", ["--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--max-concurrency", "2",
-                            *SMALL_ENGINE, "--no-tqdm", "--result-dir", str(tmp_path), "--label", "e2e"])
+    code = run_bench(
+        "pd",
+        [
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--max-concurrency",
+            "2",
+            *SMALL_ENGINE,
+            "--no-tqdm",
+            "--result-dir",
+            str(tmp_path),
+            "--label",
+            "e2e",
+        ],
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "NOT measured here" in out.out and "pdserve 1P1D, this run:" in out.out
@@ -128,8 +161,9 @@ def test_bench_pd(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureFixtur
     assert prefill["prompt_tokens"] > 0 and decode["prompt_tokens"] == 0  # D computes no prompt
     assert all(s["kv_bytes_sent"] == s["kv_bytes_received"] == 0 for s in configs["mixed"]["server"].values())
     ratios = result["pd_over_mixed"]
-    assert ratios["output_throughput"] == pytest.approx(configs["pd"]["client"]["output_throughput"]
-                                                        / configs["mixed"]["client"]["output_throughput"], rel=1e-3)
+    assert ratios["output_throughput"] == pytest.approx(
+        configs["pd"]["client"]["output_throughput"] / configs["mixed"]["client"]["output_throughput"], rel=1e-3
+    )
     assert all(v is not None and v > 0 for v in ratios.values()), ratios
     ref = result["reference"]
     assert ref["measured_here"] is False and ref["output_throughput_tok_s"] == [208.0, 225.0]

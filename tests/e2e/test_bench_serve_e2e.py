@@ -119,9 +119,32 @@ def _check_request_records(result: dict[str, Any]) -> None:
 def test_cli_random_completions(fake_server, tmp_path, capsys):
     url, received = fake_server
     first = len(received)
-    args = ["bench", "serve", "--base-url", url + "/v1", "--num-prompts", "12", "--input-len", "24",
-            "--output-len", "6", "--request-rate", "100", "--max-concurrency", "4", "--seed", "5",
-            "--goodput", "ttft:5000", "tpot:2000", "--result-dir", str(tmp_path), "--label", "t1", "--no-tqdm"]
+    args = [
+        "bench",
+        "serve",
+        "--base-url",
+        url + "/v1",
+        "--num-prompts",
+        "12",
+        "--input-len",
+        "24",
+        "--output-len",
+        "6",
+        "--request-rate",
+        "100",
+        "--max-concurrency",
+        "4",
+        "--seed",
+        "5",
+        "--goodput",
+        "ttft:5000",
+        "tpot:2000",
+        "--result-dir",
+        str(tmp_path),
+        "--label",
+        "t1",
+        "--no-tqdm",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Successful requests:" in out and "serve-random-completions-t1.json" in out
@@ -131,8 +154,12 @@ def test_cli_random_completions(fake_server, tmp_path, capsys):
     bodies = _bench_requests(received, first)
     assert len(bodies) == 12 and all(b["model"] == MODEL and b["ignore_eos"] and b["stream"] for b in bodies)
     assert all(b["temperature"] == 0.0 and b["stream_options"] == {"include_usage": True} for b in bodies)
-    assert result["server"] == {"base_url": url, "url": url + "/v1/completions", "endpoint": "completions",
-                                "model": MODEL}
+    assert result["server"] == {
+        "base_url": url,
+        "url": url + "/v1/completions",
+        "endpoint": "completions",
+        "model": MODEL,
+    }
     assert result["dataset"]["total_input_tokens"] == 12 * 24 and result["dataset"]["total_output_tokens"] == 72
     m = result["metrics"]
     assert (m["num_requests"], m["completed"], m["failed"], m["num_short_outputs"]) == (12, 12, 0, 0)
@@ -156,9 +183,29 @@ def test_cli_random_completions(fake_server, tmp_path, capsys):
 def test_cli_multi_turn_chat_carries_the_answers(fake_server, tmp_path):
     url, received = fake_server
     first = len(received)
-    args = ["bench", "serve", "--base-url", url, "--endpoint", "chat", "--dataset", "multi-turn",
-            "--num-prompts", "3", "--num-turns", "2", "--input-len", "10", "--output-len", "4",
-            "--result-dir", str(tmp_path), "--label", "mt", "--no-tqdm"]
+    args = [
+        "bench",
+        "serve",
+        "--base-url",
+        url,
+        "--endpoint",
+        "chat",
+        "--dataset",
+        "multi-turn",
+        "--num-prompts",
+        "3",
+        "--num-turns",
+        "2",
+        "--input-len",
+        "10",
+        "--output-len",
+        "4",
+        "--result-dir",
+        str(tmp_path),
+        "--label",
+        "mt",
+        "--no-tqdm",
+    ]
     assert main(args) == 0
     result = json.loads((tmp_path / "serve-multi-turn-chat-mt.json").read_text())
     m = result["metrics"]
@@ -177,9 +224,27 @@ def test_cli_multi_turn_chat_carries_the_answers(fake_server, tmp_path):
 @pytest.mark.timeout(60)
 def test_cli_counts_chunks_without_usage(fake_server, tmp_path):
     url, _ = fake_server
-    args = ["bench", "serve", "--base-url", url, "--endpoint", "chat", "--num-prompts", "3", "--input-len", "8",
-            "--output-len", "5", "--extra-body", '{"stream_options": {"include_usage": false}}',
-            "--result-dir", str(tmp_path), "--label", "nousage", "--no-tqdm"]
+    args = [
+        "bench",
+        "serve",
+        "--base-url",
+        url,
+        "--endpoint",
+        "chat",
+        "--num-prompts",
+        "3",
+        "--input-len",
+        "8",
+        "--output-len",
+        "5",
+        "--extra-body",
+        '{"stream_options": {"include_usage": false}}',
+        "--result-dir",
+        str(tmp_path),
+        "--label",
+        "nousage",
+        "--no-tqdm",
+    ]
     assert main(args) == 0
     m = json.loads((tmp_path / "serve-random-chat-nousage.json").read_text())["metrics"]
     assert m["completed"] == 3 and m["usage_reported"] is False
@@ -190,11 +255,23 @@ def test_cli_counts_chunks_without_usage(fake_server, tmp_path):
 def test_failures_are_counted_and_recorded(fake_server, tmp_path):
     url, _ = fake_server
     ok = Turn(" fine words", 2, 3)
-    conversations = [Conversation((ok,)), Conversation((Turn(" FAIL", 1, 3),)), Conversation((ok,)),
-                     Conversation((Turn(" BREAK", 1, 5),)), Conversation((Turn(" SLOW", 1, 3),)),
-                     Conversation((Turn(" FAIL", 1, 3), ok))]
-    config = ServeBenchConfig(base_url=url, dataset=DatasetConfig(num_prompts=len(conversations)), timeout_s=1.0,
-                              result_dir=tmp_path, label="fail", use_tqdm=False, goodput_slos={"ttft": 5000.0})
+    conversations = [
+        Conversation((ok,)),
+        Conversation((Turn(" FAIL", 1, 3),)),
+        Conversation((ok,)),
+        Conversation((Turn(" BREAK", 1, 5),)),
+        Conversation((Turn(" SLOW", 1, 3),)),
+        Conversation((Turn(" FAIL", 1, 3), ok)),
+    ]
+    config = ServeBenchConfig(
+        base_url=url,
+        dataset=DatasetConfig(num_prompts=len(conversations)),
+        timeout_s=1.0,
+        result_dir=tmp_path,
+        label="fail",
+        use_tqdm=False,
+        goodput_slos={"ttft": 5000.0},
+    )
     started = time.monotonic()
     result = run_benchmark(config, conversations)
     assert time.monotonic() - started < 10  # the SLOW request timed out instead of hanging
@@ -217,8 +294,7 @@ def test_unreachable_server_and_wrong_model_fail_cleanly(fake_server, tmp_path, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    common = ["--num-prompts", "2", "--input-len", "4", "--output-len", "2", "--result-dir", str(tmp_path),
-              "--no-tqdm"]
+    common = ["--num-prompts", "2", "--input-len", "4", "--output-len", "2", "--result-dir", str(tmp_path), "--no-tqdm"]
     assert main(["bench", "serve", "--base-url", dead, *common]) == 1
     assert "cannot reach" in capsys.readouterr().err
     assert main(["bench", "serve", "--base-url", url, "--model", "nope", *common]) == 1

@@ -49,16 +49,16 @@ def leftovers(result: dict[str, Any]) -> list[str]:
     out = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if ("pdserve.cli" in cmdline and any(a == "--port" and b in ports for a, b in zip(cmdline, cmdline[1:]))) \
-                or masters & set(cmdline):
+        if (
+            "pdserve.cli" in cmdline and any(a == "--port" and b in ports for a, b in zip(cmdline, cmdline[1:]))
+        ) or masters & set(cmdline):
             out.append(" ".join(cmdline))
     return out
 
 
 def test_pool_sizes() -> None:
     """A segment per instance holds every object of the run; the default host tier stages 4096 fp32 tokens."""
-    layout = storage.KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32", dtype_bytes=4,
-                              block_size=16)
+    layout = storage.KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32", dtype_bytes=4, block_size=16)
     args = argparse.Namespace(num_requests=3, num_warmup=1, pool_config={}, server_flags="")
     assert storage.pool_options(args, layout, [16, 48]) == {"global_segment_size": 256 << 20}
     big = storage.pool_options(args, layout, [128, 256, 512, 1024, 2048, 4096])["global_segment_size"]
@@ -67,7 +67,10 @@ def test_pool_sizes() -> None:
     args.pool_config = {"global_segment_size": "512MiB"}
     assert storage.pool_options(args, layout, [4096]) == {"global_segment_size": "512MiB"}
     assert storage.storage_flags(args, layout, [4096]) == []
-    assert storage.storage_flags(args, layout, [8192]) == ["--host-kv-cache-memory", str(512 << 20)]  # 512 blocks of 720 KiB, x 1.25, rounded up to 64 MiB
+    assert storage.storage_flags(args, layout, [8192]) == [
+        "--host-kv-cache-memory",
+        str(512 << 20),
+    ]  # 512 blocks of 720 KiB, x 1.25, rounded up to 64 MiB
     args.server_flags = "--num-host-blocks 600"
     assert storage.storage_flags(args, layout, [8192]) == []
 
@@ -75,8 +78,22 @@ def test_pool_sizes() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_storage(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_bench(["--input-lens", ",".join(map(str, LENS)), "--num-requests", "1", "--raw-repeats", "2",
-                      "--num-blocks", "64", "--result-dir", str(tmp_path), "--label", "e2e"])
+    code = run_bench(
+        [
+            "--input-lens",
+            ",".join(map(str, LENS)),
+            "--num-requests",
+            "1",
+            "--raw-repeats",
+            "2",
+            "--num-blocks",
+            "64",
+            "--result-dir",
+            str(tmp_path),
+            "--label",
+            "e2e",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "TTFT sto" in out.out and "raw get" in out.out and "Results:" in out.out
@@ -84,7 +101,9 @@ def test_bench_storage(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureF
     assert (tmp_path / "storage-e2e.png").stat().st_size > 10_000
     assert result["benchmark"] == "storage" and result["model"] == "SmolLM2-135M-Instruct"
     direct, pooled = result["deployments"]["direct"], result["deployments"]["storage"]
-    assert [p["role"] for p in direct["parts"]] == [p["role"] for p in pooled["parts"]] == ["prefill", "decode", "router"]
+    assert (
+        [p["role"] for p in direct["parts"]] == [p["role"] for p in pooled["parts"]] == ["prefill", "decode", "router"]
+    )
     assert "--kv-transfer" not in direct["launch_argv"] and "mooncake_master" not in direct
     assert pooled["launch_argv"][pooled["launch_argv"].index("--kv-transfer") + 1] == "storage"
     store_config = pooled["mooncake_master"]["store_config"]
@@ -109,8 +128,9 @@ def test_bench_storage(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureF
         s = x["storage"]
         assert s["put_gb_per_s"] > 0 and s["get_gb_per_s"] > 0 and s["put_s_median"] > 0 and s["get_s_median"] > 0
         assert s["put_gb_per_s"] == pytest.approx(expected / s["put_s_median"] / 1e9, rel=1e-3)
-        assert x["ttft_ratio_storage_over_direct"] == pytest.approx(s["ttft_median_ms"] / x["direct"]["ttft_median_ms"],
-                                                                    rel=1e-4)
+        assert x["ttft_ratio_storage_over_direct"] == pytest.approx(
+            s["ttft_median_ms"] / x["direct"]["ttft_median_ms"], rel=1e-4
+        )
         raw = x["raw"]
         assert raw["num_objects"] == num_blocks and raw["object_nbytes"] == block_bytes and raw["nbytes"] == expected
         assert sum(raw["placement"].values()) == num_blocks and raw["placement"]["other"] == 0

@@ -30,11 +30,38 @@ def test_rates_are_checked() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_bench_pd_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_sweep(["--model", "smollm2-135m", "--load-format", "dummy", "--server-tokenizer", "default",
-                      "--max-model-len", "128", "--num-blocks", "48", "--input-len", "24", "--output-len", "12",
-                      "--num-prompts", "3", "--warmup-prompts", "1", "--request-rates", "4,8",
-                      "--goodput", "ttft:60000", "tpot:1", "--no-tqdm", "--result-dir", str(tmp_path),
-                      "--label", "e2e"])
+    code = run_sweep(
+        [
+            "--model",
+            "smollm2-135m",
+            "--load-format",
+            "dummy",
+            "--server-tokenizer",
+            "default",
+            "--max-model-len",
+            "128",
+            "--num-blocks",
+            "48",
+            "--input-len",
+            "24",
+            "--output-len",
+            "12",
+            "--num-prompts",
+            "3",
+            "--warmup-prompts",
+            "1",
+            "--request-rates",
+            "4,8",
+            "--goodput",
+            "ttft:60000",
+            "tpot:1",
+            "--no-tqdm",
+            "--result-dir",
+            str(tmp_path),
+            "--label",
+            "e2e",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "pd / mixed at 8 req/s: goodput" in out.out

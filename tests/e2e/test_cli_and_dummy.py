@@ -69,8 +69,10 @@ def test_dummy_needs_a_known_shape():
 
 def test_sampled_vocab_size_keeps_tokens_below_it() -> None:
     """A server given a --tokenizer smaller than the model's vocabulary samples only ids it can decode."""
-    sampling = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
-                SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True)]
+    sampling = [
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=1.0, seed=5, ignore_eos=True),
+    ]
     prompts = [{"prompt_token_ids": [3, 400, 17, 250]}, {"prompt_token_ids": [480, 2]}]
     with LLM("tiny", load_format="dummy", max_model_len=128, num_blocks=32) as llm:
         unlimited = [t for o in llm.generate(prompts, sampling, use_tqdm=False) for t in o.outputs[0].token_ids]

@@ -83,10 +83,13 @@ def test_text_prompt_longer_than_max_model_len(llm: LLM) -> None:
 
 
 def test_token_prompt_at_max_model_len_is_rejected_one_below_is_served(llm: LLM) -> None:
-    with pytest.raises(ValueError, match=(
-        r"^prompt 0: the prompt has 64 tokens; this model accepts at most 63 prompt tokens "
-        r"\(max_model_len 64, one left to generate\); shorten the prompt or raise --max-model-len$"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"^prompt 0: the prompt has 64 tokens; this model accepts at most 63 prompt tokens "
+            r"\(max_model_len 64, one left to generate\); shorten the prompt or raise --max-model-len$"
+        ),
+    ):
         llm.generate([[7] * MAX_MODEL_LEN], GREEDY, use_tqdm=False)
     assert_nothing_queued(llm)
     (out,) = llm.generate([[7] * (MAX_MODEL_LEN - 1)], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
@@ -154,8 +157,11 @@ def test_top_p_outside_zero_one(top_p: float) -> None:
 
 
 def test_missing_model_path() -> None:
-    with pytest.raises(FileNotFoundError, match=r"model path '/nonexistent/x' does not exist; pass an HF model "
-                                                r"directory, a \.gguf file, or --load-format dummy"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"model path '/nonexistent/x' does not exist; pass an HF model "
+        r"directory, a \.gguf file, or --load-format dummy",
+    ):
         LLM(model="/nonexistent/x")
 
 
@@ -164,8 +170,11 @@ def test_corrupt_safetensors(tmp_path: Path, default_source: ModelSource) -> Non
     shutil.copy(default_source.hf_dir / "config.json", tmp_path / "config.json")
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(os.urandom(4096))
-    with pytest.raises(ValueError, match=rf"could not read weights from {weights}: .*corrupt or truncated; "
-                                         r"re-download or re-convert it"):
+    with pytest.raises(
+        ValueError,
+        match=rf"could not read weights from {weights}: .*corrupt or truncated; "
+        r"re-download or re-convert it",
+    ):
         LLM(model=str(tmp_path), num_blocks=16, max_model_len=MAX_MODEL_LEN)
 
 
@@ -199,27 +208,39 @@ def test_truncated_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_byt
         head = f.read(num_bytes)
     path = tmp_path / "model.gguf"
     path.write_bytes(head)
-    with pytest.raises(ValueError, match=rf"could not read GGUF file {path}: .*The file is corrupt or truncated; "
-                                         r"re-download it"):
+    with pytest.raises(
+        ValueError,
+        match=rf"could not read GGUF file {path}: .*The file is corrupt or truncated; "
+        r"re-download it",
+    ):
         LLM(model=str(path), num_blocks=16, max_model_len=MAX_MODEL_LEN)
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
 def test_max_model_len_beyond_the_model() -> None:
-    with pytest.raises(ValueError, match=r"max_model_len 100000 is more than this model supports \(8192\); "
-                                         r"lower --max-model-len"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_model_len 100000 is more than this model supports \(8192\); "
+        r"lower --max-model-len",
+    ):
         LLM(max_model_len=100_000)
 
 
 def test_tensor_parallel_size_that_does_not_divide_heads() -> None:
-    with pytest.raises(ValueError, match=r"this model has 9 attention heads, which tensor_parallel_size=2 does not "
-                                         r"divide; pick a tensor parallel size that divides 9 attention heads, 3 KV heads and the intermediate size 1536"):
+    with pytest.raises(
+        ValueError,
+        match=r"this model has 9 attention heads, which tensor_parallel_size=2 does not "
+        r"divide; pick a tensor parallel size that divides 9 attention heads, 3 KV heads and the intermediate size 1536",
+    ):
         LLM(tensor_parallel_size=2)
 
 
 def test_kv_cache_smaller_than_max_model_len() -> None:
-    with pytest.raises(ValueError, match=r"the KV cache holds 32 tokens \(2 blocks of 16\), fewer than max_model_len "
-                                         r"64; raise --num-blocks / --kv-cache-memory or lower --max-model-len"):
+    with pytest.raises(
+        ValueError,
+        match=r"the KV cache holds 32 tokens \(2 blocks of 16\), fewer than max_model_len "
+        r"64; raise --num-blocks / --kv-cache-memory or lower --max-model-len",
+    ):
         LLM(num_blocks=2, max_model_len=MAX_MODEL_LEN)
 
 

@@ -35,7 +35,9 @@ def test_tiny_models_match_hf(tiny_models, kind):
         assert len(out.outputs[0].token_ids) == NEW_TOKENS
         assert out.outputs[0].finish_reason == "length"
         expected = hf_greedy(hf, prompt, NEW_TOKENS)
-        exact += assert_greedy_equal(out.outputs[0].token_ids, expected, prompt, hf, f"{kind} len {len(prompt)}") is None
+        exact += (
+            assert_greedy_equal(out.outputs[0].token_ids, expected, prompt, hf, f"{kind} len {len(prompt)}") is None
+        )
     assert exact >= len(prompts) - 1, "more than one near-tie in five prompts: suspicious"
 
 
@@ -77,8 +79,9 @@ def test_default_model_chat_template(default_llm):
     tokenizer = default_llm.get_tokenizer()
     messages = [{"role": "user", "content": "What is 2+2?"}]
     out = default_llm.chat(messages, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0]
-    expected_prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=False)
+    expected_prompt = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert out.prompt_token_ids == list(expected_prompt)
     assert "<|im_start|>assistant" in tokenizer.decode(out.prompt_token_ids)
     assert out.outputs[0].text.strip()

@@ -47,8 +47,11 @@ def _start(master: MasterProcess, tmp_path: Path, name: str, extra: list[str] | 
 
 
 def _complete(server: ServerProcess, prompt: list[int], max_tokens: int = 8) -> str:
-    r = httpx.post(f"{server.url}/v1/completions", timeout=120,
-                   json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        timeout=120,
+        json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == max_tokens
@@ -135,9 +138,20 @@ def test_unreachable_master_stops_the_server_with_a_clear_error(tmp_path: Path) 
 
     dead = {"master": f"127.0.0.1:{free_port()}", "metadata": f"http://127.0.0.1:{free_port()}/metadata"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(free_port()), *FLAGS,
-         "--kv-store-config", json.dumps(dead)],
-        capture_output=True, text=True, timeout=150,
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--port",
+            str(free_port()),
+            *FLAGS,
+            "--kv-store-config",
+            json.dumps(dead),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -44,8 +44,9 @@ def _wait_router(proc: subprocess.Popen[bytes], url: str, output: Path) -> None:
         except httpx.TransportError as e:
             last = repr(e)
         time.sleep(0.5)
-    raise AssertionError(f"the router did not answer /health within the deadline (last: {last}):\n"
-                         f"{output.read_text()[-20000:]}")
+    raise AssertionError(
+        f"the router did not answer /health within the deadline (last: {last}):\n{output.read_text()[-20000:]}"
+    )
 
 
 @pytest.mark.slow
@@ -56,8 +57,22 @@ def test_launch_serves_a_completion_and_stops_cleanly(kv_transfer: str, tmp_path
     url = f"http://127.0.0.1:{port}"
     log_dir = tmp_path / "logs"
     output = tmp_path / "launch.out"
-    argv = [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(port), "--max-model-len", "512",
-            "--num-blocks", "128", "--log-dir", str(log_dir), "--kv-transfer", kv_transfer]
+    argv = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "launch",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "512",
+        "--num-blocks",
+        "128",
+        "--log-dir",
+        str(log_dir),
+        "--kv-transfer",
+        kv_transfer,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PDSERVE_API_KEY", None)
     with open(output, "wb") as out:
@@ -68,8 +83,11 @@ def test_launch_serves_a_completion_and_stops_cleanly(kv_transfer: str, tmp_path
         _wait_router(proc, url, output)
         children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert len(children) >= 5, children  # router, 2 API servers, 2 engine cores (and their helpers)
-        r = httpx.post(f"{url}/v1/completions", timeout=120,
-                       json={"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            timeout=120,
+            json={"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8, r.json()
         proc.send_signal(signal.SIGTERM)

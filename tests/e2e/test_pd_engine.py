@@ -34,8 +34,15 @@ def run_mixed(core: EngineCore, prompts: list[list[int]], max_tokens: int = 10) 
     return out
 
 
-def run_pd(p_core: EngineCore, d_core: EngineCore, prompts: list[list[int]], max_tokens: int = 10,
-           d_first: bool = True, stagger: bool = False, timeout: float = 120) -> dict[str, list[int]]:
+def run_pd(
+    p_core: EngineCore,
+    d_core: EngineCore,
+    prompts: list[list[int]],
+    max_tokens: int = 10,
+    d_first: bool = True,
+    stagger: bool = False,
+    timeout: float = 120,
+) -> dict[str, list[int]]:
     """Add each prompt to both sides (D first or P first; `stagger`: D only after P's prefill is done),
     step both until every decode request finished; return D's tokens."""
     out: dict[str, list[int]] = {}
@@ -63,8 +70,12 @@ def run_pd(p_core: EngineCore, d_core: EngineCore, prompts: list[list[int]], max
                         finished.add(u.request.req_id)
         if late and not p_core.scheduler.requests:  # P's prefills are over: only now does D ask for the KV
             for i in late:
-                d_core.add_request(f"r{i}", prompts[i], greedy(max_tokens),
-                                   TransferHandle(room=f"room{i}", peer=p_core.control_address))
+                d_core.add_request(
+                    f"r{i}",
+                    prompts[i],
+                    greedy(max_tokens),
+                    TransferHandle(room=f"room{i}", peer=p_core.control_address),
+                )
             late = []
         time.sleep(0.001)
     return out
@@ -149,8 +160,9 @@ def test_tp2_send_batches_identical_under_random_delays(tmp_path: Path) -> None:
     trace.mkdir()
     tp2 = dict(TINY, tensor_parallel_size=2, num_blocks=256, max_num_batched_tokens=48)
     mixed = EngineCore(make_engine_config(**tp2))  # dummy weights are drawn per TP layout
-    p_core = EngineCore(make_engine_config(**tp2, disagg=DisaggConfig(role="prefill", fault_delay_ms=3,
-                                                                      send_trace_dir=str(trace))))
+    p_core = EngineCore(
+        make_engine_config(**tp2, disagg=DisaggConfig(role="prefill", fault_delay_ms=3, send_trace_dir=str(trace)))
+    )
     d_core = EngineCore(make_engine_config(**tp2, disagg=DisaggConfig(role="decode", fault_delay_ms=2)))
     rng = random.Random(7)
     prompts = [[rng.randrange(1, 500) for _ in range(rng.randrange(1, 70))] for _ in range(200)]
@@ -176,8 +188,11 @@ def test_pd_over_the_mooncake_transfer_engine() -> None:
 
     require_module("mooncake")
     mixed = EngineCore(make_engine_config(**TINY))
-    p_core = EngineCore(make_engine_config(**TINY, max_num_batched_tokens=64,
-                                           disagg=DisaggConfig(role="prefill", transfer_engine="mooncake")))
+    p_core = EngineCore(
+        make_engine_config(
+            **TINY, max_num_batched_tokens=64, disagg=DisaggConfig(role="prefill", transfer_engine="mooncake")
+        )
+    )
     d_core = EngineCore(make_engine_config(**TINY, disagg=DisaggConfig(role="decode", transfer_engine="mooncake")))
     try:
         assert [r.engine for r in d_core.executor.regions[0]] == ["mooncake"]

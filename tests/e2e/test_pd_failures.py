@@ -47,9 +47,12 @@ def test_decode_reserve_holds_new_requests_back(tmp_path: Path) -> None:
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=300) as client:
-            first = [asyncio.create_task(client.post(f"{router.url}/v1/completions",
-                                                     json={**body, "prompt": long_prompt(60, 100 * i)}))
-                     for i in range(4)]
+            first = [
+                asyncio.create_task(
+                    client.post(f"{router.url}/v1/completions", json={**body, "prompt": long_prompt(60, 100 * i)})
+                )
+                for i in range(4)
+            ]
             await asyncio.sleep(1.0)  # the four are decoding
             fifth = await client.post(f"{router.url}/v1/completions", json={**body, "prompt": long_prompt(60, 900)})
             return [*(await asyncio.gather(*first)), fifth]
@@ -77,10 +80,15 @@ def test_killed_decode_gives_502_and_a_restarted_one_is_used_again(tmp_path: Pat
     router = router_for(tmp_path, p, d)
     d_files = set(glob.glob("/dev/shm/pdserve-kv-*"))
     try:
+
         async def killed_mid_transfer() -> httpx.Response:
             async with httpx.AsyncClient(timeout=120) as client:
-                task = asyncio.create_task(client.post(f"{router.url}/v1/completions", json={
-                    "prompt": long_prompt(300), "max_tokens": 8, "temperature": 0}))
+                task = asyncio.create_task(
+                    client.post(
+                        f"{router.url}/v1/completions",
+                        json={"prompt": long_prompt(300), "max_tokens": 8, "temperature": 0},
+                    )
+                )
                 await asyncio.sleep(2.0)
                 assert not task.done()
                 kill_instance(d)
@@ -121,8 +129,14 @@ def test_deadline_abort_and_killed_prefill(tmp_path: Path) -> None:
     try:
         # D's receive deadline: a prefill instance that never answers
         started = time.monotonic()
-        status, out = completion(d.url, {"prompt": "Hello there", "max_tokens": 4, "kv_transfer_params": {
-            "room": "lonely", "peer": "tcp://127.0.0.1:9"}})
+        status, out = completion(
+            d.url,
+            {
+                "prompt": "Hello there",
+                "max_tokens": 4,
+                "kv_transfer_params": {"room": "lonely", "peer": "tcp://127.0.0.1:9"},
+            },
+        )
         assert status == 502 and out["error"]["code"] == "kv_transfer_timeout", out
         assert 3 <= time.monotonic() - started < 15
         wait_all_free(d.url)
@@ -130,10 +144,15 @@ def test_deadline_abort_and_killed_prefill(tmp_path: Path) -> None:
         # the client goes away between P and D: both sides let go
         async def abandon() -> None:
             async with httpx.AsyncClient(timeout=60) as client:
-                task = asyncio.create_task(client.post(f"{router.url}/v1/completions", json={
-                    "prompt": long_prompt(1500), "max_tokens": 8, "stream": True}))
+                task = asyncio.create_task(
+                    client.post(
+                        f"{router.url}/v1/completions",
+                        json={"prompt": long_prompt(1500), "max_tokens": 8, "stream": True},
+                    )
+                )
                 await asyncio.sleep(1.0)
                 task.cancel()
+
         asyncio.run(abandon())
         wait_all_free(p.url)
         wait_all_free(d.url)
@@ -142,8 +161,11 @@ def test_deadline_abort_and_killed_prefill(tmp_path: Path) -> None:
         # P killed mid-prefill (1500 tokens in chunks of 64): the client gets a 502, D frees its blocks
         async def killed_mid_prefill() -> httpx.Response:
             async with httpx.AsyncClient(timeout=120) as client:
-                task = asyncio.create_task(client.post(f"{router.url}/v1/completions", json={
-                    "prompt": long_prompt(1500, 2000), "max_tokens": 8}))
+                task = asyncio.create_task(
+                    client.post(
+                        f"{router.url}/v1/completions", json={"prompt": long_prompt(1500, 2000), "max_tokens": 8}
+                    )
+                )
                 await asyncio.sleep(1.0)
                 assert not task.done()
                 kill_instance(p)

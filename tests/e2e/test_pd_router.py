@@ -16,6 +16,7 @@ from server_fixtures import API_KEY, ServerProcess, metrics  # noqa: E402
 
 pytest_plugins = ["server_fixtures"]
 
+
 def check_after(p: ServerProcess, d: ServerProcess, num_requests: int) -> None:
     wait_all_free(p.url)
     wait_all_free(d.url)
@@ -28,8 +29,9 @@ def check_after(p: ServerProcess, d: ServerProcess, num_requests: int) -> None:
 
 
 def test_1p1d_equals_mixed(server: ServerProcess, tmp_path: Path) -> None:
-    p, d, router = start_pd(tmp_path, ["--max-num-batched-tokens", "32", "--max-model-len", "2048"],
-                            ["--max-model-len", "2048"])
+    p, d, router = start_pd(
+        tmp_path, ["--max-num-batched-tokens", "32", "--max-model-len", "2048"], ["--max-model-len", "2048"]
+    )
     try:
         want = asyncio.run(answers(server.url, {"Authorization": f"Bearer {API_KEY}"}))
         got = asyncio.run(answers(router.url, {}))

@@ -65,8 +65,14 @@ def store_flags(master: MasterProcess) -> list[str]:
 
 
 def storage_core(role: str, store: dict[str, object], **disagg: object) -> EngineCore:
-    return EngineCore(make_engine_config(**TINY, **store, num_host_blocks=64,  # type: ignore[arg-type]
-                                         disagg=DisaggConfig(role=role, kv_transfer="storage", **disagg)))  # type: ignore[arg-type]
+    return EngineCore(
+        make_engine_config(
+            **TINY,
+            **store,
+            num_host_blocks=64,  # type: ignore[arg-type]
+            disagg=DisaggConfig(role=role, kv_transfer="storage", **disagg),
+        )
+    )  # type: ignore[arg-type]
 
 
 def prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -199,10 +205,14 @@ def check_multi_turn(p: ServerProcess, d: ServerProcess, router: RouterProcess, 
 
     tokenizer = AutoTokenizer.from_pretrained(default_hf_dir)
     # a prompt the model continues with plain text for all 40 tokens
-    turn1 = tokenizer.encode("Once upon a time, in a small village by the sea, there lived an old lighthouse "
-                             "keeper named", add_special_tokens=False)
+    turn1 = tokenizer.encode(
+        "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper named",
+        add_special_tokens=False,
+    )
     put_before = metrics(d.url)['pdserve_kv_store_bytes_total{op="put"}']
-    r = httpx.post(f"{router.url}/v1/completions", timeout=180, json={"prompt": turn1, "max_tokens": 40, "temperature": 0})
+    r = httpx.post(
+        f"{router.url}/v1/completions", timeout=180, json={"prompt": turn1, "max_tokens": 40, "temperature": 0}
+    )
     assert r.status_code == 200, r.text
     out1 = r.json()
     num_out = out1["usage"]["completion_tokens"]
@@ -212,7 +222,9 @@ def check_multi_turn(p: ServerProcess, d: ServerProcess, router: RouterProcess, 
     wait_store_put(d.url, put_before)  # D wrote prompt + output blocks
     before = metrics(p.url)
     turn2 = turn1 + output_ids + tokenizer.encode(" And then what happened next?", add_special_tokens=False)
-    r = httpx.post(f"{router.url}/v1/completions", timeout=180, json={"prompt": turn2, "max_tokens": 8, "temperature": 0})
+    r = httpx.post(
+        f"{router.url}/v1/completions", timeout=180, json={"prompt": turn2, "max_tokens": 8, "temperature": 0}
+    )
     assert r.status_code == 200, r.text
     after = metrics(p.url)
     # D computed KV for turn 1's prompt and all its output tokens but the last; P may reuse the full blocks
@@ -229,11 +241,15 @@ def check_multi_turn(p: ServerProcess, d: ServerProcess, router: RouterProcess, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_storage_1p1d_equals_mixed_then_a_second_turn_reuses_the_pool(server: ServerProcess, master: MasterProcess,
-                                                                       tmp_path: Path, default_hf_dir: Path) -> None:
+def test_storage_1p1d_equals_mixed_then_a_second_turn_reuses_the_pool(
+    server: ServerProcess, master: MasterProcess, tmp_path: Path, default_hf_dir: Path
+) -> None:
     flags = store_flags(master)
-    p, d, router = start_pd(tmp_path, [*flags, "--max-num-batched-tokens", "32", "--max-model-len", "2048"],
-                            [*flags, "--max-model-len", "2048"])
+    p, d, router = start_pd(
+        tmp_path,
+        [*flags, "--max-num-batched-tokens", "32", "--max-model-len", "2048"],
+        [*flags, "--max-model-len", "2048"],
+    )
     try:
         want = asyncio.run(answers(server.url, {"Authorization": f"Bearer {API_KEY}"}))
         got = asyncio.run(answers(router.url, {}))
@@ -269,18 +285,30 @@ def test_master_killed_mid_run(master: MasterProcess, tmp_path: Path) -> None:
         for s in (p, d_fail, d_rec):
             s.wait_ready()
         for d, name in ((d_fail, "fail"), (d_rec, "recompute")):
-            routers.append(RouterProcess(["--prefill", p.url, "--decode", d.url],
-                                         tmp_path / f"router-{name}.log").start().wait_ready())
-        prompts_ = ["Explain how a bicycle works, step by step. " * 4, "List the planets of the solar system. " * 4,
-                    "Why is the sky blue? Answer in detail. " * 4]
+            routers.append(
+                RouterProcess(["--prefill", p.url, "--decode", d.url], tmp_path / f"router-{name}.log")
+                .start()
+                .wait_ready()
+            )
+        prompts_ = [
+            "Explain how a bicycle works, step by step. " * 4,
+            "List the planets of the solar system. " * 4,
+            "Why is the sky blue? Answer in detail. " * 4,
+        ]
         # the reference: P answering plain requests (the mixed path)
-        want = [httpx.post(f"{p.url}/v1/completions", timeout=120,
-                           json={"prompt": q, "max_tokens": 16, "temperature": 0}).json()["choices"][0]["text"]
-                for q in prompts_]
+        want = [
+            httpx.post(
+                f"{p.url}/v1/completions", timeout=120, json={"prompt": q, "max_tokens": 16, "temperature": 0}
+            ).json()["choices"][0]["text"]
+            for q in prompts_
+        ]
 
         def ask(router: RouterProcess, prompt: str, stream: bool = False) -> httpx.Response:
-            return httpx.post(f"{router.url}/v1/completions", timeout=120,
-                              json={"prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": stream})
+            return httpx.post(
+                f"{router.url}/v1/completions",
+                timeout=120,
+                json={"prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": stream},
+            )
 
         r = ask(routers[0], prompts_[0])
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[0], r.text

@@ -83,8 +83,9 @@ def test_tiny_device_tier_takes_host_and_pool_paths(default_hf_model, prompts, r
     options = {"path": str(tmp_path / "pool")} if store == "file" else None
     # 12 device blocks hold one request at a time; 6 host blocks hold less than one prompt's prefix,
     # so most blocks are only found again in the pool
-    with LLM(max_model_len=192, num_blocks=12, num_host_blocks=6, kv_store=store, kv_store_config=options,
-             max_num_seqs=1) as llm:
+    with LLM(
+        max_model_len=192, num_blocks=12, num_host_blocks=6, kv_store=store, kv_store_config=options, max_num_seqs=1
+    ) as llm:
         ours = _greedy(llm, prompts, one_by_one=True)
         again = _greedy(llm, prompts, one_by_one=True)
         stats = llm.engine.stats()
@@ -112,8 +113,10 @@ def test_preempted_request_resumes_from_saved_blocks(default_hf_model):
     assert saved.num_blocks_saved_on_preemption > 0 and plain.num_blocks_saved_on_preemption == 0
     assert saved.num_recomputed_tokens < plain.num_recomputed_tokens, (saved, plain)
     with LLM(max_model_len=256) as llm:  # no pressure: the reference
-        reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                   params, use_tqdm=False)]
+        reference = [
+            o.outputs[0].token_ids
+            for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        ]
     _assert_same(saved_out, reference, prompts, default_hf_model, "preempted with saving")
     _assert_same(plain_out, reference, prompts, default_hf_model, "preempted, recomputed")
 
@@ -125,11 +128,19 @@ def test_tensor_parallel_ranks_share_one_pool_by_rank(tmp_path):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     common = dict(load_format="dummy", max_model_len=128, tensor_parallel_size=2, max_num_seqs=1)
     with LLM("tiny", **common) as llm:
-        reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                  params, use_tqdm=False)]
+        reference = [
+            o.outputs[0].token_ids
+            for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        ]
     # 8 device blocks and 2 host blocks: the second round finds most blocks only in the pool
-    with LLM("tiny", **common, num_blocks=8, num_host_blocks=2, kv_store="file",
-             kv_store_config={"path": str(tmp_path / "pool")}) as llm:
+    with LLM(
+        "tiny",
+        **common,
+        num_blocks=8,
+        num_host_blocks=2,
+        kv_store="file",
+        kv_store_config={"path": str(tmp_path / "pool")},
+    ) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts], params, use_tqdm=False)
         stats = llm.engine.stats()
         llm.engine.check_integrity()

@@ -32,8 +32,13 @@ from pdserve import LLM, SamplingParams  # noqa: E402
 pytest_plugins = ["server_fixtures"]  # the server fixtures, shared by the test_server_* modules
 
 MAX_TOKENS = 32
-TEXT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a",
-                "The three primary colors are", "Water boils at"]
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, there was a",
+    "The three primary colors are",
+    "Water boils at",
+]
 TOKEN_PROMPTS = [list(range(1000, 1016)), [504, 3458, 282, 4649, 314, 253]]
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -67,11 +72,14 @@ def reference(server_starting: ServerProcess) -> Iterator[Reference]:
             text=llm.generate(TEXT_PROMPTS, greedy, use_tqdm=False),
             token=llm.generate(TOKEN_PROMPTS, greedy, use_tqdm=False),
             chat=llm.chat(CONVERSATIONS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False),
-            stop=llm.generate([p for p, _ in STOP_CASES],
-                              [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=s) for _, s in STOP_CASES],
-                              use_tqdm=False),
-            seeded=llm.generate(SEED_PROMPT, SamplingParams(temperature=1.0, max_tokens=16, seed=1234,
-                                                            ignore_eos=True), use_tqdm=False)[0],
+            stop=llm.generate(
+                [p for p, _ in STOP_CASES],
+                [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop=s) for _, s in STOP_CASES],
+                use_tqdm=False,
+            ),
+            seeded=llm.generate(
+                SEED_PROMPT, SamplingParams(temperature=1.0, max_tokens=16, seed=1234, ignore_eos=True), use_tqdm=False
+            )[0],
             decode=lambda t: tok.decode([t]),
             eos_text=tok.eos_token,
         )
@@ -88,6 +96,7 @@ class Api:
     def gather(self, *coros: Any) -> list[Any]:
         async def run() -> list[Any]:
             return list(await asyncio.gather(*coros))
+
         return self.loop.run_until_complete(run())
 
     def close(self) -> None:
@@ -105,8 +114,9 @@ def api(server: ServerProcess) -> Iterator[Api]:
 async def stream_completion(client: openai.AsyncOpenAI, **kwargs: Any) -> tuple[list[str], str | None, Any]:
     """(text deltas, finish_reason, usage) of a streamed completion with include_usage."""
     deltas, reasons, usages = [], [], []
-    stream = await client.completions.create(model=MODEL_NAME, stream=True, stream_options={"include_usage": True},
-                                             **kwargs)
+    stream = await client.completions.create(
+        model=MODEL_NAME, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
     async for chunk in stream:
         if chunk.usage is not None:
             assert chunk.choices == [], chunk
@@ -123,8 +133,9 @@ async def stream_completion(client: openai.AsyncOpenAI, **kwargs: Any) -> tuple[
 
 async def stream_chat(client: openai.AsyncOpenAI, **kwargs: Any) -> tuple[list[str], str | None, Any]:
     deltas, reasons, usages, roles = [], [], [], []
-    stream = await client.chat.completions.create(model=MODEL_NAME, stream=True,
-                                                  stream_options={"include_usage": True}, **kwargs)
+    stream = await client.chat.completions.create(
+        model=MODEL_NAME, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
     async for chunk in stream:
         if chunk.usage is not None:
             assert chunk.choices == [], chunk
@@ -156,7 +167,7 @@ def test_completions_equal_offline_api(reference: Reference, api: Api) -> None:
         *[api.client.completions.create(model=MODEL_NAME, prompt=p, logprobs=0, **greedy) for p in prompts],
         *[stream_completion(api.client, prompt=p, **greedy) for p in prompts],
     )
-    whole, streamed = results[:len(prompts)], results[len(prompts):]
+    whole, streamed = results[: len(prompts)], results[len(prompts) :]
     for prompt, ref, response, (deltas, reason, usage) in zip(prompts, expected, whole, streamed):
         out = ref.outputs[0]
         (choice,) = response.choices
@@ -196,10 +207,16 @@ def test_chat_equals_offline_api(reference: Reference, api: Api) -> None:
 
 
 def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_done(server: ServerProcess) -> None:
-    for path, body in [("completions", {"prompt": "Hello"}),
-                       ("chat/completions", {"messages": [{"role": "user", "content": "Hello"}]})]:
-        r = httpx.post(f"{server.url}/v1/{path}", headers=server.headers, timeout=60,
-                       json={**body, "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True})
+    for path, body in [
+        ("completions", {"prompt": "Hello"}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "Hello"}]}),
+    ]:
+        r = httpx.post(
+            f"{server.url}/v1/{path}",
+            headers=server.headers,
+            timeout=60,
+            json={**body, "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True},
+        )
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
         events = sse_events(r.text)
         assert events[-1] == "[DONE]"
@@ -212,8 +229,9 @@ def test_stream_without_include_usage_has_no_usage_chunk_and_ends_with_done(serv
 
 def test_completion_logprobs_shape(reference: Reference, api: Api) -> None:
     k = 3
-    (response,) = api.gather(api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], temperature=0,
-                                                    max_tokens=8, logprobs=k))
+    (response,) = api.gather(
+        api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], temperature=0, max_tokens=8, logprobs=k)
+    )
     (choice,) = response.choices
     lp = choice.logprobs
     n = response.usage.completion_tokens
@@ -230,13 +248,16 @@ def test_completion_logprobs_shape(reference: Reference, api: Api) -> None:
 
 def test_chat_logprobs_shape(reference: Reference, api: Api) -> None:
     k = 2
-    (response,) = api.gather(api.client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0,
-                                                         max_tokens=8, logprobs=True, top_logprobs=k))
+    (response,) = api.gather(
+        api.client.chat.completions.create(
+            model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0, max_tokens=8, logprobs=True, top_logprobs=k
+        )
+    )
     (choice,) = response.choices
     content = choice.logprobs.content
     out = reference.chat[0].outputs[0]
     assert len(content) == response.usage.completion_tokens
-    assert [c.token for c in content] == [reference.decode(t) for t in out.token_ids[:len(content)]]
+    assert [c.token for c in content] == [reference.decode(t) for t in out.token_ids[: len(content)]]
     # the text skips the special end-of-turn token that ends the answer; the tokens list it
     assert "".join(c.token for c in content).removesuffix(reference.eos_text) == choice.message.content
     for c in content:
@@ -244,8 +265,9 @@ def test_chat_logprobs_shape(reference: Reference, api: Api) -> None:
         assert 1 <= len(c.top_logprobs) <= k, c  # see test_top_logprobs_hold_exactly_k for the exact count
         assert all(t.bytes == list(t.token.encode()) and t.logprob <= c.logprob + 1e-6 for t in c.top_logprobs)
     # not asked, not sent
-    (plain,) = api.gather(api.client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0,
-                                                      max_tokens=2))
+    (plain,) = api.gather(
+        api.client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0, max_tokens=2)
+    )
     assert plain.choices[0].logprobs is None
 
 
@@ -253,21 +275,28 @@ def test_chat_logprobs_shape(reference: Reference, api: Api) -> None:
 def test_top_logprobs_hold_exactly_k(endpoint: str, api: Api) -> None:
     k = 3
     if endpoint == "completions":
-        (r,) = api.gather(api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], temperature=0,
-                                                 max_tokens=4, logprobs=k))
+        (r,) = api.gather(
+            api.client.completions.create(
+                model=MODEL_NAME, prompt=TEXT_PROMPTS[0], temperature=0, max_tokens=4, logprobs=k
+            )
+        )
         lp = r.choices[0].logprobs
         tops = [(tok, list(top)) for tok, top in zip(lp.tokens, lp.top_logprobs)]
     else:
-        (r,) = api.gather(api.client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0,
-                                                      max_tokens=4, logprobs=True, top_logprobs=k))
+        (r,) = api.gather(
+            api.client.chat.completions.create(
+                model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0, max_tokens=4, logprobs=True, top_logprobs=k
+            )
+        )
         tops = [(c.token, [t.token for t in c.top_logprobs]) for c in r.choices[0].logprobs.content]
     for token, top in tops:
         assert len(top) == k and top[0] == token, (token, top)  # greedy: the sampled token is the most likely
 
 
 def test_completion_logprobs_text_offset(api: Api) -> None:
-    (r,) = api.gather(api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], temperature=0,
-                                                    max_tokens=4, logprobs=1))
+    (r,) = api.gather(
+        api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], temperature=0, max_tokens=4, logprobs=1)
+    )
     lp = r.choices[0].logprobs
     offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert lp.text_offset == offsets
@@ -275,8 +304,9 @@ def test_completion_logprobs_text_offset(api: Api) -> None:
 
 @pytest.mark.parametrize("sampling", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}])
 def test_near_greedy_sampling_is_greedy(reference: Reference, api: Api, sampling: dict[str, float]) -> None:
-    (r,) = api.gather(api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], max_tokens=4,
-                                                    seed=7, **sampling))
+    (r,) = api.gather(
+        api.client.completions.create(model=MODEL_NAME, prompt=TEXT_PROMPTS[0], max_tokens=4, seed=7, **sampling)
+    )
     out = reference.text[0].outputs[0]
     assert r.choices[0].text == "".join(reference.decode(t) for t in out.token_ids[:4])
 
@@ -288,8 +318,9 @@ def test_stop_strings(reference: Reference, api: Api) -> None:
         *[stream_completion(api.client, prompt=p, stop=s, **greedy) for p, s in STOP_CASES],
     )
     n = len(STOP_CASES)
-    for (prompt, stops), ref, response, (deltas, reason, usage) in zip(STOP_CASES, reference.stop, results[:n],
-                                                                       results[n:]):
+    for (prompt, stops), ref, response, (deltas, reason, usage) in zip(
+        STOP_CASES, reference.stop, results[:n], results[n:]
+    ):
         out = ref.outputs[0]
         assert out.finish_reason == "stop" and out.stop_reason in stops, out  # the case does hit its stop string
         (choice,) = response.choices
@@ -308,10 +339,11 @@ def test_stop_strings(reference: Reference, api: Api) -> None:
 def test_chat_stop_string(reference: Reference, api: Api) -> None:
     full = reference.chat[0].outputs[0].text
     assert "France" in full, full
-    expected = full[:full.index("France")]
+    expected = full[: full.index("France")]
     whole, (deltas, reason, _) = api.gather(
-        api.client.chat.completions.create(model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0,
-                                        max_tokens=MAX_TOKENS, stop="France"),
+        api.client.chat.completions.create(
+            model=MODEL_NAME, messages=CONVERSATIONS[0], temperature=0, max_tokens=MAX_TOKENS, stop="France"
+        ),
         stream_chat(api.client, messages=CONVERSATIONS[0], temperature=0, max_tokens=MAX_TOKENS, stop=["France"]),
     )
     assert whole.choices[0].message.content == expected and whole.choices[0].finish_reason == "stop"
@@ -321,11 +353,23 @@ def test_chat_stop_string(reference: Reference, api: Api) -> None:
 
 def test_seed_makes_sampling_reproducible(reference: Reference, api: Api) -> None:
     def ask(seed: int) -> Any:
-        return api.client.completions.create(model=MODEL_NAME, prompt=SEED_PROMPT, temperature=1.0, max_tokens=16,
-                                          seed=seed, extra_body={"ignore_eos": True})
-    a, b, other, (deltas, _, _) = api.gather(ask(1234), ask(1234), ask(4321),
-                                         stream_completion(api.client, prompt=SEED_PROMPT, temperature=1.0,
-                                                           max_tokens=16, seed=1234, extra_body={"ignore_eos": True}))
+        return api.client.completions.create(
+            model=MODEL_NAME,
+            prompt=SEED_PROMPT,
+            temperature=1.0,
+            max_tokens=16,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
+
+    a, b, other, (deltas, _, _) = api.gather(
+        ask(1234),
+        ask(1234),
+        ask(4321),
+        stream_completion(
+            api.client, prompt=SEED_PROMPT, temperature=1.0, max_tokens=16, seed=1234, extra_body={"ignore_eos": True}
+        ),
+    )
     text = a.choices[0].text
     assert a.usage.completion_tokens == 16
     assert b.choices[0].text == text
@@ -335,13 +379,20 @@ def test_seed_makes_sampling_reproducible(reference: Reference, api: Api) -> Non
 
 
 CONTRACT_METRICS = {
-    "pdserve_num_requests_running": "gauge", "pdserve_num_requests_waiting": "gauge",
-    "pdserve_kv_blocks_total": "gauge", "pdserve_kv_blocks_free": "gauge",
-    "pdserve_prompt_tokens_total": "counter", "pdserve_generation_tokens_total": "counter",
-    "pdserve_preemptions_total": "counter", "pdserve_time_to_first_token_seconds": "histogram",
-    "pdserve_time_per_output_token_seconds": "histogram", "pdserve_request_latency_seconds": "histogram",
-    "pdserve_recomputed_tokens_total": "counter", "pdserve_prefix_cache_query_tokens_total": "counter",
-    "pdserve_kv_store_errors_total": "counter", "pdserve_kv_blocks_saved_on_preemption_total": "counter",
+    "pdserve_num_requests_running": "gauge",
+    "pdserve_num_requests_waiting": "gauge",
+    "pdserve_kv_blocks_total": "gauge",
+    "pdserve_kv_blocks_free": "gauge",
+    "pdserve_prompt_tokens_total": "counter",
+    "pdserve_generation_tokens_total": "counter",
+    "pdserve_preemptions_total": "counter",
+    "pdserve_time_to_first_token_seconds": "histogram",
+    "pdserve_time_per_output_token_seconds": "histogram",
+    "pdserve_request_latency_seconds": "histogram",
+    "pdserve_recomputed_tokens_total": "counter",
+    "pdserve_prefix_cache_query_tokens_total": "counter",
+    "pdserve_kv_store_errors_total": "counter",
+    "pdserve_kv_blocks_saved_on_preemption_total": "counter",
 }
 LABELLED_COUNTERS = {
     "pdserve_prefix_cache_hit_tokens_total": ('tier="device"', 'tier="host"', 'tier="pool"'),
@@ -365,8 +416,12 @@ def test_metrics_contract_and_counters(server: ServerProcess) -> None:
     before = wait_idle(server.url)
     assert before["pdserve_kv_blocks_total"] > 0
     prompt_ids = list(range(2000, 2021))
-    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
-                   json={"prompt": prompt_ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=server.headers,
+        timeout=60,
+        json={"prompt": prompt_ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"] == {"prompt_tokens": 21, "completion_tokens": 6, "total_tokens": 27}
     after = wait_idle(server.url)
@@ -386,11 +441,18 @@ def test_metrics_contract_and_counters(server: ServerProcess) -> None:
     assert delta('pdserve_requests_total{finish_reason="length"}') == 1
     assert after["pdserve_kv_blocks_free"] == after["pdserve_kv_blocks_total"] == before["pdserve_kv_blocks_total"]
 
-    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
-                   json={"prompt": prompt_ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=server.headers,
+        timeout=60,
+        json={"prompt": prompt_ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     again = wait_idle(server.url)
     # the same prompt again: its first full block (16 tokens) comes from the device prefix cache
-    assert again['pdserve_prefix_cache_hit_tokens_total{tier="device"}'] - after.get(
-        'pdserve_prefix_cache_hit_tokens_total{tier="device"}', 0.0) == 16
+    assert (
+        again['pdserve_prefix_cache_hit_tokens_total{tier="device"}']
+        - after.get('pdserve_prefix_cache_hit_tokens_total{tier="device"}', 0.0)
+        == 16
+    )
     assert again["pdserve_prompt_tokens_total"] - after["pdserve_prompt_tokens_total"] == 5

@@ -44,15 +44,16 @@ FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppres
 # NOTE: lone surrogates are left out of completion prompts only: they are a known 500
 # (test_server_errors.py::test_lone_surrogate_in_prompt_is_a_400); everywhere else they are drawn.
 TEXT_SAFE = st.text(max_size=24)
-TEXT = st.one_of(TEXT_SAFE, TEXT_SAFE, TEXT_SAFE,
-                 st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=24))
+TEXT = st.one_of(
+    TEXT_SAFE, TEXT_SAFE, TEXT_SAFE, st.text(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=24)
+)
 
 
 def junk(text: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
-                        st.floats(), text)
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-                        max_leaves=8)
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80), st.floats(), text)
+    return st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=8
+    )
 
 
 JUNK = junk(TEXT)
@@ -74,7 +75,9 @@ def runs_long(value: Any) -> bool:
 
 
 SHORT_OR_BAD_MAX_TOKENS = st.one_of(
-    st.integers(1, 3), st.integers(max_value=0), st.integers(min_value=MAX_MODEL_LEN),
+    st.integers(1, 3),
+    st.integers(max_value=0),
+    st.integers(min_value=MAX_MODEL_LEN),
     JUNK.filter(lambda v: v is not None and not runs_long(v)),
 )
 TOKEN_IDS = st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=1, max_size=12)
@@ -99,35 +102,57 @@ VALID_COMMON = {
 }
 VALID_COMPLETION = {
     **VALID_COMMON,
-    "prompt": st.one_of(TEXT_SAFE.filter(bool), TOKEN_IDS, st.lists(TEXT_SAFE.filter(bool), min_size=1, max_size=1),
-                        st.lists(TOKEN_IDS, min_size=1, max_size=1)),
+    "prompt": st.one_of(
+        TEXT_SAFE.filter(bool),
+        TOKEN_IDS,
+        st.lists(TEXT_SAFE.filter(bool), min_size=1, max_size=1),
+        st.lists(TOKEN_IDS, min_size=1, max_size=1),
+    ),
     "logprobs": st.one_of(st.none(), st.integers(0, 20)),
     "echo": st.booleans(),
 }
 TEXT_PART = st.fixed_dictionaries({"type": st.just("text"), "text": TEXT})
 VALID_CHAT = {
     **VALID_COMMON,
-    "messages": st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(ROLES), "content": st.one_of(TEXT_SAFE, TEXT, st.lists(TEXT_PART, max_size=2))},
-        optional={"name": TEXT}), min_size=1, max_size=3),
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(ROLES), "content": st.one_of(TEXT_SAFE, TEXT, st.lists(TEXT_PART, max_size=2))},
+            optional={"name": TEXT},
+        ),
+        min_size=1,
+        max_size=3,
+    ),
     "logprobs": st.booleans(),
     "top_logprobs": st.one_of(st.none(), st.integers(0, 20)),
     "max_completion_tokens": st.one_of(st.none(), st.integers(1, 3)),
 }
 # What a corrupted field gets instead (JUNK unless named here).
 BAD_COMPLETION = {"prompt": JUNK_SAFE, "max_tokens": st.one_of(st.none(), SHORT_OR_BAD_MAX_TOKENS)}
-BAD_CHAT = {"max_tokens": SHORT_OR_BAD_MAX_TOKENS, "messages": st.one_of(
-    JUNK, st.lists(st.one_of(JUNK, st.fixed_dictionaries({}, optional={"role": st.one_of(TEXT, JUNK), "content": JUNK,
-                                                                       "name": JUNK})), max_size=3))}
+BAD_CHAT = {
+    "max_tokens": SHORT_OR_BAD_MAX_TOKENS,
+    "messages": st.one_of(
+        JUNK,
+        st.lists(
+            st.one_of(
+                JUNK, st.fixed_dictionaries({}, optional={"role": st.one_of(TEXT, JUNK), "content": JUNK, "name": JUNK})
+            ),
+            max_size=3,
+        ),
+    ),
+}
 
 
 @st.composite
-def body_objects(draw: Any, valid: dict[str, st.SearchStrategy[Any]], bad: dict[str, st.SearchStrategy[Any]],
-                 keep: tuple[str, ...]) -> dict[str, Any]:
+def body_objects(
+    draw: Any, valid: dict[str, st.SearchStrategy[Any]], bad: dict[str, st.SearchStrategy[Any]], keep: tuple[str, ...]
+) -> dict[str, Any]:
     """A valid body with up to 2 fields corrupted, maybe one dropped (never one in `keep`), plus unknown fields."""
     core = ("max_tokens", "prompt", "messages")
-    body = draw(st.fixed_dictionaries({k: v for k, v in valid.items() if k in core},
-                                      optional={k: v for k, v in valid.items() if k not in core}))
+    body = draw(
+        st.fixed_dictionaries(
+            {k: v for k, v in valid.items() if k in core}, optional={k: v for k, v in valid.items() if k not in core}
+        )
+    )
     num_bad = draw(st.sampled_from([0, 0, 0, 1, 1, 2]))  # most bodies are valid, so most requests generate
     for key in draw(st.lists(st.sampled_from(sorted(valid)), min_size=num_bad, max_size=num_bad, unique=True)):
         body[key] = draw(bad.get(key, JUNK))
@@ -138,13 +163,15 @@ def body_objects(draw: Any, valid: dict[str, st.SearchStrategy[Any]], bad: dict[
     return {**{k: v for k, v in extra.items() if k not in valid}, **body}
 
 
-def bodies(valid: dict[str, st.SearchStrategy[Any]], bad: dict[str, st.SearchStrategy[Any]],
-           keep: tuple[str, ...] = ()) -> st.SearchStrategy[bytes]:
+def bodies(
+    valid: dict[str, st.SearchStrategy[Any]], bad: dict[str, st.SearchStrategy[Any]], keep: tuple[str, ...] = ()
+) -> st.SearchStrategy[bytes]:
     """JSON of a (mostly valid) object; one time in ten JSON of anything, or raw bytes."""
     objects = body_objects(valid, bad, keep).map(lambda b: json.dumps(b).encode())
     anything = JUNK.map(lambda b: json.dumps(b).encode())
     return st.sampled_from(["object"] * 18 + ["anything", "bytes"]).flatmap(
-        lambda kind: objects if kind == "object" else anything if kind == "anything" else st.binary(max_size=40))
+        lambda kind: objects if kind == "object" else anything if kind == "anything" else st.binary(max_size=40)
+    )
 
 
 def check(server: ServerProcess, client: httpx.Client, path: str, body: bytes) -> None:

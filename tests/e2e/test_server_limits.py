@@ -45,13 +45,19 @@ def test_full_queue_returns_503(small_server: ServerProcess) -> None:
             assert held.status_code == 200
             lines = held.iter_lines()  # NOTE: keep a reference; a collected iterator closes the connection
             next(line for line in lines if line.startswith("data: "))  # it is running
-            for path, body in [("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
-                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                         "max_tokens": 1}),
-                               ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "stream": True})]:
+            for path, body in [
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 1, "stream": True}),
+            ]:
                 r = client.post(f"{url}{path}", json=body)
-                assert_openai_error(r, 503, "queue_full", "the server is at its queue limit (1 open requests)",
-                                    "retry later or raise --max-queue-len")
+                assert_openai_error(
+                    r,
+                    503,
+                    "queue_full",
+                    "the server is at its queue limit (1 open requests)",
+                    "retry later or raise --max-queue-len",
+                )
             assert client.get(f"{url}/health").status_code == 200
     m = wait_idle(url, timeout_s=15)
     assert m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"]
@@ -83,8 +89,10 @@ def test_engine_death_is_reported(small_server: ServerProcess) -> None:
     kill_engine(small_server)
     r = wait_health(small_server.url, 503)
     assert r.status_code == 503 and r.json()["status"].startswith("failed: "), r.text
-    for path, body in [("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})]:
+    for path, body in [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+    ]:
         r = httpx.post(f"{small_server.url}{path}", json=body, timeout=30)
         assert_openai_error(r, 503, "engine_dead", "the engine failed: ")
 

@@ -35,8 +35,12 @@ LONG_MAX_TOKENS = 3000  # never reached: these requests are abandoned by their c
 
 
 def body(i: int) -> dict[str, Any]:
-    return {"prompt": f"Question {i}: what is {i} plus {i * 3}? Answer:", "max_tokens": MAX_TOKENS,
-            "temperature": 0, "ignore_eos": not stops_at_eos(i)}
+    return {
+        "prompt": f"Question {i}: what is {i} plus {i * 3}? Answer:",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": not stops_at_eos(i),
+    }
 
 
 def stops_at_eos(i: int) -> bool:
@@ -44,8 +48,9 @@ def stops_at_eos(i: int) -> bool:
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, i: int) -> dict[str, Any]:
-    async with client.stream("POST", f"{url}/v1/completions",
-                             json={**body(i), "stream": True, "stream_options": {"include_usage": True}}) as r:
+    async with client.stream(
+        "POST", f"{url}/v1/completions", json={**body(i), "stream": True, "stream_options": {"include_usage": True}}
+    ) as r:
         text = (await r.aread()).decode()
     assert r.status_code == 200, text
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -56,8 +61,12 @@ async def one_stream(client: httpx.AsyncClient, url: str, i: int) -> dict[str, A
     reasons = [c["choices"][0]["finish_reason"] for c in chunks]
     assert reasons[-1] in ("length", "stop") and all(r is None for r in reasons[:-1]), reasons
     assert len({c["id"] for c in chunks} | {usage_chunk["id"]}) == 1
-    return {"id": usage_chunk["id"], "text": "".join(c["choices"][0]["text"] for c in chunks),
-            "finish_reason": reasons[-1], "usage": usage_chunk["usage"]}
+    return {
+        "id": usage_chunk["id"],
+        "text": "".join(c["choices"][0]["text"] for c in chunks),
+        "finish_reason": reasons[-1],
+        "usage": usage_chunk["usage"],
+    }
 
 
 def poll_peak_running(url: str, stop: threading.Event, peak: list[float]) -> None:
@@ -103,9 +112,11 @@ def test_64_concurrent_streams(server: ServerProcess) -> None:
     after = wait_idle(server.url)
     assert after["pdserve_kv_blocks_free"] == after["pdserve_kv_blocks_total"]
     assert after["pdserve_generation_tokens_total"] - before["pdserve_generation_tokens_total"] == sum(
-        res["usage"]["completion_tokens"] for res in results)
+        res["usage"]["completion_tokens"] for res in results
+    )
     assert after["pdserve_request_latency_seconds_count"] - before["pdserve_request_latency_seconds_count"] == (
-        NUM_STREAMS)
+        NUM_STREAMS
+    )
 
 
 def aborts(m: dict[str, float]) -> float:
@@ -115,9 +126,17 @@ def aborts(m: dict[str, float]) -> float:
 def start_then_drop_stream(server: ServerProcess, num_chunks: int) -> str:
     """Start a long streaming request, read `num_chunks` text chunks, close the connection; return its id."""
     with httpx.Client(headers=server.headers, timeout=60) as client:
-        with client.stream("POST", f"{server.url}/v1/completions", json={
-                "prompt": "Tell me a very long story about a dragon.", "max_tokens": LONG_MAX_TOKENS,
-                "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        with client.stream(
+            "POST",
+            f"{server.url}/v1/completions",
+            json={
+                "prompt": "Tell me a very long story about a dragon.",
+                "max_tokens": LONG_MAX_TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as r:
             assert r.status_code == 200
             chunks = []
             lines = r.iter_lines()  # NOTE: keep a reference; a collected iterator closes the connection
@@ -140,17 +159,28 @@ def test_closed_stream_frees_blocks(server: ServerProcess) -> None:
     assert after["pdserve_kv_blocks_free"] == after["pdserve_kv_blocks_total"]
     assert aborts(after) - aborts(before) == 1
     assert req_id in request_ids_in_log(server.log_text(), LONG_MAX_TOKENS)
-    assert httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
-                      json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert (
+        httpx.post(
+            f"{server.url}/v1/completions", headers=server.headers, timeout=60, json={"prompt": "Hi", "max_tokens": 2}
+        ).status_code
+        == 200
+    )
 
 
 def test_timed_out_non_streaming_request_frees_blocks(server: ServerProcess) -> None:
     before = wait_idle(server.url)
     known = set(request_ids_in_log(server.log_text(), LONG_MAX_TOKENS))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=2.0, json={
-            "prompt": "Tell me a very long story about a dragon.", "max_tokens": LONG_MAX_TOKENS,
-            "ignore_eos": True})
+        httpx.post(
+            f"{server.url}/v1/completions",
+            headers=server.headers,
+            timeout=2.0,
+            json={
+                "prompt": "Tell me a very long story about a dragon.",
+                "max_tokens": LONG_MAX_TOKENS,
+                "ignore_eos": True,
+            },
+        )
     (req_id,) = set(request_ids_in_log(server.log_text(), LONG_MAX_TOKENS)) - known
     after = wait_idle(server.url, timeout_s=15)
     assert after["pdserve_kv_blocks_free"] == after["pdserve_kv_blocks_total"]
@@ -161,8 +191,12 @@ def test_timed_out_non_streaming_request_frees_blocks(server: ServerProcess) -> 
 
 def test_every_request_logs_how_it_finished(server: ServerProcess) -> None:
     dropped = start_then_drop_stream(server, num_chunks=1)
-    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
-                   json={"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "stop": ["."]})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=server.headers,
+        timeout=60,
+        json={"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "stop": ["."]},
+    )
     assert r.json()["choices"][0]["finish_reason"] == "stop"
     stopped = r.json()["id"]
     wait_idle(server.url, timeout_s=15)

@@ -38,7 +38,8 @@ def test_tp_size_must_divide_heads(default_hf_dir):
 
 def test_bfloat16_runs_on_cpu(default_llm):
     with LLM(dtype="bfloat16") as llm:
-        out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0),
-                           use_tqdm=False)[0].outputs[0]
+        out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)[
+            0
+        ].outputs[0]
         assert llm.engine.executor.runner.kv_cache.dtype == torch.bfloat16
     assert "Paris" in out.text

@@ -13,10 +13,38 @@ from pdserve.cli import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-SMALL = ["--model", "tiny", "--load-format", "dummy", "--dtype", "bfloat16", "--decode-batches", "1,4",
-         "--decode-context", "32", "--decode-steps", "4", "--decode-warmup", "2", "--hf-repeats", "1",
-         "--prefill-lens", "64,256", "--prefill-repeats", "2", "--transfer-lens", "64,300",
-         "--transfer-repeats", "2", "--raw-repeats", "3", "--copy-bytes", "64MiB", "--matmul-size", "1024"]
+SMALL = [
+    "--model",
+    "tiny",
+    "--load-format",
+    "dummy",
+    "--dtype",
+    "bfloat16",
+    "--decode-batches",
+    "1,4",
+    "--decode-context",
+    "32",
+    "--decode-steps",
+    "4",
+    "--decode-warmup",
+    "2",
+    "--hf-repeats",
+    "1",
+    "--prefill-lens",
+    "64,256",
+    "--prefill-repeats",
+    "2",
+    "--transfer-lens",
+    "64,300",
+    "--transfer-repeats",
+    "2",
+    "--raw-repeats",
+    "3",
+    "--copy-bytes",
+    "64MiB",
+    "--matmul-size",
+    "1024",
+]
 
 
 @pytest.mark.timeout(600)

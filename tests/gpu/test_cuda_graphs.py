@@ -32,8 +32,9 @@ def test_graphs_equal_eager(tiny_models, dtype: str) -> None:
     params = [SamplingParams(max_tokens=rng.randrange(4, 40), temperature=0, ignore_eos=True) for _ in prompts]
     outs = {}
     for eager in (True, False):
-        with LLM(path, device="cuda", dtype=dtype, num_blocks=256, max_model_len=512, max_num_seqs=16,
-                 enforce_eager=eager) as llm:
+        with LLM(
+            path, device="cuda", dtype=dtype, num_blocks=256, max_model_len=512, max_num_seqs=16, enforce_eager=eager
+        ) as llm:
             runner = llm.engine.executor.runner
             assert (runner.graphs is None) == eager
             got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -23,16 +23,20 @@ def test_tiny_model_on_cuda_matches_hf(tiny_models, kind):
     prompts = [[rng.randrange(2, 512) for _ in range(n)] for n in (3, 20, 70)]
     with LLM(str(path), device="cuda", num_blocks=64, max_model_len=512) as llm:
         assert llm.engine.executor.runner.kv_cache.is_cuda
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(max_tokens=32, temperature=0, ignore_eos=True), use_tqdm=False)
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
+            use_tqdm=False,
+        )
         assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
     for p, o in zip(prompts, outs):
         assert_greedy_equal(o.outputs[0].token_ids, hf_greedy(hf, p, 32), p, hf, f"{kind} cuda")
 
 
 def test_llama3_8b_shape_bf16_on_cuda():
-    with LLM("llama3-8b", load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
-             kv_cache_memory="4GiB") as llm:
+    with LLM(
+        "llama3-8b", load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096, kv_cache_memory="4GiB"
+    ) as llm:
         prompts = [{"prompt_token_ids": list(range(1000, 1000 + n))} for n in (5, 300, 1500)]
         outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
         assert [len(o.outputs[0].token_ids) for o in outs] == [16, 16, 16]
@@ -46,10 +50,20 @@ def test_host_tier_and_pool_on_cuda_give_the_same_tokens(tiny_models, tmp_path):
     prompts = [[rng.randrange(2, 512) for _ in range(70)] for _ in range(4)]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     with LLM(path, device="cuda", num_blocks=64, max_model_len=128) as llm:
-        reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                  params, use_tqdm=False)]
-    with LLM(path, device="cuda", num_blocks=8, num_host_blocks=6, max_model_len=128, max_num_seqs=1,
-             kv_store="file", kv_store_config={"path": str(tmp_path / "pool")}) as llm:
+        reference = [
+            o.outputs[0].token_ids
+            for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        ]
+    with LLM(
+        path,
+        device="cuda",
+        num_blocks=8,
+        num_host_blocks=6,
+        max_model_len=128,
+        max_num_seqs=1,
+        kv_store="file",
+        kv_store_config={"path": str(tmp_path / "pool")},
+    ) as llm:
         assert llm.engine.executor.runner.tiers.host.is_pinned()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts * 3], params, use_tqdm=False)
         stats = llm.engine.stats()

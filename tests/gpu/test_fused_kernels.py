@@ -36,9 +36,18 @@ def test_add_rms_norm(dtype: torch.dtype, residual: bool) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_in_place_equals_torch(dtype: torch.dtype) -> None:
-    rotary = RotaryEmbedding(128, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                   "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 8192}).cuda()
+    rotary = RotaryEmbedding(
+        128,
+        4096,
+        500000.0,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ).cuda()
     qkv = torch.randn(21, (32 + 2 * 8) * 128, device="cuda").to(dtype)
     q, k = qkv[:, :4096].view(21, 32, 128), qkv[:, 4096:5120].view(21, 8, 128)  # strided views, as in the model
     positions = torch.randint(0, 4096, (21,), device="cuda")
@@ -94,8 +103,15 @@ def test_model_with_fused_kernels_gives_the_same_tokens(dtype: str) -> None:
         if not fused:
             llama.LlamaForCausalLM._use_fused_kernels = lambda self: None  # type: ignore[method-assign]
         try:
-            with LLM("tiny", load_format="dummy", dtype=dtype, device="cuda", attention_backend="triton",
-                     max_model_len=256, num_blocks=64) as llm:
+            with LLM(
+                "tiny",
+                load_format="dummy",
+                dtype=dtype,
+                device="cuda",
+                attention_backend="triton",
+                max_model_len=256,
+                num_blocks=64,
+            ) as llm:
                 outputs[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         finally:
             llama.LlamaForCausalLM._use_fused_kernels = original  # type: ignore[method-assign]

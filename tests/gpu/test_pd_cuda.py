@@ -54,8 +54,15 @@ def test_cuda_ipc_writes_blocks_into_another_process(receiver_device: str) -> No
         src = torch.randn(SHAPE, device="cuda").to(torch.bfloat16)
         sender = CudaIpcEngine(src, receive=False)
         assert sender.region() is None
-        peer = KVRegion(engine="cuda_ipc", hostname="h", address=handle, base=0, num_layers=SHAPE[0],
-                        num_blocks=SHAPE[2], chunk_nbytes=sender.chunk_nbytes)
+        peer = KVRegion(
+            engine="cuda_ipc",
+            hostname="h",
+            address=handle,
+            base=0,
+            num_layers=SHAPE[0],
+            num_blocks=SHAPE[2],
+            chunk_nbytes=sender.chunk_nbytes,
+        )
         scattered_src = list(range(20, 32))
         scattered_dst = [39, 10, 33, 12, 35, 14, 37, 16, 31, 18, 29, 8]  # 12 runs: the gather/scatter path
         writes = [([0, 2], [1, 2, 3, 7], [5, 6, 7, 0]), ([1], [4], [9]), ([0, 1, 2], scattered_src, scattered_dst)]
@@ -91,7 +98,7 @@ def test_copy_runs_matches_slice_copies() -> None:
     assert copy_runs(dst, src, layers, runs) == 2 * len(runs)  # two layer spans, one call per run each
     for layer in layers:
         for s0, d0, n in runs:
-            want[layer, :, d0:d0 + n] = src[layer, :, s0:s0 + n]
+            want[layer, :, d0 : d0 + n] = src[layer, :, s0 : s0 + n]
     torch.cuda.synchronize()
     assert torch.equal(dst, want)
 
@@ -102,10 +109,21 @@ def test_pd_on_cuda_over_cuda_ipc_equals_mixed(dtype: str, gpus: tuple[int, int]
     """P on gpus[0], D on gpus[1] (one engine process: the handle resolves to the tensor, copies cross GPUs)."""
     common = dict(model="tiny", load_format="dummy", max_model_len=512, num_blocks=96, device="cuda", dtype=dtype)
     mixed = EngineCore(make_engine_config(**common))  # type: ignore[arg-type]
-    p = EngineCore(make_engine_config(**common, max_num_batched_tokens=48, gpu_ids=(gpus[0],),  # type: ignore[arg-type]
-                                      disagg=DisaggConfig(role="prefill", transfer_engine="cuda_ipc")))
-    d = EngineCore(make_engine_config(**common, gpu_ids=(gpus[1],),  # type: ignore[arg-type]
-                                      disagg=DisaggConfig(role="decode", transfer_engine="cuda_ipc")))
+    p = EngineCore(
+        make_engine_config(
+            **common,
+            max_num_batched_tokens=48,
+            gpu_ids=(gpus[0],),  # type: ignore[arg-type]
+            disagg=DisaggConfig(role="prefill", transfer_engine="cuda_ipc"),
+        )
+    )
+    d = EngineCore(
+        make_engine_config(
+            **common,
+            gpu_ids=(gpus[1],),  # type: ignore[arg-type]
+            disagg=DisaggConfig(role="decode", transfer_engine="cuda_ipc"),
+        )
+    )
     try:
         assert list(d.executor.regions[0][0].engine for _ in [0]) == ["cuda_ipc"]
         assert d.executor.runner.kv_cache.device == torch.device("cuda", gpus[1])

@@ -22,8 +22,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def run_both(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
-             dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+def run_both(
+    q_lens: list[int],
+    seq_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     from pdserve.layers.attention.triton_paged import TritonAttention
 
     rng = random.Random(seed)
@@ -46,7 +54,7 @@ def run_both(q_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, 
     outs = []
     splits = 1
     for backend_type in (TorchAttention, TritonAttention):
-        backend = backend_type(heads, kv_heads, head_dim, head_dim ** -0.5)
+        backend = backend_type(heads, kv_heads, head_dim, head_dim**-0.5)
         c = cache.clone()
         meta = backend.prepare(layout, device)
         splits = getattr(meta, "num_splits", splits)
@@ -67,8 +75,9 @@ CASES = {
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 8, 64), (32, 8, 128), (16, 2, 64)])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_the_torch_backend(case: str, block_size: int, heads: int, kv_heads: int, head_dim: int,
-                                   dtype: torch.dtype) -> None:
+def test_matches_the_torch_backend(
+    case: str, block_size: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
     q_lens, seq_lens = CASES[case]
     ref, got, _ = run_both(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype)
     assert torch.isfinite(got).all()

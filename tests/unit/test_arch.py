@@ -195,8 +195,14 @@ def test_rope_scaling_forms(scaling: dict | None, expected: dict | None) -> None
 
 
 def test_defaults_for_missing_optional_keys() -> None:
-    required = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads")
+    required = (
+        "architectures",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    )
     arch = arch_from_hf_config({k: LLAMA31_8B[k] for k in required})
     assert (arch.rms_norm_eps, arch.rope_theta, arch.rope_scaling) == (1e-5, 10000.0, None)
     assert (arch.max_position_embeddings, arch.tie_word_embeddings) == (4096, False)
@@ -209,8 +215,11 @@ def test_defaults_for_missing_optional_keys() -> None:
 )
 def test_unsupported_architecture_is_named(architectures: list[str] | None) -> None:
     cfg = {**LLAMA31_8B, "architectures": architectures}
-    with pytest.raises(ValueError, match=r"architectures .* are not supported; pdserve serves "
-                                         r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match=r"architectures .* are not supported; pdserve serves "
+        r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+    ):
         arch_from_hf_config(cfg)
 
 
@@ -265,8 +274,9 @@ def test_arch_from_gguf_llama() -> None:
 
 
 def test_arch_from_gguf_qwen2_and_linear_rope() -> None:
-    fields = gguf_fields("qwen2", **{"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 4,
-                                     "qwen2.vocab_size": 1000})
+    fields = gguf_fields(
+        "qwen2", **{"qwen2.rope.scaling.type": "linear", "qwen2.rope.scaling.factor": 4, "qwen2.vocab_size": 1000}
+    )
     arch = arch_from_gguf(fields, has_output_weight=True)
     assert arch.architecture == "Qwen2ForCausalLM"
     assert arch.qkv_bias is True
@@ -275,8 +285,11 @@ def test_arch_from_gguf_qwen2_and_linear_rope() -> None:
 
 
 def test_arch_from_gguf_unsupported() -> None:
-    with pytest.raises(ValueError, match=r"GGUF architecture 'gpt2' is not supported; pdserve serves llama, "
-                                         r"mistral, qwen2"):
+    with pytest.raises(
+        ValueError,
+        match=r"GGUF architecture 'gpt2' is not supported; pdserve serves llama, "
+        r"mistral, qwen2",
+    ):
         arch_from_gguf(gguf_fields("gpt2"), has_output_weight=True)
 
 
@@ -302,14 +315,25 @@ def test_check_tensor_parallel_names_heads_and_fix() -> None:
     )
     with pytest.raises(ValueError, match=r"this model has 3 KV heads, which tensor_parallel_size=9 does not divide"):
         smol.check_tensor_parallel(9)
-    with pytest.raises(ValueError, match=r"this model has 8 KV heads, which tensor_parallel_size=16 does not divide; "
-                                         r"pick a tensor parallel size that divides 32 attention heads, 8 KV heads and the intermediate size 14336"):
+    with pytest.raises(
+        ValueError,
+        match=r"this model has 8 KV heads, which tensor_parallel_size=16 does not divide; "
+        r"pick a tensor parallel size that divides 32 attention heads, 8 KV heads and the intermediate size 14336",
+    ):
         DUMMY_SHAPES["llama3-8b"].check_tensor_parallel(16)
 
 
 def test_check_tensor_parallel_intermediate_size() -> None:
-    arch = ModelArch("LlamaForCausalLM", vocab_size=32, hidden_size=16, intermediate_size=30, num_layers=1,
-                     num_heads=4, num_kv_heads=4, head_dim=4)
+    arch = ModelArch(
+        "LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=30,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=4,
+    )
     with pytest.raises(ValueError, match=r"this model has 30 intermediate size, which tensor_parallel_size=4"):
         arch.check_tensor_parallel(4)
     arch.check_tensor_parallel(2)

@@ -24,14 +24,21 @@ from pdserve.bench.serve import (
     parse_chunk,
 )
 
-STREAM = (b": keep-alive comment\r\n\r\n"
-          b'data: {"choices":[{"text":"Hel"}]}\r\n\r\n'
-          b'data:{"choices":[{"text":"l\xc3\xa9"}]}\n\n'
-          b"event: message\ndata: first line\ndata: second line\nid: 7\n\n"
-          b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
-          b"data: [DONE]\n\n")
-EVENTS = ['{"choices":[{"text":"Hel"}]}', '{"choices":[{"text":"l\u00e9"}]}', "first line\nsecond line",
-          '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}', "[DONE]"]
+STREAM = (
+    b": keep-alive comment\r\n\r\n"
+    b'data: {"choices":[{"text":"Hel"}]}\r\n\r\n'
+    b'data:{"choices":[{"text":"l\xc3\xa9"}]}\n\n'
+    b"event: message\ndata: first line\ndata: second line\nid: 7\n\n"
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    b"data: [DONE]\n\n"
+)
+EVENTS = [
+    '{"choices":[{"text":"Hel"}]}',
+    '{"choices":[{"text":"l\u00e9"}]}',
+    "first line\nsecond line",
+    '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}',
+    "[DONE]",
+]
 
 
 def test_sse_decoder_whole_stream():
@@ -42,7 +49,7 @@ def test_sse_decoder_whole_stream():
 
 def test_sse_decoder_byte_by_byte_matches_whole():
     decoder = SSEDecoder()
-    events = [e for i in range(len(STREAM)) for e in decoder.feed(STREAM[i:i + 1])]
+    events = [e for i in range(len(STREAM)) for e in decoder.feed(STREAM[i : i + 1])]
     assert events == EVENTS and decoder.close() == []
 
 
@@ -68,15 +75,38 @@ def test_parse_chunk_completions_and_chat():
 
 def test_latency_stats_exact_percentiles_in_ms():
     stats = latency_stats([1.0, 2.0, 3.0, 4.0])
-    assert stats == {"count": 4, "mean_ms": 2500.0, "std_ms": pytest.approx(1118.034, abs=1e-3), "min_ms": 1000.0,
-                     "max_ms": 4000.0, "p50_ms": 2500.0, "p90_ms": 3700.0, "p99_ms": 3970.0}
-    assert latency_stats([]) == {"count": 0, "mean_ms": None, "std_ms": None, "min_ms": None, "max_ms": None,
-                                 "p50_ms": None, "p90_ms": None, "p99_ms": None}
+    assert stats == {
+        "count": 4,
+        "mean_ms": 2500.0,
+        "std_ms": pytest.approx(1118.034, abs=1e-3),
+        "min_ms": 1000.0,
+        "max_ms": 4000.0,
+        "p50_ms": 2500.0,
+        "p90_ms": 3700.0,
+        "p99_ms": 3970.0,
+    }
+    assert latency_stats([]) == {
+        "count": 0,
+        "mean_ms": None,
+        "std_ms": None,
+        "min_ms": None,
+        "max_ms": None,
+        "p50_ms": None,
+        "p90_ms": None,
+        "p99_ms": None,
+    }
 
 
 def _ok(ttft: float, latency: float, output_len: int, input_len: int = 10) -> RequestResult:
-    return RequestResult(True, input_len, output_len, output_len, ttft=ttft, latency=latency,
-                         itl=[(latency - ttft) / max(output_len - 1, 1)] * (output_len - 1))
+    return RequestResult(
+        True,
+        input_len,
+        output_len,
+        output_len,
+        ttft=ttft,
+        latency=latency,
+        itl=[(latency - ttft) / max(output_len - 1, 1)] * (output_len - 1),
+    )
 
 
 def test_tpot_excludes_the_first_token():
@@ -88,8 +118,12 @@ def test_tpot_excludes_the_first_token():
 def test_parse_goodput():
     assert parse_goodput(["ttft:500", "tpot:50", "e2el:2000.5"]) == {"ttft": 500.0, "tpot": 50.0, "e2el": 2000.5}
     assert parse_goodput(None) == {}
-    for bad, match in (["ttft"], "name:milliseconds"), (["itl:5"], "ttft, tpot, e2el"), \
-                      (["ttft:abc"], "not a number"), (["tpot:0"], "above 0"):
+    for bad, match in (
+        (["ttft"], "name:milliseconds"),
+        (["itl:5"], "ttft, tpot, e2el"),
+        (["ttft:abc"], "not a number"),
+        (["tpot:0"], "above 0"),
+    ):
         with pytest.raises(ValueError, match=match):
             parse_goodput(bad)
 
@@ -105,8 +139,12 @@ def test_meets_slos():
 
 
 def test_summarize_counts_throughput_and_goodput():
-    results = [_ok(0.1, 1.0, 10, 100), _ok(0.3, 4.1, 20, 50), _ok(0.6, 0.6, 1, 7),
-               RequestResult(False, 30, 0, 8, status=400, error="HTTP 400: bad")]
+    results = [
+        _ok(0.1, 1.0, 10, 100),
+        _ok(0.3, 4.1, 20, 50),
+        _ok(0.6, 0.6, 1, 7),
+        RequestResult(False, 30, 0, 8, status=400, error="HTTP 400: bad"),
+    ]
     m = summarize(results, duration_s=2.0, slos={"ttft": 400.0, "tpot": 150.0})
     assert (m["num_requests"], m["completed"], m["failed"]) == (4, 3, 1)
     assert (m["total_input_tokens"], m["total_output_tokens"]) == (157, 31)
@@ -136,30 +174,48 @@ def test_arrival_offsets_are_seeded_poisson():
 def test_build_payload_single_multi_turn_and_chat():
     single = Conversation((Turn(" a b", 2, 7),))
     body = build_payload("completions", "m", single, 0, [], {})
-    assert body == {"model": "m", "prompt": " a b", "max_tokens": 7, "temperature": 0.0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
+    assert body == {
+        "model": "m",
+        "prompt": " a b",
+        "max_tokens": 7,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     conv = Conversation((Turn(" q1", 1, 3), Turn(" q2", 1, 4)))
-    assert build_payload("completions", "m", conv, 1, [" a1"], {})["prompt"] == \
-        "User: q1\nAssistant: a1\nUser: q2\nAssistant:"
+    assert (
+        build_payload("completions", "m", conv, 1, [" a1"], {})["prompt"]
+        == "User: q1\nAssistant: a1\nUser: q2\nAssistant:"
+    )
     chat = build_payload("chat", "m", conv, 1, [" a1"], {"top_k": 1, "temperature": 0.5})
-    assert chat["messages"] == [{"role": "user", "content": " q1"}, {"role": "assistant", "content": " a1"},
-                                {"role": "user", "content": " q2"}]
+    assert chat["messages"] == [
+        {"role": "user", "content": " q1"},
+        {"role": "assistant", "content": " a1"},
+        {"role": "user", "content": " q2"},
+    ]
     assert chat["max_tokens"] == 4 and chat["top_k"] == 1 and chat["temperature"] == 0.5 and "prompt" not in chat
 
 
 def test_config_errors_name_the_flag():
-    for kwargs, flag in (({"base_url": "localhost:8000"}, "--base-url"),
-                         ({"endpoint": "embeddings"}, "--endpoint"),
-                         ({"request_rate": 0.0}, "--request-rate"),
-                         ({"max_concurrency": 0}, "--max-concurrency"),
-                         ({"timeout_s": 0.0}, "--timeout"),
-                         ({"label": "a/b"}, "--label")):
+    for kwargs, flag in (
+        ({"base_url": "localhost:8000"}, "--base-url"),
+        ({"endpoint": "embeddings"}, "--endpoint"),
+        ({"request_rate": 0.0}, "--request-rate"),
+        ({"max_concurrency": 0}, "--max-concurrency"),
+        ({"timeout_s": 0.0}, "--timeout"),
+        ({"label": "a/b"}, "--label"),
+    ):
         with pytest.raises(ValueError, match=flag):
             ServeBenchConfig(**{"base_url": "http://h:1", **kwargs})
-    for kwargs, flag in (({"name": "sharegpt"}, "--dataset"), ({"num_prompts": 0}, "--num-prompts"),
-                         ({"output_len": 0}, "--output-len"), ({"range_ratio": 1.0}, "--random-range-ratio"),
-                         ({"num_turns": 0}, "--num-turns"),
-                         ({"name": "shared-prefix", "input_len": 8, "prefix_len": 8}, "--prefix-len")):
+    for kwargs, flag in (
+        ({"name": "sharegpt"}, "--dataset"),
+        ({"num_prompts": 0}, "--num-prompts"),
+        ({"output_len": 0}, "--output-len"),
+        ({"range_ratio": 1.0}, "--random-range-ratio"),
+        ({"num_turns": 0}, "--num-turns"),
+        ({"name": "shared-prefix", "input_len": 8, "prefix_len": 8}, "--prefix-len"),
+    ):
         with pytest.raises(ValueError, match=flag):
             DatasetConfig(**kwargs)
 
@@ -183,8 +239,7 @@ def _len(tokenizer, text: str) -> int:
 
 @pytest.mark.parametrize("input_len", [1, 7, 100, 1000])
 def test_random_prompts_have_exact_lengths(tokenizer, input_len):
-    conversations = build_dataset(DatasetConfig(num_prompts=20, input_len=input_len, output_len=5, seed=1),
-                                  tokenizer)
+    conversations = build_dataset(DatasetConfig(num_prompts=20, input_len=input_len, output_len=5, seed=1), tokenizer)
     turns = [c.turns[0] for c in conversations]
     assert all(len(c.turns) == 1 for c in conversations)
     assert [_len(tokenizer, t.text) for t in turns] == [input_len] * 20 == [t.input_len for t in turns]
@@ -196,8 +251,9 @@ def test_random_prompts_are_seeded_and_ranged(tokenizer):
     config = DatasetConfig(num_prompts=30, input_len=64, output_len=20, range_ratio=0.5, seed=2)
     a = build_dataset(config, tokenizer)
     assert a == build_dataset(config, tokenizer)
-    assert a != build_dataset(DatasetConfig(num_prompts=30, input_len=64, output_len=20, range_ratio=0.5, seed=3),
-                              tokenizer)
+    assert a != build_dataset(
+        DatasetConfig(num_prompts=30, input_len=64, output_len=20, range_ratio=0.5, seed=3), tokenizer
+    )
     turns = [c.turns[0] for c in a]
     assert all(32 <= t.input_len <= 96 and 10 <= t.output_len <= 30 for t in turns)
     assert all(_len(tokenizer, t.text) == t.input_len for t in turns)
@@ -223,6 +279,7 @@ def test_multi_turn_conversations(tokenizer):
     config = DatasetConfig(name="multi-turn", num_prompts=5, input_len=16, output_len=3, num_turns=4)
     conversations = build_dataset(config, tokenizer)
     assert len(conversations) == 5 and all(c.is_multi_turn and len(c.turns) == 4 for c in conversations)
-    assert all(t.input_len == 16 == _len(tokenizer, t.text) and t.output_len == 3
-               for c in conversations for t in c.turns)
+    assert all(
+        t.input_len == 16 == _len(tokenizer, t.text) and t.output_len == 3 for c in conversations for t in c.turns
+    )
     assert dataset_stats(conversations)["num_requests"] == 20

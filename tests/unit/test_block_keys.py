@@ -16,8 +16,11 @@ import pdserve.kvcache.keys as keys_module
 from pdserve.kvcache.keys import KEY_BYTES, ModelFingerprint, chain_key, chain_keys, object_key, partial_key
 
 FINGERPRINT = ModelFingerprint(
-    weights_id="HuggingFaceTB/SmolLM2-135M-Instruct@seed0", dtype="bfloat16", block_size=16,
-    layout="block-major:L30x2xT16xH3xD64", tp_size=1,
+    weights_id="HuggingFaceTB/SmolLM2-135M-Instruct@seed0",
+    dtype="bfloat16",
+    block_size=16,
+    layout="block-major:L30x2xT16xH3xD64",
+    tp_size=1,
 )
 TOKENS = list(range(40))  # two full blocks of 16, then 8 tokens
 # Computed once with pdserve 0.1.0. A change here orphans every block already in a pool: bump "pdserve-kv-v1".
@@ -44,8 +47,14 @@ def _blake(*parts: bytes) -> bytes:
 
 def test_encoding_is_length_prefixed_blake2b_of_little_endian_uint32() -> None:
     """The documented encoding, rebuilt from hashlib alone: another implementation can name the same blocks."""
-    fields = [b"pdserve-kv-v1", b"weights=HuggingFaceTB/SmolLM2-135M-Instruct@seed0", b"dtype=bfloat16",
-              b"block_size=16", b"layout=block-major:L30x2xT16xH3xD64", b"tp_size=1"]
+    fields = [
+        b"pdserve-kv-v1",
+        b"weights=HuggingFaceTB/SmolLM2-135M-Instruct@seed0",
+        b"dtype=bfloat16",
+        b"block_size=16",
+        b"layout=block-major:L30x2xT16xH3xD64",
+        b"tp_size=1",
+    ]
     root = _blake(*fields)
     assert root == FINGERPRINT.root()
     key0 = _blake(root, b"".join(t.to_bytes(4, "little") for t in range(16)), b"")
@@ -72,8 +81,9 @@ print(root.hex(), *(k.hex() for k in ks), keys.partial_key(root, ks, list(range(
 def test_same_keys_in_another_process_with_another_hash_seed(hash_seed: str) -> None:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     path = str(Path(keys_module.__file__))  # keys.py alone: stdlib only, so the child starts in milliseconds
-    out = subprocess.run([sys.executable, "-c", _CHILD, path], env=env, capture_output=True, text=True,
-                         check=True, timeout=60).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, path], env=env, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
     assert out == [GOLDEN_ROOT, *GOLDEN_KEYS, GOLDEN_PARTIAL]
 
 
@@ -169,9 +179,9 @@ def test_partial_keys_differ_from_the_full_keys_of_the_same_prefix() -> None:
     full_names = {k.hex() for k in full}
     for length in range(1, 12):  # every prefix that ends inside a block
         if length % 4 == 0:
-            assert partial_key(root, full[:length // 4], tokens[:length], 4) is None
+            assert partial_key(root, full[: length // 4], tokens[:length], 4) is None
             continue
-        name = partial_key(root, full[:length // 4], tokens[:length], 4)
+        name = partial_key(root, full[: length // 4], tokens[:length], 4)
         assert name is not None
         hex_part = name.split(":")[0]
         assert name not in full_names and hex_part not in full_names
@@ -229,8 +239,9 @@ def _partial_names_here() -> list[str]:
 def test_same_partial_keys_in_another_process(hash_seed: str) -> None:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     path = str(Path(keys_module.__file__))
-    out = subprocess.run([sys.executable, "-c", _PARTIAL_CHILD, path], env=env, capture_output=True, text=True,
-                         check=True, timeout=60).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _PARTIAL_CHILD, path], env=env, capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
     here = _partial_names_here()
     assert out == here
     assert len(set(here)) == len(here) and all(":partial:" in name for name in here)
@@ -247,7 +258,7 @@ def test_prompt_object_keys_are_the_chained_keys_then_the_partial_one(length: in
     request = Request("r", prompt, SamplingParams())
     full = chain_keys(root, prompt, bs)
     assert len(full) == length // bs
-    tail = prompt[len(full) * bs:]
+    tail = prompt[len(full) * bs :]
     expected = [k.hex() for k in full]
     if tail:
         expected.append(f"{chain_key(full[-1] if full else root, tail).hex()}:partial:{len(tail)}")

@@ -184,8 +184,11 @@ TINY = DUMMY_SHAPES["tiny"]  # 2 layers, 2 KV heads, head_dim 16, max_position_e
 def test_resolve_max_model_len() -> None:
     assert resolve_max_model_len(EngineConfig(), TINY) == 2048
     assert resolve_max_model_len(EngineConfig(model=ModelConfig(max_model_len=100)), TINY) == 100
-    with pytest.raises(ValueError, match=r"max_model_len 4096 is more than this model supports \(2048\); "
-                                         r"lower --max-model-len"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_model_len 4096 is more than this model supports \(2048\); "
+        r"lower --max-model-len",
+    ):
         resolve_max_model_len(EngineConfig(model=ModelConfig(max_model_len=4096)), TINY)
     windowed = dataclasses.replace(TINY, architecture="MistralForCausalLM", sliding_window=512)
     assert resolve_max_model_len(EngineConfig(), windowed) == 512
@@ -198,8 +201,11 @@ def test_resolve_num_blocks() -> None:
     config = EngineConfig(cache=CacheConfig(kv_cache_memory=100 * block_bytes + 5))
     assert resolve_num_blocks(config, TINY, 1024) == 100
     assert resolve_num_blocks(EngineConfig(cache=CacheConfig(num_blocks=7, kv_cache_memory=1 << 30)), TINY, 112) == 7
-    with pytest.raises(ValueError, match=r"the KV cache holds 96 tokens \(6 blocks of 16\), fewer than "
-                                         r"max_model_len 100; raise --num-blocks / --kv-cache-memory"):
+    with pytest.raises(
+        ValueError,
+        match=r"the KV cache holds 96 tokens \(6 blocks of 16\), fewer than "
+        r"max_model_len 100; raise --num-blocks / --kv-cache-memory",
+    ):
         resolve_num_blocks(EngineConfig(cache=CacheConfig(num_blocks=6)), TINY, 100)
 
 
@@ -299,7 +305,9 @@ def test_store_options_from_json_or_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must be a JSON object"):
         path.write_text("[1, 2]")
         parse_store_options(str(path))
-    config = make_engine_config(kv_store="file", kv_store_config=f'{{"path": "{tmp_path}"}}', host_kv_cache_memory="1GiB")
+    config = make_engine_config(
+        kv_store="file", kv_store_config=f'{{"path": "{tmp_path}"}}', host_kv_cache_memory="1GiB"
+    )
     assert config.cache.kv_store_options == {"path": str(tmp_path)} and config.cache.host_kv_cache_memory == 1 << 30
 
 

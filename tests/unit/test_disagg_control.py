@@ -36,8 +36,19 @@ BS = 4
 P_ADDR = "tcp://10.0.0.1:5000"
 D_ADDR = "tcp://10.0.0.2:6000"
 FP = "f" * 64
-REGIONS = [[KVRegion(engine="shm", hostname="d-host", address="/dev/shm/pdserve-kv-0", base=0, num_layers=2,
-                     num_blocks=16, chunk_nbytes=256)]]
+REGIONS = [
+    [
+        KVRegion(
+            engine="shm",
+            hostname="d-host",
+            address="/dev/shm/pdserve-kv-0",
+            base=0,
+            num_layers=2,
+            num_blocks=16,
+            chunk_nbytes=256,
+        )
+    ]
+]
 PROMPT = tuple(range(100, 110))  # 10 tokens: blocks of 4, 4 and 2
 D_BLOCKS = [20, 21, 22]  # where D wants the prompt's blocks
 
@@ -66,10 +77,23 @@ class FakeChannel:
         return sent
 
 
-def dest(room: str = "r1", block_ids: Sequence[int] = D_BLOCKS, prompt: Sequence[int] = PROMPT, fingerprint: str = FP,
-         tp_size: int = 1) -> KVDest:
-    return KVDest(room=room, block_ids=list(block_ids), regions=REGIONS, fingerprint=fingerprint, tp_size=tp_size,
-                  num_prompt_tokens=len(prompt), prompt_digest=prompt_digest(list(prompt)), reply_to=D_ADDR)
+def dest(
+    room: str = "r1",
+    block_ids: Sequence[int] = D_BLOCKS,
+    prompt: Sequence[int] = PROMPT,
+    fingerprint: str = FP,
+    tp_size: int = 1,
+) -> KVDest:
+    return KVDest(
+        room=room,
+        block_ids=list(block_ids),
+        regions=REGIONS,
+        fingerprint=fingerprint,
+        tp_size=tp_size,
+        num_prompt_tokens=len(prompt),
+        prompt_digest=prompt_digest(list(prompt)),
+        reply_to=D_ADDR,
+    )
 
 
 def send(src: list[int], dst: list[int], layerwise: bool, room: str = "r1") -> KVSend:
@@ -121,21 +145,36 @@ def test_prompt_digest_is_stable_and_tells_prompts_apart() -> None:
     d = prompt_digest([1, 2, 3])
     assert d == prompt_digest((1, 2, 3)) == prompt_digest([1, 2, 3])
     assert len(d) == 32 and int(d, 16) >= 0
-    assert len({d, prompt_digest([1, 2, 4]), prompt_digest([1, 2]), prompt_digest([1, 2, 3, 0]),
-                prompt_digest([3, 2, 1]), prompt_digest([])}) == 6
+    assert (
+        len(
+            {
+                d,
+                prompt_digest([1, 2, 4]),
+                prompt_digest([1, 2]),
+                prompt_digest([1, 2, 3, 0]),
+                prompt_digest([3, 2, 1]),
+                prompt_digest([]),
+            }
+        )
+        == 6
+    )
 
 
 def test_layout_mismatch() -> None:
     assert layout_mismatch(FP, 2, FP, 2, "prefill") is None
     assert layout_mismatch(FP, 1, FP, 2, "prefill") == (
         "the prefill instance has tensor-parallel size 1 and the decode instance 2; "
-        "P and D must have the same tensor-parallel size for now")
+        "P and D must have the same tensor-parallel size for now"
+    )
     assert layout_mismatch(FP, 1, FP, 2, "decode") == (
         "the prefill instance has tensor-parallel size 2 and the decode instance 1; "
-        "P and D must have the same tensor-parallel size for now")
+        "P and D must have the same tensor-parallel size for now"
+    )
     problem = layout_mismatch("a" * 64, 1, "b" * 64, 1, "prefill")
-    assert problem == (f"KV layout mismatch: this prefill instance's fingerprint is {'a' * 16}..., the decode "
-                       f"instance's {'b' * 16}...; both must serve the same model weights, dtype and block size")
+    assert problem == (
+        f"KV layout mismatch: this prefill instance's fingerprint is {'a' * 16}..., the decode "
+        f"instance's {'b' * 16}...; both must serve the same model weights, dtype and block size"
+    )
     problem = layout_mismatch("a" * 64, 1, "b" * 64, 1, "decode")
     assert problem is not None and problem.startswith("KV layout mismatch: this decode instance's")
     assert "the prefill instance's" in problem
@@ -232,8 +271,9 @@ def p_fail(env: PEnv, failed: list[tuple[str, RequestError]]) -> None:
     env.check()
 
 
-def p_step(env: PEnv, token: int = 7, failed_rooms: dict[str, str] | None = None,
-           budget: int | None = None) -> tuple[list[KVSend], list[tuple[str, RequestError]]]:
+def p_step(
+    env: PEnv, token: int = 7, failed_rooms: dict[str, str] | None = None, budget: int | None = None
+) -> tuple[list[KVSend], list[tuple[str, RequestError]]]:
     """One engine step on P (EngineCore._step with a PD role): schedule, plan sends, execute (fake), then
     on_output BEFORE scheduler.update; failures are finished as the core does."""
     if budget is not None:
@@ -241,19 +281,30 @@ def p_step(env: PEnv, token: int = 7, failed_rooms: dict[str, str] | None = None
     sched: SchedulerOutput = env.scheduler.schedule()
     sched.plan.kv_sends = env.side.plan_sends(sched)
     env.check()
-    reports = [KVSendReport(rank=0, num_bytes=100 * sum(len(s.src_block_ids) for s in sched.plan.kv_sends),
-                            failed=dict(failed_rooms or {}))] if sched.plan.kv_sends else []
+    reports = (
+        [
+            KVSendReport(
+                rank=0,
+                num_bytes=100 * sum(len(s.src_block_ids) for s in sched.plan.kv_sends),
+                failed=dict(failed_rooms or {}),
+            )
+        ]
+        if sched.plan.kv_sends
+        else []
+    )
     return sched.plan.kv_sends, p_execute(env, sched, token, reports)
 
 
-def p_execute(env: PEnv, sched: SchedulerOutput, token: int, reports: list[KVSendReport]
-              ) -> list[tuple[str, RequestError]]:
+def p_execute(
+    env: PEnv, sched: SchedulerOutput, token: int, reports: list[KVSendReport]
+) -> list[tuple[str, RequestError]]:
     """The rest of a P step once its sends are planned: the (fake) forward samples `token` for each sequence
     that samples and the ranks report `reports`; on_output BEFORE scheduler.update; failures are finished as
     the core does, and returned."""
     sampled = [seq.req_id for seq in sched.plan.seqs if seq.sample]
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=sampled, token_ids=[token] * len(sampled),
-                           kv_sent=reports)
+    output = ForwardOutput(
+        step_id=sched.plan.step_id, req_ids=sampled, token_ids=[token] * len(sampled), kv_sent=reports
+    )
     failed = env.side.on_output(sched.plan, output)
     env.check()
     env.scheduler.update(sched, output)
@@ -400,8 +451,9 @@ def test_p_prefix_cache_hit_catches_up_the_cached_blocks() -> None:
     sched = env.scheduler.schedule()
     assert [(s.start_pos, s.block_ids) for s in sched.plan.seqs] == [(8, [0, 1, 3])]
     assert env.side.plan_sends(sched) == [send([0, 1], [20, 21], False), send([3], [22], True)]
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7],
-                           kv_sent=[KVSendReport(rank=0, num_bytes=300)])
+    output = ForwardOutput(
+        step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7], kv_sent=[KVSendReport(rank=0, num_bytes=300)]
+    )
     assert env.side.on_output(sched.plan, output) == []
     env.scheduler.update(sched, output)
     assert request.is_finished
@@ -417,8 +469,9 @@ def test_p_send_failure_in_a_layerwise_step_fails_the_transfer() -> None:
     assert sends == [send([0], [20], True)]
     error = RequestError(502, "kv_transfer_failed", "rank 0: connection reset")
     assert failed == [("r1", error)]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error="rank 0: connection reset"))]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed", error="rank 0: connection reset"))
+    ]
     assert request.is_finished and request.finish_reason is FinishReason.ABORT
     assert env.side.stats.failures == {"send_error": 1}
     assert_p_idle(env)
@@ -433,8 +486,9 @@ def test_p_send_failure_of_a_catch_up_releases_the_hold() -> None:
     sends, failed = p_step(env, failed_rooms={"r1": "timeout writing block 21"})
     assert sends == [send([0, 1, 2], [20, 21, 22], False)]
     assert failed == [("r1", RequestError(502, "kv_transfer_failed", "rank 0: timeout writing block 21"))]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error="rank 0: timeout writing block 21"))]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed", error="rank 0: timeout writing block 21"))
+    ]
     assert_p_idle(env)
 
 
@@ -444,15 +498,19 @@ def test_p_failure_reported_by_another_rank_only() -> None:
     env.side.on_control(dest())
     sched = env.scheduler.schedule()
     sched.plan.kv_sends = env.side.plan_sends(sched)
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7],
-                           kv_sent=[KVSendReport(rank=0, num_bytes=300),
-                                    KVSendReport(rank=1, num_bytes=0, failed={"r1": "peer gone"})])
+    output = ForwardOutput(
+        step_id=sched.plan.step_id,
+        req_ids=["r1"],
+        token_ids=[7],
+        kv_sent=[KVSendReport(rank=0, num_bytes=300), KVSendReport(rank=1, num_bytes=0, failed={"r1": "peer gone"})],
+    )
     failed = env.side.on_output(sched.plan, output)
     assert failed == [("r1", RequestError(502, "kv_transfer_failed", "rank 1: peer gone"))]
     env.scheduler.update(sched, output)
     p_fail(env, failed)
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error="rank 1: peer gone"))]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed", error="rank 1: peer gone"))
+    ]
     assert_p_idle(env)
 
 
@@ -461,24 +519,40 @@ def refuse_dest(env: PEnv, bad: KVDest, expected: str) -> None:
     D is told why, nothing is pending."""
     failed = env.side.on_control(bad)
     assert failed == [("r1", RequestError(502, "kv_transfer_failed", expected))]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error=expected))]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed", error=expected))
+    ]
     assert env.side.num_pending == 0
     p_fail(env, failed)
 
 
-@pytest.mark.parametrize("bad, expected", [
-    (dest(fingerprint="0" * 64), f"KV layout mismatch: this prefill instance's fingerprint is {FP[:16]}..., the "
-                                 f"decode instance's {'0' * 16}...; both must serve the same model weights, "
-                                 "dtype and block size"),
-    (dest(tp_size=2), "the prefill instance has tensor-parallel size 1 and the decode instance 2; P and D must "
-                      "have the same tensor-parallel size for now"),
-    (dest(prompt=range(200, 210)), "the decode instance has a 10-token prompt, this prefill instance 10 tokens: "
-                                   "P and D tokenized the request differently"),
-    (dest(prompt=range(100, 111)), "the decode instance has a 11-token prompt, this prefill instance 10 tokens: "
-                                   "P and D tokenized the request differently"),
-    (dest(block_ids=[20, 21]), "the decode instance allocated 2 blocks, too few for the prompt"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (
+            dest(fingerprint="0" * 64),
+            f"KV layout mismatch: this prefill instance's fingerprint is {FP[:16]}..., the "
+            f"decode instance's {'0' * 16}...; both must serve the same model weights, "
+            "dtype and block size",
+        ),
+        (
+            dest(tp_size=2),
+            "the prefill instance has tensor-parallel size 1 and the decode instance 2; P and D must "
+            "have the same tensor-parallel size for now",
+        ),
+        (
+            dest(prompt=range(200, 210)),
+            "the decode instance has a 10-token prompt, this prefill instance 10 tokens: "
+            "P and D tokenized the request differently",
+        ),
+        (
+            dest(prompt=range(100, 111)),
+            "the decode instance has a 11-token prompt, this prefill instance 10 tokens: "
+            "P and D tokenized the request differently",
+        ),
+        (dest(block_ids=[20, 21]), "the decode instance allocated 2 blocks, too few for the prompt"),
+    ],
+)
 def test_p_refuses_a_bad_dest(bad: KVDest, expected: str) -> None:
     env = make_p()
     p_add(env)
@@ -500,9 +574,12 @@ def test_p_abort_from_d_before_prefill_is_acknowledged() -> None:
     p_add(env)
     env.side.on_control(dest())
     failed = env.side.on_control(KVAbort(room="r1", reason="kv_transfer_timeout"))
-    assert failed == [("r1", RequestError(499, "aborted_by_decode", "the decode instance aborted: kv_transfer_timeout"))]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="aborted",
-                                                  error="aborted by the decode instance"))]
+    assert failed == [
+        ("r1", RequestError(499, "aborted_by_decode", "the decode instance aborted: kv_transfer_timeout"))
+    ]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="aborted", error="aborted by the decode instance"))
+    ]
     p_fail(env, failed)
     assert_p_idle(env)
 
@@ -515,8 +592,9 @@ def test_p_abort_from_d_while_holding_releases_the_hold() -> None:
     assert env.kv.num_free_blocks == 13
     failed = env.side.on_control(KVAbort(room="r1", reason="aborted on decode"))
     assert [req_id for req_id, _ in failed] == ["r1"]
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="aborted",
-                                                  error="aborted by the decode instance"))]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="aborted", error="aborted by the decode instance"))
+    ]
     assert_p_idle(env)
     assert p_step(env) == ([], [])  # nothing is sent afterwards
 
@@ -539,8 +617,9 @@ def test_p_expire_without_dest() -> None:
     env.clock.now += 60.0
     assert env.side.expire() == []  # exactly at the deadline: not yet
     env.clock.now += 0.5
-    assert env.side.expire() == [("r1", RequestError(502, "kv_transfer_timeout",
-                                                     "no KVDest from the decode instance within 60s"))]
+    assert env.side.expire() == [
+        ("r1", RequestError(502, "kv_transfer_timeout", "no KVDest from the decode instance within 60s"))
+    ]
     assert env.control.take() == []  # nobody to tell
     assert env.side.stats.failures == {"timeout": 1}
     assert_p_idle(env)
@@ -600,10 +679,13 @@ def test_p_early_bad_dest_fails_the_request() -> None:
     failed = env.side.add(request, TransferHandle(room="r1", peer=D_ADDR)) or []  # type: ignore[func-returns-value]
     env.scheduler.add_request(request)
     failed += env.side.expire()  # either add() or the next expire() must report it
-    expected = ("the prefill instance has tensor-parallel size 1 and the decode instance 2; P and D must have the "
-                "same tensor-parallel size for now")
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error=expected))]
+    expected = (
+        "the prefill instance has tensor-parallel size 1 and the decode instance 2; P and D must have the "
+        "same tensor-parallel size for now"
+    )
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed", error=expected))
+    ]
     assert failed == [("r1", RequestError(502, "kv_transfer_failed", expected))]
     p_fail(env, failed)
     assert_p_idle(env)
@@ -617,8 +699,14 @@ def test_p_abort_before_the_first_token_tells_d() -> None:
     env.side.abort("r1")
     env.scheduler.abort("r1")  # what the engine core does next
     env.check()
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error="the prefill instance aborted the request"))]
+    assert env.control.take() == [
+        (
+            D_ADDR,
+            KVDone(
+                room="r1", status="error", code="kv_transfer_failed", error="the prefill instance aborted the request"
+            ),
+        )
+    ]
     assert_p_idle(env)
     assert p_step(env) == ([], [])
 
@@ -681,8 +769,11 @@ def test_p_two_requests_in_one_step_keep_plan_order() -> None:
     env.side.on_control(dest("a", [50, 51, 52]))
     # step 2: a's last 2 tokens (catch-up of blocks 0, 1 then block 2), then b's 6 tokens
     sends, failed = p_step(env)
-    assert sends == [send([0, 1], [50, 51], False, room="a"), send([2], [52], True, room="a"),
-                     send([3, 4], [40, 41], True, room="b")]
+    assert sends == [
+        send([0, 1], [50, 51], False, room="a"),
+        send([2], [52], True, room="a"),
+        send([3, 4], [40, 41], True, room="b"),
+    ]
     assert failed == []
     assert env.control.take() == [done_ok("a"), done_ok("b")]
     assert_p_idle(env)
@@ -714,8 +805,15 @@ def make_d(num_blocks: int = 16, max_num_seqs: int = 8, **config: object) -> DEn
     return DEnv(kv, scheduler, control, clock, side)
 
 
-def d_add(env: DEnv, req_id: str = "r1", room: str | None = None, prompt: Sequence[int] = PROMPT,
-          max_tokens: int = 8, incarnation: str = "", mode: str = "direct") -> Request:
+def d_add(
+    env: DEnv,
+    req_id: str = "r1",
+    room: str | None = None,
+    prompt: Sequence[int] = PROMPT,
+    max_tokens: int = 8,
+    incarnation: str = "",
+    mode: str = "direct",
+) -> Request:
     request = Request(req_id, tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=0), eos_token_id=2)
     env.side.add(request, TransferHandle(room=room or req_id, peer=P_ADDR, peer_incarnation=incarnation, mode=mode))
     env.check()
@@ -735,8 +833,19 @@ def d_control(env: DEnv, message: KVDone | KVAbort) -> list[RequestUpdate]:
 
 
 def d_dest(room: str, block_ids: list[int], prompt: Sequence[int] = PROMPT) -> tuple[str, KVDest]:
-    return (P_ADDR, KVDest(room=room, block_ids=block_ids, regions=REGIONS, fingerprint=FP, tp_size=1,
-                           num_prompt_tokens=len(prompt), prompt_digest=prompt_digest(list(prompt)), reply_to=D_ADDR))
+    return (
+        P_ADDR,
+        KVDest(
+            room=room,
+            block_ids=block_ids,
+            regions=REGIONS,
+            fingerprint=FP,
+            tp_size=1,
+            num_prompt_tokens=len(prompt),
+            prompt_digest=prompt_digest(list(prompt)),
+            reply_to=D_ADDR,
+        ),
+    )
 
 
 def assert_d_idle(env: DEnv) -> None:
@@ -786,7 +895,8 @@ def test_d_kvdone_can_finish_at_once(first_token: int, max_tokens: int, reason: 
     request = d_add(env, max_tokens=max_tokens)
     d_admit(env)
     assert d_control(env, KVDone(room="r1", first_token=first_token)) == [
-        RequestUpdate(request, [first_token], None, finished=True)]
+        RequestUpdate(request, [first_token], None, finished=True)
+    ]
     assert request.finish_reason is reason and request.output_token_ids == [first_token]
     assert not env.scheduler.running and not env.scheduler.requests
     assert_d_idle(env)
@@ -801,7 +911,8 @@ def test_d_kvdone_from_a_stale_incarnation_is_dropped() -> None:
     assert d_control(env, KVAbort(room="r1", incarnation="p-old")) == []
     assert list(env.side.receiving) == ["r1"] and not env.scheduler.requests
     assert d_control(env, KVDone(room="r1", first_token=50, incarnation="p-new")) == [
-        RequestUpdate(request, [50], None, finished=False)]
+        RequestUpdate(request, [50], None, finished=False)
+    ]
     assert env.scheduler.running == [request]
     assert d_control(env, KVDone(room="unknown", first_token=1)) == []
 
@@ -812,8 +923,14 @@ def test_d_kvdone_error_fails_with_502_and_frees_at_once() -> None:
     d_admit(env)
     env.control.take()
     updates = d_control(env, KVDone(room="r1", status="error", code="kv_transfer_failed", error="rank 0: boom"))
-    assert updates == [RequestUpdate(request, [], finished=True, error=RequestError(
-        502, "kv_transfer_failed", "the prefill instance failed the KV transfer: rank 0: boom"))]
+    assert updates == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(502, "kv_transfer_failed", "the prefill instance failed the KV transfer: rank 0: boom"),
+        )
+    ]
     assert request.status is RequestStatus.FINISHED and request.finish_reason is FinishReason.ABORT
     assert env.control.take() == []  # P is done with the room: no KVAbort, no quarantine
     assert env.side.stats.failures == {"peer_error": 1}
@@ -824,9 +941,14 @@ def test_d_kvdone_error_without_code() -> None:
     env = make_d()
     request = d_add(env)
     d_admit(env)
-    assert d_control(env, KVDone(room="r1", status="error", error="x")) == [RequestUpdate(
-        request, [], finished=True, error=RequestError(502, "kv_transfer_failed",
-                                                        "the prefill instance failed the KV transfer: x"))]
+    assert d_control(env, KVDone(room="r1", status="error", error="x")) == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(502, "kv_transfer_failed", "the prefill instance failed the KV transfer: x"),
+        )
+    ]
     assert_d_idle(env)
 
 
@@ -835,9 +957,14 @@ def test_d_kvabort_from_p_fails_without_quarantine() -> None:
     request = d_add(env)
     d_admit(env)
     env.control.take()
-    assert d_control(env, KVAbort(room="r1", reason="shutting down")) == [RequestUpdate(
-        request, [], finished=True, error=RequestError(502, "kv_transfer_failed",
-                                                        "the prefill instance aborted: shutting down"))]
+    assert d_control(env, KVAbort(room="r1", reason="shutting down")) == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(502, "kv_transfer_failed", "the prefill instance aborted: shutting down"),
+        )
+    ]
     assert env.control.take() == []
     assert_d_idle(env)
 
@@ -851,8 +978,16 @@ def test_d_receive_deadline_quarantines_until_p_acknowledges() -> None:
     env.clock.now = 1065.0
     assert env.side.expire() == []
     env.clock.now = 1065.5
-    assert env.side.expire() == [RequestUpdate(request, [], finished=True, error=RequestError(
-        502, "kv_transfer_timeout", "the KV cache did not arrive from the prefill instance within 60s"))]
+    assert env.side.expire() == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(
+                502, "kv_transfer_timeout", "the KV cache did not arrive from the prefill instance within 60s"
+            ),
+        )
+    ]
     env.check()
     assert env.control.take() == [(P_ADDR, KVAbort(room="r1", reason="kv_transfer_timeout"))]
     assert env.side.stats.failures == {"timeout": 1}
@@ -864,7 +999,9 @@ def test_d_receive_deadline_quarantines_until_p_acknowledges() -> None:
     d_admit(env)
     assert env.control.take() == [d_dest("r2", [3], prompt=range(200, 204))]
     # P's acknowledgement (any message for the room) ends the quarantine
-    assert d_control(env, KVDone(room="r1", status="error", code="aborted", error="aborted by the decode instance")) == []
+    assert (
+        d_control(env, KVDone(room="r1", status="error", code="aborted", error="aborted by the decode instance")) == []
+    )
     assert env.kv.num_free_blocks == 15 and "quarantine:r1" not in env.kv._holds
     assert d_control(env, KVDone(room="r1", first_token=7)) == []  # a late one is dropped
     d_control(env, KVDone(room="r2", status="error", error="x"))
@@ -906,13 +1043,23 @@ def test_d_admission_timeout_is_503() -> None:
     env.clock.now += 30
     assert d_admit(env) == []  # exactly at the deadline: still waiting
     env.clock.now += 0.5
-    assert d_admit(env) == [RequestUpdate(request, [], finished=True, error=RequestError(
-        503, "no_capacity", "the decode instance had no room for 100 prompt tokens within 30s; retry later or "
-        "add decode capacity"))]
+    assert d_admit(env) == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(
+                503,
+                "no_capacity",
+                "the decode instance had no room for 100 prompt tokens within 30s; retry later or add decode capacity",
+            ),
+        )
+    ]
     assert request.status is RequestStatus.FINISHED and request.finish_reason is FinishReason.ABORT
     sent = env.control.take()  # P never got a KVDest, and is told to drop the room
     assert [(address, type(m).__name__, m.room, m.reason) for address, m in sent] == [
-        ("tcp://10.0.0.1:5000", "KVAbort", "r1", "no capacity on decode")]
+        ("tcp://10.0.0.1:5000", "KVAbort", "r1", "no capacity on decode")
+    ]
     assert env.side.stats.failures == {"no_capacity": 1}
     assert_d_idle(env)
 
@@ -1023,8 +1170,11 @@ def test_d_reserve_resets_after_a_real_preemption() -> None:
     # each step appends a token to both; at the 9th and 13th token each grows a block; 6 blocks run out
     for _ in range(8):
         sched = env.scheduler.schedule()
-        output = ForwardOutput(step_id=sched.plan.step_id, req_ids=[s.req_id for s in sched.plan.seqs if s.sample],
-                               token_ids=[60] * sum(1 for s in sched.plan.seqs if s.sample))
+        output = ForwardOutput(
+            step_id=sched.plan.step_id,
+            req_ids=[s.req_id for s in sched.plan.seqs if s.sample],
+            token_ids=[60] * sum(1 for s in sched.plan.seqs if s.sample),
+        )
         env.scheduler.update(sched, output)
         env.check()
         if env.scheduler.stats.num_preemptions:
@@ -1094,8 +1244,17 @@ def test_d_blocks_handed_to_p_have_no_pending_local_reads() -> None:
     scheduler = Scheduler(SchedulerConfig(8, 2048), kv, max_model_len=1024)
     control = FakeChannel(D_ADDR)
     clock = Clock()
-    side = DecodeSide(kv, scheduler, control, REGIONS, FP, 1, 1000, DisaggConfig(role="decode"),  # type: ignore[arg-type]
-                      clock=clock)
+    side = DecodeSide(
+        kv,
+        scheduler,
+        control,
+        REGIONS,
+        FP,
+        1,
+        1000,
+        DisaggConfig(role="decode"),  # type: ignore[arg-type]
+        clock=clock,
+    )
     env = DEnv(kv, scheduler, control, clock, side)
     _running(env, "old", range(100, 108), max_tokens=8)  # names blocks 0 and 1 on D
     env.scheduler.finish("old", FinishReason.STOP)

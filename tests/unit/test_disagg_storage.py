@@ -66,7 +66,7 @@ def expected_keys(prompt: Sequence[int], root: bytes = ROOT) -> list[str]:
     """The pool names of a prompt's blocks, rebuilt from chain_key alone."""
     names, prev = [], root
     for start in range(0, len(prompt), BS):
-        block = list(prompt[start:start + BS])
+        block = list(prompt[start : start + BS])
         prev = chain_key(prev, block)
         names.append(prev.hex() if len(block) == BS else f"{prev.hex()}:partial:{len(block)}")
     return names
@@ -94,14 +94,23 @@ class PEnv(control.PEnv):
     plans: list[SchedulerOutput] = field(default_factory=list)
 
 
-def make_p(num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 2048, timeout: float = 60.0,
-           tp_size: int = 1) -> PEnv:
+def make_p(
+    num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 2048, timeout: float = 60.0, tp_size: int = 1
+) -> PEnv:
     kv = KVCacheManager(num_blocks, BS, num_host_blocks=num_host_blocks, has_pool=True)
     scheduler = Scheduler(SchedulerConfig(8, budget), kv, max_model_len=1024)
     control = FakeChannel(P_ADDR)
     clock = Clock()
-    side = PrefillSide(kv, control, FP, tp_size, timeout, clock=clock, dest_wait=0.05,  # type: ignore[arg-type]
-                       storage=True)
+    side = PrefillSide(
+        kv,
+        control,
+        FP,
+        tp_size,
+        timeout,
+        clock=clock,
+        dest_wait=0.05,  # type: ignore[arg-type]
+        storage=True,
+    )
     return PEnv(kv, scheduler, control, clock, side, tp_size)
 
 
@@ -117,8 +126,9 @@ def p_add(env: PEnv, req_id: str = "r1", room: str | None = None, prompt: Sequen
     return request
 
 
-def p_step(env: PEnv, token: int = 7, failed: dict[int, dict[str, str]] | None = None,
-           budget: int | None = None) -> tuple[list[PoolSend], list[tuple[str, RequestError]]]:
+def p_step(
+    env: PEnv, token: int = 7, failed: dict[int, dict[str, str]] | None = None, budget: int | None = None
+) -> tuple[list[PoolSend], list[tuple[str, RequestError]]]:
     """One engine step on P (EngineCore._step): schedule, plan the pool sends, execute (fake: every rank
     reports, failing the rooms `failed` names for it), on_output BEFORE scheduler.update; failures are
     finished as the core does."""
@@ -133,8 +143,9 @@ def p_step(env: PEnv, token: int = 7, failed: dict[int, dict[str, str]] | None =
         for rank in range(env.tp_size):
             bad = (failed or {}).get(rank, {})
             num_bytes = BYTES_PER_OBJECT * sum(len(s.keys) for s in sched.plan.pool_sends if s.room not in bad)
-            reports.append(KVSendReport(rank=rank, num_bytes=num_bytes, failed=dict(bad),
-                                        seconds_busy=0.5 if rank == 0 else 0.75))
+            reports.append(
+                KVSendReport(rank=rank, num_bytes=num_bytes, failed=dict(bad), seconds_busy=0.5 if rank == 0 else 0.75)
+            )
     return sched.plan.pool_sends, p_execute(env, sched, token, reports)
 
 
@@ -203,12 +214,15 @@ def test_p_unaligned_chunks_stage_only_with_the_last_one() -> None:
     assert_p_idle(env)
 
 
-@pytest.mark.parametrize("prompt, device", [
-    (tuple(range(200, 208)), [0, 1]),  # a multiple of the block size: no partial object
-    (tuple(range(200, 204)), [0]),  # exactly one block
-    (tuple(range(200, 203)), [0]),  # shorter than a block: only the partial object
-    (tuple(range(200, 213)), [0, 1, 2, 3]),  # 3 full blocks and one token
-])
+@pytest.mark.parametrize(
+    "prompt, device",
+    [
+        (tuple(range(200, 208)), [0, 1]),  # a multiple of the block size: no partial object
+        (tuple(range(200, 204)), [0]),  # exactly one block
+        (tuple(range(200, 203)), [0]),  # shorter than a block: only the partial object
+        (tuple(range(200, 213)), [0, 1, 2, 3]),  # 3 full blocks and one token
+    ],
+)
 def test_p_pool_send_keys_full_then_partial(prompt: tuple[int, ...], device: list[int]) -> None:
     env = make_p(budget=3)
     p_add(env, prompt=prompt)
@@ -264,10 +278,21 @@ def test_p_write_failure_on_rank_1_only_sends_kvdone_error_and_finishes_the_requ
     sends, failed = p_step(env, token=5, failed={1: {"r1": "1 of 3 prompt blocks could not be written to the pool"}})
     assert sends == [pool_send([0, 1, 2], [0, 1, 2])]
     assert failed == []  # P does not fail its own request: D's policy decides
-    assert env.control.take() == [(D_ADDR, KVDone(
-        room="r1", status="error", code=WRITE_FAILED, first_token=5, tp_size=2, fingerprint=FP,
-        error="the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: 1 of 3 prompt "
-              "blocks could not be written to the pool"))]
+    assert env.control.take() == [
+        (
+            D_ADDR,
+            KVDone(
+                room="r1",
+                status="error",
+                code=WRITE_FAILED,
+                first_token=5,
+                tp_size=2,
+                fingerprint=FP,
+                error="the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: 1 of 3 prompt "
+                "blocks could not be written to the pool",
+            ),
+        )
+    ]
     assert WRITE_FAILED == "kv_store_write_failed"
     assert request.is_finished and request.finish_reason is FinishReason.LENGTH and request.output_token_ids == [5]
     assert env.side.stats.failures == {"write_error": 1}
@@ -401,8 +426,9 @@ def test_p_kvabort_while_held_releases_the_blocks() -> None:
     assert env.kv._holds == {"send:b": [3, 4, 5]}
     failed = env.side.on_control(KVAbort(room="b", reason="aborted on decode"))
     assert [req_id for req_id, _ in failed] == ["b"]
-    assert env.control.take() == [(D_ADDR, KVDone(room="b", status="error", code="aborted",
-                                                  error="aborted by the decode instance"))]
+    assert env.control.take() == [
+        (D_ADDR, KVDone(room="b", status="error", code="aborted", error="aborted by the decode instance"))
+    ]
     p_fail(env, failed)
     assert not env.kv._holds and not env.side.has_sends
     env.side.on_control(dest("a"))
@@ -411,15 +437,27 @@ def test_p_kvabort_while_held_releases_the_blocks() -> None:
 
 
 @pytest.mark.parametrize("when", ["before_prefill", "after_write"])
-@pytest.mark.parametrize("bad, expected", [
-    (dest(tp_size=2), "the prefill instance has tensor-parallel size 1 and the decode instance 2; P and D must "
-                      "have the same tensor-parallel size for now"),
-    (dest(fingerprint="0" * 64), f"KV layout mismatch: this prefill instance's fingerprint is {FP[:16]}..., the "
-                                 f"decode instance's {'0' * 16}...; both must serve the same model weights, "
-                                 "dtype and block size"),
-    (dest(prompt=range(100, 111)), "the decode instance has a 11-token prompt, this prefill instance 10 tokens: "
-                                   "P and D tokenized the request differently"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (
+            dest(tp_size=2),
+            "the prefill instance has tensor-parallel size 1 and the decode instance 2; P and D must "
+            "have the same tensor-parallel size for now",
+        ),
+        (
+            dest(fingerprint="0" * 64),
+            f"KV layout mismatch: this prefill instance's fingerprint is {FP[:16]}..., the "
+            f"decode instance's {'0' * 16}...; both must serve the same model weights, "
+            "dtype and block size",
+        ),
+        (
+            dest(prompt=range(100, 111)),
+            "the decode instance has a 11-token prompt, this prefill instance 10 tokens: "
+            "P and D tokenized the request differently",
+        ),
+    ],
+)
 def test_p_refuses_a_bad_dest(when: str, bad: KVDest, expected: str) -> None:
     env = make_p()
     request = p_add(env)
@@ -438,8 +476,9 @@ def test_p_expire_without_kvdest_after_the_write() -> None:
     p_add(env)
     p_step(env)
     env.clock.now += 60.5
-    assert env.side.expire() == [("r1", RequestError(502, "kv_transfer_timeout",
-                                                     "no KVDest from the decode instance within 60s"))]
+    assert env.side.expire() == [
+        ("r1", RequestError(502, "kv_transfer_timeout", "no KVDest from the decode instance within 60s"))
+    ]
     assert env.control.take() == []
     assert env.side.stats.failures == {"timeout": 1}
     assert_p_idle(env)
@@ -451,8 +490,10 @@ def test_p_two_prompts_in_one_step_each_get_their_pool_send() -> None:
     p_add(env, "b", prompt=range(300, 306))
     env.side.on_control(dest("b", [40, 41], prompt=range(300, 306)))
     sends, failed = p_step(env, failed={0: {"a": "boom"}})
-    assert sends == [pool_send([0, 1, 2], [0, 1, 2], room="a"),
-                     pool_send([3, 4], [3, 4], expected_keys(range(300, 306)), room="b")]
+    assert sends == [
+        pool_send([0, 1, 2], [0, 1, 2], room="a"),
+        pool_send([3, 4], [3, 4], expected_keys(range(300, 306)), room="b"),
+    ]
     assert failed == []
     assert env.control.take() == [done_ok("b")]  # a waits for its KVDest, then learns its write failed
     env.side.on_control(dest("a"))
@@ -488,8 +529,14 @@ def test_p_abort_before_the_last_chunk_tells_d_and_stages_nothing() -> None:
     assert env.side.abort("r1") is False  # scheduled: the scheduler finishes it
     env.scheduler.abort("r1")
     env.check()
-    assert env.control.take() == [(D_ADDR, KVDone(room="r1", status="error", code="kv_transfer_failed",
-                                                  error="the prefill instance aborted the request"))]
+    assert env.control.take() == [
+        (
+            D_ADDR,
+            KVDone(
+                room="r1", status="error", code="kv_transfer_failed", error="the prefill instance aborted the request"
+            ),
+        )
+    ]
     assert p_step(env) == ([], [])
     assert_p_idle(env)
 
@@ -524,15 +571,18 @@ def test_p_write_failure_message_from_a_real_rank_names_the_rank_once() -> None:
     sched = env.scheduler.schedule()
     sched.plan.pool_sends = env.side.plan_pool_sends(sched)
     assert sched.plan.pool_sends == [pool_send([0, 1, 2], [0, 1, 2])]
-    output = ForwardOutput(step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7],
-                           kv_sent=[KVSendReport(rank=0, num_bytes=192), report])
+    output = ForwardOutput(
+        step_id=sched.plan.step_id, req_ids=["r1"], token_ids=[7], kv_sent=[KVSendReport(rank=0, num_bytes=192), report]
+    )
     assert env.side.on_output(sched.plan, output) == []
     env.scheduler.update(sched, output)
     [(_, done)] = env.control.take()
     assert isinstance(done, KVDone) and done.code == WRITE_FAILED
     assert "rank 1: rank 1" not in done.error
-    assert done.error == ("the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: 1 of 3 "
-                          "prompt blocks could not be written to the pool")
+    assert done.error == (
+        "the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: 1 of 3 "
+        "prompt blocks could not be written to the pool"
+    )
 
 
 # ---- D ---------------------------------------------------------------------------------
@@ -565,11 +615,26 @@ def make_d(num_blocks: int = 16, num_host_blocks: int = 16, policy: str = "fail"
     scheduler = Scheduler(SchedulerConfig(8, 2048), kv, max_model_len=1024)
     control = FakeChannel(D_ADDR)
     clock = Clock()
-    disagg = DisaggConfig(role="decode", kv_transfer="storage", transfer_timeout=60.0, admission_timeout=30.0,
-                          kv_load_failure_policy=policy)
+    disagg = DisaggConfig(
+        role="decode",
+        kv_transfer="storage",
+        transfer_timeout=60.0,
+        admission_timeout=30.0,
+        kv_load_failure_policy=policy,
+    )
     pool = FakePool()
-    side = DecodeSide(kv, scheduler, control, REGIONS, FP, tp_size, BYTES_PER_BLOCK, disagg,  # type: ignore[arg-type]
-                      clock=clock, read_pool=pool)
+    side = DecodeSide(
+        kv,
+        scheduler,
+        control,
+        REGIONS,
+        FP,
+        tp_size,
+        BYTES_PER_BLOCK,
+        disagg,  # type: ignore[arg-type]
+        clock=clock,
+        read_pool=pool,
+    )
     return DEnv(kv, scheduler, control, clock, side, pool)
 
 
@@ -602,8 +667,13 @@ def kvdone(room: str = "r1", token: int = 50, tp_size: int = 1, fingerprint: str
 
 
 def write_failed(room: str = "r1") -> KVDone:
-    return kvdone(room, token=7, status="error", code=WRITE_FAILED,
-                  error="the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: store down")
+    return kvdone(
+        room,
+        token=7,
+        status="error",
+        code=WRITE_FAILED,
+        error="the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: store down",
+    )
 
 
 def assert_d_idle(env: DEnv) -> None:
@@ -633,8 +703,16 @@ def test_d_storage_needs_a_pool_reader() -> None:
     kv = KVCacheManager(16, BS, num_host_blocks=4, has_pool=True)
     scheduler = Scheduler(SchedulerConfig(8, 2048), kv, max_model_len=1024)
     with pytest.raises(ValueError, match="storage mode needs a pool reader"):
-        DecodeSide(kv, scheduler, FakeChannel(D_ADDR), REGIONS, FP, 1, 1000,  # type: ignore[arg-type]
-                   DisaggConfig(role="decode", kv_transfer="storage"))
+        DecodeSide(
+            kv,
+            scheduler,
+            FakeChannel(D_ADDR),
+            REGIONS,
+            FP,
+            1,
+            1000,  # type: ignore[arg-type]
+            DisaggConfig(role="decode", kv_transfer="storage"),
+        )
 
 
 @pytest.mark.parametrize("policy", ["fail", "recompute"])
@@ -643,9 +721,17 @@ def test_d_kvdest_carries_the_load_failure_policy(policy: str) -> None:
     d_add(env)
     d_admit(env)
     [(_, kvdest)] = env.control.take()
-    assert kvdest == KVDest(room="r1", block_ids=[0, 1, 2], regions=REGIONS, fingerprint=FP, tp_size=1,
-                            num_prompt_tokens=10, prompt_digest=prompt_digest(list(PROMPT)), reply_to=D_ADDR,
-                            load_failure_policy=policy)
+    assert kvdest == KVDest(
+        room="r1",
+        block_ids=[0, 1, 2],
+        regions=REGIONS,
+        fingerprint=FP,
+        tp_size=1,
+        num_prompt_tokens=10,
+        prompt_digest=prompt_digest(list(PROMPT)),
+        reply_to=D_ADDR,
+        load_failure_policy=policy,
+    )
 
 
 def test_d_all_blocks_read_starts_decoding_with_p_token() -> None:
@@ -714,10 +800,20 @@ def test_d_missing_blocks_with_fail_is_502_kv_load_failed() -> None:
     request = d_ready(env)
     env.pool.counts["r1"] = 1
     updates = d_control(env, kvdone())
-    assert updates == [RequestUpdate(request, [], finished=True, error=RequestError(
-        502, "kv_load_failed", "2 of the prompt's 3 KV blocks were missing from the KV pool or could not be read "
-        "(evicted, or the pool failed: see pdserve_kv_store_errors_total); retry the request, or run the decode "
-        "instance with --kv-load-failure-policy recompute to prefill missing blocks there"))]
+    assert updates == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(
+                502,
+                "kv_load_failed",
+                "2 of the prompt's 3 KV blocks were missing from the KV pool or could not be read "
+                "(evicted, or the pool failed: see pdserve_kv_store_errors_total); retry the request, or run the decode "
+                "instance with --kv-load-failure-policy recompute to prefill missing blocks there",
+            ),
+        )
+    ]
     assert len(env.pool.calls) == 1
     assert request.status is RequestStatus.FINISHED and request.finish_reason is FinishReason.ABORT
     assert not env.scheduler.requests and request.output_token_ids == []
@@ -748,7 +844,11 @@ def test_d_missing_blocks_with_recompute_prefills_the_rest(num_read: int) -> Non
     assert sched.plan.cache_ops.swap_in == [(4 + i, i) for i in range(num_read)]
     [seq] = sched.plan.seqs
     assert (seq.start_pos, seq.token_ids, seq.block_ids, seq.sample) == (
-        num_read * BS, list(PROMPT[num_read * BS:]), [0, 1, 2], True)
+        num_read * BS,
+        list(PROMPT[num_read * BS :]),
+        [0, 1, 2],
+        True,
+    )
     assert updates == [RequestUpdate(request, [61], None, finished=False)]
     assert request.num_computed_tokens == 10 and request.output_token_ids == [61]
     assert_no_host_refs(env.kv)
@@ -766,9 +866,12 @@ def test_d_write_failed_kvdone_with_fail_does_not_read() -> None:
     [update] = updates
     assert update.request is request and update.finished and update.new_token_ids == []
     assert update.error == RequestError(
-        502, "kv_load_failed", "3 of the prompt's 3 KV blocks were missing from the KV pool or could not be read "
+        502,
+        "kv_load_failed",
+        "3 of the prompt's 3 KV blocks were missing from the KV pool or could not be read "
         "(the prefill instance could not write the prompt's 3 blocks to the KV pool: rank 1: store down); retry the "
-        "request, or run the decode instance with --kv-load-failure-policy recompute to prefill missing blocks there")
+        "request, or run the decode instance with --kv-load-failure-policy recompute to prefill missing blocks there",
+    )
     assert env.control.take() == []
     assert env.side.stats.failures == {"load_failed": 1} and env.side.stats.bytes_received == 0
     assert_d_idle(env)
@@ -793,8 +896,11 @@ def test_d_write_failed_kvdone_with_recompute_prefills_everything() -> None:
 def test_d_other_kvdone_errors_fail_without_reading_whatever_the_policy(code: str) -> None:
     env = make_d(policy="recompute")
     request = d_ready(env)
-    assert d_control(env, KVDone(room="r1", status="error", code=code, error="x")) == [RequestUpdate(
-        request, [], finished=True, error=RequestError(502, code, "the prefill instance failed the KV transfer: x"))]
+    assert d_control(env, KVDone(room="r1", status="error", code=code, error="x")) == [
+        RequestUpdate(
+            request, [], finished=True, error=RequestError(502, code, "the prefill instance failed the KV transfer: x")
+        )
+    ]
     assert env.pool.calls == [] and env.side.stats.failures == {"peer_error": 1}
     assert_d_idle(env)
 
@@ -864,8 +970,16 @@ def test_d_deferred_read_still_has_the_receive_deadline() -> None:
     env.clock.now += 0.5
     updates = env.side.expire()
     env.check()
-    assert updates == [RequestUpdate(b, [], finished=True, error=RequestError(
-        502, "kv_transfer_timeout", "the KV cache did not arrive from the prefill instance within 60s"))]
+    assert updates == [
+        RequestUpdate(
+            b,
+            [],
+            finished=True,
+            error=RequestError(
+                502, "kv_transfer_timeout", "the KV cache did not arrive from the prefill instance within 60s"
+            ),
+        )
+    ]
     assert not env.side._to_read and "b" not in env.side.receiving
     assert env.side.stats.failures == {"timeout": 1}
     assert d_admit(env) == [] and len(env.pool.calls) == 1  # never read afterwards
@@ -879,8 +993,16 @@ def test_d_receive_deadline_without_kvdone() -> None:
     env = make_d()
     request = d_ready(env)
     env.clock.now += 60.5
-    assert env.side.expire() == [RequestUpdate(request, [], finished=True, error=RequestError(
-        502, "kv_transfer_timeout", "the KV cache did not arrive from the prefill instance within 60s"))]
+    assert env.side.expire() == [
+        RequestUpdate(
+            request,
+            [],
+            finished=True,
+            error=RequestError(
+                502, "kv_transfer_timeout", "the KV cache did not arrive from the prefill instance within 60s"
+            ),
+        )
+    ]
     env.check()
     assert env.control.take() == [(P_ADDR, KVAbort(room="r1", reason="kv_transfer_timeout"))]
     assert env.pool.calls == []

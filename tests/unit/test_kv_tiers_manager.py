@@ -345,8 +345,9 @@ def test_pool_write_through_at_finish(cache_output: bool) -> None:
     kv.free(a)
     expected = CacheOps(swap_out=[(0, 0), (1, 1)], pool_put=[(0, k[0].hex()), (1, k[1].hex())])
     if cache_output:
-        expected = CacheOps(swap_out=[(0, 0), (1, 1), (2, 2)],
-                            pool_put=[(0, k[0].hex()), (1, k[1].hex()), (2, k[2].hex())])
+        expected = CacheOps(
+            swap_out=[(0, 0), (1, 1), (2, 2)], pool_put=[(0, k[0].hex()), (1, k[1].hex()), (2, k[2].hex())]
+        )
     assert step(kv) == expected
     assert kv.device.num_cached_blocks == 3  # the device keeps them too
 
@@ -452,8 +453,9 @@ def test_no_pool_load_when_there_is_nothing_to_read() -> None:
     assert KVCacheManager(8, BS, num_host_blocks=4).plan_pool_load(r) is None  # no pool
     off = KVCacheManager(8, BS, num_host_blocks=4, has_pool=True, enable_prefix_caching=False)
     assert off.plan_pool_load(r) is None
-    assert KVCacheManager(8, BS, num_host_blocks=4, has_pool=True).plan_pool_load(
-        make_request("s", range(4))) is None  # a one-block prompt has no matchable block
+    assert (
+        KVCacheManager(8, BS, num_host_blocks=4, has_pool=True).plan_pool_load(make_request("s", range(4))) is None
+    )  # a one-block prompt has no matchable block
 
     kv = KVCacheManager(8, BS, num_host_blocks=2, has_pool=True)
     load = kv.plan_pool_load(make_request("q", range(9)))
@@ -595,7 +597,9 @@ def test_blocks_read_from_the_pool_survive_other_admissions_until_their_own() ->
         kv.finish_pool_load(load, len(load.keys))
         kv.check_integrity()
     assert kv.match(b) == MatchResult([], [3, 4, 5], num_pool_blocks=3)
-    assert admit(kv, a, a.num_tokens) == MatchResult([], [0, 1, 2], num_pool_blocks=3)  # evicts device blocks to the host
+    assert admit(kv, a, a.num_tokens) == MatchResult(
+        [], [0, 1, 2], num_pool_blocks=3
+    )  # evicts device blocks to the host
     kv.check_integrity()
     assert kv.match(b) == MatchResult([], [3, 4, 5], num_pool_blocks=3)  # still there
     assert admit(kv, b, b.num_tokens) == MatchResult([], [3, 4, 5], num_pool_blocks=3)

@@ -306,8 +306,9 @@ def test_pool_check_integrity_catches_key_maps_that_disagree() -> None:
 
 
 def make_request(req_id: str, num_tokens: int, first_token: int = 0) -> Request:
-    return Request(req_id, tuple(range(first_token, first_token + num_tokens)),
-                   SamplingParams(max_tokens=4, temperature=0))
+    return Request(
+        req_id, tuple(range(first_token, first_token + num_tokens)), SamplingParams(max_tokens=4, temperature=0)
+    )
 
 
 def test_num_blocks_for() -> None:

@@ -60,39 +60,160 @@ def ports(start: int = 9000):
 def test_plan_direct_default() -> None:
     cfg = config()
     parts = plan_parts(cfg, ports())
-    assert parts == [Part("prefill-0", "prefill", 9001, 9000), Part("decode-0", "decode", 9003, 9002),
-                     Part("router", "router", 8000, None, "127.0.0.1")]
+    assert parts == [
+        Part("prefill-0", "prefill", 9001, 9000),
+        Part("decode-0", "decode", 9003, 9002),
+        Part("router", "router", 8000, None, "127.0.0.1"),
+    ]
     assert build_instance_argv(cfg, parts[0], python=PY) == [
-        PY, "-m", "pdserve.cli", "serve", "--role", "prefill", "--port", "9001", "--control-port", "9000",
-        "--kv-transfer", "direct", "--kv-transfer-engine", "auto", "--tensor-parallel-size", "1",
-        "--log-level", "INFO"]
+        PY,
+        "-m",
+        "pdserve.cli",
+        "serve",
+        "--role",
+        "prefill",
+        "--port",
+        "9001",
+        "--control-port",
+        "9000",
+        "--kv-transfer",
+        "direct",
+        "--kv-transfer-engine",
+        "auto",
+        "--tensor-parallel-size",
+        "1",
+        "--log-level",
+        "INFO",
+    ]
     assert build_instance_argv(cfg, parts[1], python=PY) == [
-        PY, "-m", "pdserve.cli", "serve", "--role", "decode", "--port", "9003", "--control-port", "9002",
-        "--kv-transfer", "direct", "--kv-transfer-engine", "auto", "--tensor-parallel-size", "1",
-        "--log-level", "INFO"]
+        PY,
+        "-m",
+        "pdserve.cli",
+        "serve",
+        "--role",
+        "decode",
+        "--port",
+        "9003",
+        "--control-port",
+        "9002",
+        "--kv-transfer",
+        "direct",
+        "--kv-transfer-engine",
+        "auto",
+        "--tensor-parallel-size",
+        "1",
+        "--log-level",
+        "INFO",
+    ]
     assert build_router_argv(cfg, parts[:-1], python=PY) == [
-        PY, "-m", "pdserve.cli", "router", "--prefill", "http://127.0.0.1:9001", "--decode", "http://127.0.0.1:9003",
-        "--port", "8000", "--host", "127.0.0.1", "--log-level", "INFO"]
+        PY,
+        "-m",
+        "pdserve.cli",
+        "router",
+        "--prefill",
+        "http://127.0.0.1:9001",
+        "--decode",
+        "http://127.0.0.1:9003",
+        "--port",
+        "8000",
+        "--host",
+        "127.0.0.1",
+        "--log-level",
+        "INFO",
+    ]
 
 
 def test_storage_tp_engine_args_policy_and_key() -> None:
-    cfg = config("--num-prefill", "2", "--num-decode", "1", "--kv-transfer", "storage", "--kv-transfer-engine",
-                 "mooncake", "--tp", "2", "--policy", "round_robin", "--host", "0.0.0.0", "--port", "8100",
-                 "--api-key", "k", "--log-level", "DEBUG", "--max-model-len", "512", "--num-blocks", "128",
-                 "--dtype", "bfloat16", "--no-prefix-caching", "--cache-output", "--kv-cache-memory", "1MiB")
+    cfg = config(
+        "--num-prefill",
+        "2",
+        "--num-decode",
+        "1",
+        "--kv-transfer",
+        "storage",
+        "--kv-transfer-engine",
+        "mooncake",
+        "--tp",
+        "2",
+        "--policy",
+        "round_robin",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8100",
+        "--api-key",
+        "k",
+        "--log-level",
+        "DEBUG",
+        "--max-model-len",
+        "512",
+        "--num-blocks",
+        "128",
+        "--dtype",
+        "bfloat16",
+        "--no-prefix-caching",
+        "--cache-output",
+        "--kv-cache-memory",
+        "1MiB",
+    )
     parts = plan_parts(cfg, ports())
     assert [p.name for p in parts] == ["prefill-0", "prefill-1", "decode-0", "router"]
     assert build_instance_argv(cfg, parts[1], STORE, python=PY) == [
-        PY, "-m", "pdserve.cli", "serve", "--role", "prefill", "--port", "9003", "--control-port", "9002",
-        "--kv-transfer", "storage", "--kv-transfer-engine", "mooncake", "--tensor-parallel-size", "2",
-        "--log-level", "DEBUG", "--kv-store", "mooncake", "--kv-store-config", json.dumps(STORE),
+        PY,
+        "-m",
+        "pdserve.cli",
+        "serve",
+        "--role",
+        "prefill",
+        "--port",
+        "9003",
+        "--control-port",
+        "9002",
+        "--kv-transfer",
+        "storage",
+        "--kv-transfer-engine",
+        "mooncake",
+        "--tensor-parallel-size",
+        "2",
+        "--log-level",
+        "DEBUG",
+        "--kv-store",
+        "mooncake",
+        "--kv-store-config",
+        json.dumps(STORE),
         # engine flags in add_engine_args order, only those set, sizes in bytes
-        "--dtype", "bfloat16", "--max-model-len", "512", "--num-blocks", "128", "--kv-cache-memory", "1048576",
-        "--no-prefix-caching", "--cache-output"]
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "512",
+        "--num-blocks",
+        "128",
+        "--kv-cache-memory",
+        "1048576",
+        "--no-prefix-caching",
+        "--cache-output",
+    ]
     assert build_router_argv(cfg, parts[:-1], python=PY) == [
-        PY, "-m", "pdserve.cli", "router", "--prefill", "http://127.0.0.1:9001", "http://127.0.0.1:9003",
-        "--decode", "http://127.0.0.1:9005", "--port", "8100", "--host", "0.0.0.0", "--policy", "round_robin",
-        "--api-key", "k", "--log-level", "DEBUG"]
+        PY,
+        "-m",
+        "pdserve.cli",
+        "router",
+        "--prefill",
+        "http://127.0.0.1:9001",
+        "http://127.0.0.1:9003",
+        "--decode",
+        "http://127.0.0.1:9005",
+        "--port",
+        "8100",
+        "--host",
+        "0.0.0.0",
+        "--policy",
+        "round_robin",
+        "--api-key",
+        "k",
+        "--log-level",
+        "DEBUG",
+    ]
     assert parts[-1].probe_url == "http://127.0.0.1:8100"
 
 
@@ -101,11 +222,36 @@ def test_mixed_replicas() -> None:
     parts = plan_parts(cfg, ports())
     assert parts[:2] == [Part("mixed-0", "mixed", 9000), Part("mixed-1", "mixed", 9001)]
     assert build_instance_argv(cfg, parts[0], python=PY) == [
-        PY, "-m", "pdserve.cli", "serve", "--role", "mixed", "--port", "9000", "--tensor-parallel-size", "2",
-        "--log-level", "INFO", "--seed", "3"]
+        PY,
+        "-m",
+        "pdserve.cli",
+        "serve",
+        "--role",
+        "mixed",
+        "--port",
+        "9000",
+        "--tensor-parallel-size",
+        "2",
+        "--log-level",
+        "INFO",
+        "--seed",
+        "3",
+    ]
     assert build_router_argv(cfg, parts[:-1], python=PY) == [
-        PY, "-m", "pdserve.cli", "router", "--mixed", "http://127.0.0.1:9000", "http://127.0.0.1:9001",
-        "--port", "8000", "--host", "127.0.0.1", "--log-level", "INFO"]
+        PY,
+        "-m",
+        "pdserve.cli",
+        "router",
+        "--mixed",
+        "http://127.0.0.1:9000",
+        "http://127.0.0.1:9001",
+        "--port",
+        "8000",
+        "--host",
+        "127.0.0.1",
+        "--log-level",
+        "INFO",
+    ]
 
 
 def test_gpus_spread_instances_over_devices() -> None:
@@ -119,18 +265,21 @@ def test_gpus_spread_instances_over_devices() -> None:
     assert all("--gpu-ids" not in build_instance_argv(config(), p, python=PY) for p in plan_parts(config(), ports()))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--gpus", "0", "--tp", "2"), "--gpus needs at least --tp 2 distinct device indices"),
-    (("--gpus", "1,1"), "--gpus needs at least --tp 1 distinct"),
-    (("--gpu-ids", "1"), "pdserve launch places instances itself: give --gpus"),
-    (("--num-mixed", "1"), "--num-mixed 1 runs replicas without PD disaggregation; it needs --num-prefill 0"),
-    (("--num-prefill", "0", "--num-decode", "0"), "nothing to launch"),
-    (("--num-decode", "0"), "needs at least one prefill and one decode instance"),
-    (("--num-prefill", "-1"), "--num-prefill must be >= 0, got -1"),
-    (("--tp", "0"), "--tp must be >= 1, got 0"),
-    (("--tp", "2", "--tensor-parallel-size", "4"), "--tp 2 and --tensor-parallel-size 4 disagree"),
-    (("--kv-transfer", "storage", "--kv-store", "file"), "--kv-transfer storage starts its own Mooncake master"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--gpus", "0", "--tp", "2"), "--gpus needs at least --tp 2 distinct device indices"),
+        (("--gpus", "1,1"), "--gpus needs at least --tp 1 distinct"),
+        (("--gpu-ids", "1"), "pdserve launch places instances itself: give --gpus"),
+        (("--num-mixed", "1"), "--num-mixed 1 runs replicas without PD disaggregation; it needs --num-prefill 0"),
+        (("--num-prefill", "0", "--num-decode", "0"), "nothing to launch"),
+        (("--num-decode", "0"), "needs at least one prefill and one decode instance"),
+        (("--num-prefill", "-1"), "--num-prefill must be >= 0, got -1"),
+        (("--tp", "0"), "--tp must be >= 1, got 0"),
+        (("--tp", "2", "--tensor-parallel-size", "4"), "--tp 2 and --tensor-parallel-size 4 disagree"),
+        (("--kv-transfer", "storage", "--kv-store", "file"), "--kv-transfer storage starts its own Mooncake master"),
+    ],
+)
 def test_invalid_flags_are_clear_value_errors(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         config(*argv)
@@ -195,14 +344,28 @@ server.serve_forever()
 
 
 def fake_parts() -> list[Part]:
-    return [Part("prefill-0", "prefill", free_port(), free_port()), Part("decode-0", "decode", free_port(), free_port()),
-            Part("router", "router", free_port())]
+    return [
+        Part("prefill-0", "prefill", free_port(), free_port()),
+        Part("decode-0", "decode", free_port(), free_port()),
+        Part("router", "router", free_port()),
+    ]
 
 
 def fake_argv(parts: list[Part], pid_dir: Path, modes: dict[str, str]) -> dict[str, list[str]]:
     instance_ports = [str(p.port) for p in parts if p.role != "router"]
-    return {p.name: [sys.executable, "-c", FAKE, p.name, str(p.port), str(pid_dir), modes.get(p.name, "ok"),
-                     *(instance_ports if p.role == "router" else [])] for p in parts}
+    return {
+        p.name: [
+            sys.executable,
+            "-c",
+            FAKE,
+            p.name,
+            str(p.port),
+            str(pid_dir),
+            modes.get(p.name, "ok"),
+            *(instance_ports if p.role == "router" else []),
+        ]
+        for p in parts
+    }
 
 
 def is_alive(pid: int) -> bool:
@@ -233,8 +396,9 @@ class Run:
         self.parts = fake_parts()
         argv = fake_argv(self.parts, self.pid_dir, modes)
         self.out, self.err = io.StringIO(), io.StringIO()
-        self.launcher = Launcher(self.parts, lambda p: argv[p.name], self.log_dir, dict(os.environ), out=self.out,
-                                 err=self.err, **kwargs)  # type: ignore[arg-type]
+        self.launcher = Launcher(
+            self.parts, lambda p: argv[p.name], self.log_dir, dict(os.environ), out=self.out, err=self.err, **kwargs
+        )  # type: ignore[arg-type]
         self.stop = threading.Event()
         self.code: int | None = None
 
@@ -260,9 +424,12 @@ def test_starts_instances_then_router_echoes_logs_and_stops_on_request(tmp_path:
     out = run.out.getvalue()
     assert "[prefill-0] hello from prefill-0" in out and "[router] to stderr router" in out
     assert f"OpenAI API: {run.parts[-1].url}/v1" in out
-    table = out[out.index("PART"):].splitlines()
-    assert [line.split()[:2] for line in table[1:4]] == [["prefill-0", "prefill"], ["decode-0", "decode"],
-                                                         ["router", "router"]]
+    table = out[out.index("PART") :].splitlines()
+    assert [line.split()[:2] for line in table[1:4]] == [
+        ["prefill-0", "prefill"],
+        ["decode-0", "decode"],
+        ["router", "router"],
+    ]
     assert str(started["router"]) in table[3] and str(run.log_dir / "router.log") in table[3]
     log = (run.log_dir / "decode-0.log").read_text().splitlines()
     assert log[0].startswith(f"$ {sys.executable} -c ") and log[-2:] == ["hello from decode-0", "to stderr decode-0"]
@@ -355,8 +522,9 @@ def test_a_signal_to_the_launcher_process_stops_all_children(tmp_path: Path, sig
     pid_dir.mkdir()
     parts = fake_parts()
     spec = {"parts": [vars(p) for p in parts], "argv": fake_argv(parts, pid_dir, {}), "log_dir": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]

@@ -67,8 +67,14 @@ async def _wait_disconnect(receive: Any) -> None:
 class Fake:
     """A fake P, D or mixed instance."""
 
-    def __init__(self, role: str, incarnation: str = "inc-1", fingerprint: str = "fp-1", tp_size: int = 1,
-                 port: int | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        incarnation: str = "inc-1",
+        fingerprint: str = "fp-1",
+        tp_size: int = 1,
+        port: int | None = None,
+    ) -> None:
         self.role, self.incarnation, self.fingerprint, self.tp_size = role, incarnation, fingerprint, tp_size
         self.port = port or free_port()
         self.records: list[Record] = []
@@ -85,10 +91,20 @@ class Fake:
     def _build(self) -> FastAPI:
         app = FastAPI()
         app.get("/health")(lambda: {"status": "ok"})
-        app.get("/v1/pd/info")(lambda: {
-            "role": self.role, "incarnation": self.incarnation, "control_address": self.control_address,
-            "fingerprint": self.fingerprint, "model": "fake", "tp_size": self.tp_size, "kv_transfer": "direct",
-            "num_open_requests": 0, "num_blocks_free": 10, "num_blocks_total": 10})
+        app.get("/v1/pd/info")(
+            lambda: {
+                "role": self.role,
+                "incarnation": self.incarnation,
+                "control_address": self.control_address,
+                "fingerprint": self.fingerprint,
+                "model": "fake",
+                "tp_size": self.tp_size,
+                "kv_transfer": "direct",
+                "num_open_requests": 0,
+                "num_blocks_free": 10,
+                "num_blocks_total": 10,
+            }
+        )
         app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "fake", "object": "model"}]})
         app.post("/v1/completions")(self._complete)
         app.post("/v1/chat/completions")(self._complete)
@@ -107,8 +123,16 @@ class Fake:
         if status >= 300:
             gone.cancel()
             rec.finished = True
-            return JSONResponse({"error": {"message": f"fake {self.role} says no", "type": "invalid_request_error",
-                                           "code": cfg.get("code", "bad_request")}}, status)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": f"fake {self.role} says no",
+                        "type": "invalid_request_error",
+                        "code": cfg.get("code", "bad_request"),
+                    }
+                },
+                status,
+            )
         if body.get("stream"):
             return StreamingResponse(self._chunks(rec, cfg, gone), media_type="text/event-stream")
         kv = await self._await_kv(body, cfg, gone)
@@ -118,12 +142,19 @@ class Fake:
         gone.cancel()
         rec.finished = True
         if kv == "timeout":
-            return JSONResponse({"error": {"message": "no KV", "type": "server_error", "code": "kv_transfer_timeout"}},
-                                502)
+            return JSONResponse(
+                {"error": {"message": "no KV", "type": "server_error", "code": "kv_transfer_timeout"}}, 502
+            )
         if self.role == "prefill" and "kv_transfer_params" in body:
             ROOMS_PREFILLED.add(body["kv_transfer_params"]["room"])
-        return JSONResponse({"id": "cmpl-fake", "object": "text_completion", "served_by": self.role,
-                             "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]})
+        return JSONResponse(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "served_by": self.role,
+                "choices": [{"index": 0, "text": "ok", "finish_reason": "length"}],
+            }
+        )
 
     async def _await_kv(self, body: dict[str, Any], cfg: dict[str, Any], gone: asyncio.Task[None]) -> str:
         """Like a real D: no first token before P has prefilled the room. 'ok', 'gone' or 'timeout'."""
@@ -170,8 +201,9 @@ class ThreadServer:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -217,8 +249,12 @@ class Router:
 
 
 @contextmanager
-def router(instances: list[tuple[str, str]], policy: str = "least_loaded", api_key: str | None = None,
-           request_timeout: float = 30.0) -> Iterator[Router]:
+def router(
+    instances: list[tuple[str, str]],
+    policy: str = "least_loaded",
+    api_key: str | None = None,
+    request_timeout: float = 30.0,
+) -> Iterator[Router]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     registry = Registry(HealthSettings(interval_s=INTERVAL, timeout_s=1.0), headers)
     for role, url in instances:
@@ -231,8 +267,11 @@ def router(instances: list[tuple[str, str]], policy: str = "least_loaded", api_k
 @contextmanager
 def subprocess_fake(role: str, incarnation: str = "inc-1") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--port", str(port), "--incarnation",
-                             incarnation], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--role", role, "--port", str(port), "--incarnation", incarnation],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _is_up(url), 20, f"fake {role} subprocess")
@@ -312,12 +351,14 @@ def test_pd_streaming_passes_bytes_through(pd_clean: tuple[Fake, Fake, Router]) 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_prefill_error_before_stream_returns_its_error_and_closes_decode(
-        pd_clean: tuple[Fake, Fake, Router], stream: bool) -> None:
+    pd_clean: tuple[Fake, Fake, Router], stream: bool
+) -> None:
     p, d, r = pd_clean
     resp = post(r.url, pd_body(stream, prefill={"delay": 0.2, "status": 400}))  # D waits for KV that never comes
     assert resp.status_code == 400
-    assert resp.json() == {"error": {"message": "fake prefill says no", "type": "invalid_request_error",
-                                     "code": "bad_request"}}
+    assert resp.json() == {
+        "error": {"message": "fake prefill says no", "type": "invalid_request_error", "code": "bad_request"}
+    }
     wait_until(lambda: d.records and d.records[0].closed_early, 3, "D's connection closed")
 
 
@@ -325,15 +366,19 @@ def test_decode_error_is_the_answer_and_closes_prefill(pd_clean: tuple[Fake, Fak
     p, d, r = pd_clean
     resp = post(r.url, pd_body(True, prefill={"delay": 5}, decode={"status": 503, "code": "no_capacity"}))
     assert resp.status_code == 503
-    assert resp.json() == {"error": {"message": "fake decode says no", "type": "invalid_request_error",
-                                     "code": "no_capacity"}}
+    assert resp.json() == {
+        "error": {"message": "fake decode says no", "type": "invalid_request_error", "code": "no_capacity"}
+    }
     wait_until(lambda: p.records and p.records[0].closed_early, 3, "P's connection closed")
 
 
 def test_prefill_error_after_stream_started_ends_with_sse_error(pd_clean: tuple[Fake, Fake, Router]) -> None:
     p, d, r = pd_clean
-    body = pd_body(True, prefill={"delay": 0.3, "status": 502, "code": "kv_transfer_failed"},
-                   decode={"chunks": 100, "chunk_delay": 0.05, "no_kv_wait": True})
+    body = pd_body(
+        True,
+        prefill={"delay": 0.3, "status": 502, "code": "kv_transfer_failed"},
+        decode={"chunks": 100, "chunk_delay": 0.05, "no_kv_wait": True},
+    )
     with httpx.stream("POST", f"{r.url}/v1/completions", json=body, timeout=20) as resp:
         data = b"".join(resp.iter_raw())
     assert resp.status_code == 200
@@ -348,21 +393,25 @@ def test_prefill_error_after_stream_started_ends_with_sse_error(pd_clean: tuple[
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_disconnect_closes_both(pd_clean: tuple[Fake, Fake, Router], stream: bool) -> None:
     p, d, r = pd_clean
-    body = pd_body(stream, prefill={"delay": 5}, decode={"chunks": 100, "chunk_delay": 0.05,
-                                                         "no_kv_wait": stream})
+    body = pd_body(stream, prefill={"delay": 5}, decode={"chunks": 100, "chunk_delay": 0.05, "no_kv_wait": stream})
     if stream:
         with httpx.stream("POST", f"{r.url}/v1/completions", json=body, timeout=20) as resp:
             next(resp.iter_raw())
     else:
         with pytest.raises(httpx.ReadTimeout):
             post(r.url, body, timeout=0.4)
-    wait_until(lambda: p.records and p.records[0].closed_early and d.records and d.records[0].closed_early, 3,
-               "both connections closed")
+    wait_until(
+        lambda: p.records and p.records[0].closed_early and d.records and d.records[0].closed_early,
+        3,
+        "both connections closed",
+    )
 
 
 def test_request_timeout_is_504_and_closes_both() -> None:
-    with fakes(("prefill", {}), ("decode", {})) as (p, d), \
-            router([("prefill", p.url), ("decode", d.url)], request_timeout=0.5) as r:
+    with (
+        fakes(("prefill", {}), ("decode", {})) as (p, d),
+        router([("prefill", p.url), ("decode", d.url)], request_timeout=0.5) as r,
+    ):
         resp = post(r.url, pd_body(prefill={"delay": 5}, decode={"delay": 5}))
         assert resp.status_code == 504 and resp.json()["error"]["code"] == "request_timeout"
         wait_until(lambda: p.records[0].closed_early and d.records[0].closed_early, 3, "both connections closed")
@@ -409,10 +458,12 @@ def test_health_and_models(pd: tuple[Fake, Fake, Router]) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_prefill_killed_mid_request(stream: bool) -> None:
-    with subprocess_fake("prefill") as (p_url, proc), fakes(("decode", {})) as (d,), \
-            router([("prefill", p_url), ("decode", d.url)]) as r:
-        body = pd_body(stream, prefill={"delay": 30}, decode={"chunks": 100, "chunk_delay": 0.05,
-                                                              "no_kv_wait": stream})
+    with (
+        subprocess_fake("prefill") as (p_url, proc),
+        fakes(("decode", {})) as (d,),
+        router([("prefill", p_url), ("decode", d.url)]) as r,
+    ):
+        body = pd_body(stream, prefill={"delay": 30}, decode={"chunks": 100, "chunk_delay": 0.05, "no_kv_wait": stream})
         threading.Timer(0.5, proc.send_signal, (signal.SIGKILL,)).start()
         resp = post(r.url, body)
         if stream:  # D's stream had started: an SSE error event, then [DONE]
@@ -430,8 +481,11 @@ def test_prefill_killed_mid_request(stream: bool) -> None:
 
 
 def test_decode_killed_mid_request() -> None:
-    with subprocess_fake("decode") as (d_url, proc), fakes(("prefill", {})) as (p,), \
-            router([("prefill", p.url), ("decode", d_url)]) as r:
+    with (
+        subprocess_fake("decode") as (d_url, proc),
+        fakes(("prefill", {})) as (p,),
+        router([("prefill", p.url), ("decode", d_url)]) as r,
+    ):
         threading.Timer(0.5, proc.send_signal, (signal.SIGKILL,)).start()
         resp = post(r.url, pd_body(prefill={"delay": 30}, decode={"delay": 30}))
         assert resp.status_code == 502
@@ -462,8 +516,9 @@ def test_register_heartbeat_and_expiry() -> None:
         assert httpx.get(f"{r.url}/health").status_code == 503
         loop = asyncio.new_event_loop()
         stop = asyncio.Event()
-        beat = threading.Thread(target=loop.run_until_complete,
-                                args=(heartbeat(r.url, m.url, "mixed", 0.1, stop),), daemon=True)
+        beat = threading.Thread(
+            target=loop.run_until_complete, args=(heartbeat(r.url, m.url, "mixed", 0.1, stop),), daemon=True
+        )
         beat.start()
         wait_until(lambda: httpx.get(f"{r.url}/health").status_code == 200, 3, "registered and healthy")
         assert post(r.url, {"prompt": "x", "kv_transfer_params": {"room": "evil"}}).json()["served_by"] == "mixed"

@@ -23,8 +23,15 @@ from pdserve.router.policies import (
 from pdserve.router.registry import HealthSettings, Instance, InstanceInfo, Registry, normalize_url
 
 
-def inst(url: str, role: str = "prefill", load: int = 0, healthy: bool = True, tp: int = 1, fp: str = "fp",
-         mode: str = "direct") -> Instance:
+def inst(
+    url: str,
+    role: str = "prefill",
+    load: int = 0,
+    healthy: bool = True,
+    tp: int = 1,
+    fp: str = "fp",
+    mode: str = "direct",
+) -> Instance:
     info = InstanceInfo(role, f"inc-{url}", f"tcp://{url}:1", fp, "m", tp, mode)
     return Instance(f"http://{url}:1", role, is_static=True, is_healthy=healthy, info=info, num_in_flight=load)
 
@@ -118,8 +125,12 @@ def test_request_key() -> None:
     assert request_key({"prompt": ["hello"]}) == "hello"
     assert request_key({"prompt": [1, 2, 3]}) == "ids:1,2,3"
     assert request_key({"prompt": [[1, 2]]}) == "ids:1,2"
-    chat = {"messages": [{"role": "system", "content": "be brief"},
-                         {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ]
+    }
     assert request_key(chat) == "system:be brief\nuser:hi\n"
     assert len(request_key({"messages": [{"role": "user", "content": long}]}) or "") == PREFIX_KEY_CHARS
     assert request_key({"model": "m"}) is None
@@ -206,9 +217,18 @@ def test_registry_membership_and_expiry() -> None:
 
 
 def test_instance_info_validation() -> None:
-    good = {"role": "decode", "incarnation": "i", "control_address": "tcp://h:1", "fingerprint": "f",
-            "model": "m", "tp_size": 1, "kv_transfer": "storage", "num_open_requests": 0, "num_blocks_free": 1,
-            "num_blocks_total": 2}
+    good = {
+        "role": "decode",
+        "incarnation": "i",
+        "control_address": "tcp://h:1",
+        "fingerprint": "f",
+        "model": "m",
+        "tp_size": 1,
+        "kv_transfer": "storage",
+        "num_open_requests": 0,
+        "num_blocks_free": 1,
+        "num_blocks_total": 2,
+    }
     assert InstanceInfo.from_json(good).kv_transfer == "storage"
     with pytest.raises(ValueError, match="'tp_size' should be a int"):
         InstanceInfo.from_json({**good, "tp_size": "1"})
@@ -240,8 +260,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PDSERVE_API_KEY", "k")
-    args = _parse(["router", "--prefill", "http://127.0.0.1:8001", "http://127.0.0.1:8002", "--decode",
-                   "http://127.0.0.1:8003", "--decode", "http://127.0.0.1:8004", "--health-interval", "0.5"])
+    args = _parse(
+        [
+            "router",
+            "--prefill",
+            "http://127.0.0.1:8001",
+            "http://127.0.0.1:8002",
+            "--decode",
+            "http://127.0.0.1:8003",
+            "--decode",
+            "http://127.0.0.1:8004",
+            "--health-interval",
+            "0.5",
+        ]
+    )
     assert args.policy == "least_loaded" and args.port == 8000 and args.host == "127.0.0.1"
     registry, policy, settings = build_from_args(args)
     assert [i.role for i in registry.instances()] == ["prefill"] * 2 + ["decode"] * 2

@@ -26,8 +26,12 @@ def test_greedy_is_argmax() -> None:
 
 def test_greedy_rows_stay_argmax_next_to_random_rows() -> None:
     logits = make_logits(4)
-    specs = [SamplingSpec(temperature=0.0), SamplingSpec(temperature=1.5), SamplingSpec(temperature=0.0),
-             SamplingSpec(temperature=1.0, top_k=3)]
+    specs = [
+        SamplingSpec(temperature=0.0),
+        SamplingSpec(temperature=1.5),
+        SamplingSpec(temperature=0.0),
+        SamplingSpec(temperature=1.0, top_k=3),
+    ]
     tokens, _ = Sampler(CPU)(logits, ["a", "b", "c", "d"], specs)
     argmax = logits.argmax(dim=-1).tolist()
     assert tokens[0] == argmax[0] and tokens[2] == argmax[2]
@@ -56,8 +60,9 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     num_rows = 4000
     logits = probs.log().expand(num_rows, 4).clone()
-    tokens, _ = Sampler(CPU, seed=3)(logits, [f"r{i}" for i in range(num_rows)],
-                                     [SamplingSpec(temperature=1.0, top_p=0.7)] * num_rows)
+    tokens, _ = Sampler(CPU, seed=3)(
+        logits, [f"r{i}" for i in range(num_rows)], [SamplingSpec(temperature=1.0, top_p=0.7)] * num_rows
+    )
     counts = torch.bincount(torch.tensor(tokens), minlength=4)
     assert counts[2:].tolist() == [0, 0]
     assert abs(counts[0].item() / num_rows - 0.5 / 0.8) < 0.04
@@ -68,23 +73,26 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     num_rows = 4000
     logits = probs.log().expand(num_rows, 4).clone()
-    tokens, _ = Sampler(CPU, seed=4)(logits, [f"r{i}" for i in range(num_rows)],
-                                     [SamplingSpec(temperature=1.0, min_p=0.5)] * num_rows)
+    tokens, _ = Sampler(CPU, seed=4)(
+        logits, [f"r{i}" for i in range(num_rows)], [SamplingSpec(temperature=1.0, min_p=0.5)] * num_rows
+    )
     counts = torch.bincount(torch.tensor(tokens), minlength=4)
     assert counts[2:].tolist() == [0, 0]
     assert counts[1].item() > 0
     assert abs(counts[0].item() / num_rows - 0.5 / 0.8) < 0.04
     # min_p 0.2 keeps token 2 as well (0.15 >= 0.1), never token 3 (0.05 < 0.1)
-    tokens, _ = Sampler(CPU, seed=4)(logits, [f"r{i}" for i in range(num_rows)],
-                                     [SamplingSpec(temperature=1.0, min_p=0.2)] * num_rows)
+    tokens, _ = Sampler(CPU, seed=4)(
+        logits, [f"r{i}" for i in range(num_rows)], [SamplingSpec(temperature=1.0, min_p=0.2)] * num_rows
+    )
     counts = torch.bincount(torch.tensor(tokens), minlength=4)
     assert counts[3].item() == 0 and counts[2].item() > 0
 
 
 def test_top_k_restricts_to_the_k_most_likely() -> None:
     logits = make_logits(1, seed=5).expand(2000, VOCAB).clone()
-    tokens, _ = Sampler(CPU, seed=5)(logits, [f"r{i}" for i in range(2000)],
-                                     [SamplingSpec(temperature=5.0, top_k=3)] * 2000)
+    tokens, _ = Sampler(CPU, seed=5)(
+        logits, [f"r{i}" for i in range(2000)], [SamplingSpec(temperature=5.0, top_k=3)] * 2000
+    )
     assert set(tokens) == set(logits[0].topk(3).indices.tolist())
 
 
@@ -92,14 +100,16 @@ def test_temperature_one_follows_the_softmax() -> None:
     probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
     num_rows = 8000
     logits = probs.log().expand(num_rows, 4).clone()
-    tokens, _ = Sampler(CPU, seed=6)(logits, [f"r{i}" for i in range(num_rows)],
-                                     [SamplingSpec(temperature=1.0)] * num_rows)
+    tokens, _ = Sampler(CPU, seed=6)(
+        logits, [f"r{i}" for i in range(num_rows)], [SamplingSpec(temperature=1.0)] * num_rows
+    )
     freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / num_rows
     assert torch.allclose(freq, probs, atol=0.03)
 
 
-def _draws(sampler: Sampler, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec],
-           target: str, steps: int) -> list[int]:
+def _draws(
+    sampler: Sampler, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec], target: str, steps: int
+) -> list[int]:
     out = []
     for _ in range(steps):
         tokens, _ = sampler(logits, req_ids, specs)
@@ -140,16 +150,23 @@ def test_seeded_request_with_its_own_filter_independent_of_neighbours() -> None:
     logits = make_logits(3, seed=9)
     spec = SamplingSpec(temperature=1.0, top_k=10, top_p=0.9, seed=77)
     alone = _draws(Sampler(CPU), logits[:1], ["s"], [spec], "s", 10)
-    mixed = _draws(Sampler(CPU), logits[[2, 0, 1]], ["a", "s", "b"],
-                   [SamplingSpec(temperature=1.0, min_p=0.1), spec, SamplingSpec(temperature=2.0)], "s", 10)
+    mixed = _draws(
+        Sampler(CPU),
+        logits[[2, 0, 1]],
+        ["a", "s", "b"],
+        [SamplingSpec(temperature=1.0, min_p=0.1), spec, SamplingSpec(temperature=2.0)],
+        "s",
+        10,
+    )
     assert mixed == alone
 
 
 def test_seeded_request_independent_of_a_filtering_neighbour() -> None:
     logits = make_logits(2, seed=10)
     alone = _draws(Sampler(CPU), logits[:1], ["s"], [SEEDED], "s", 10)
-    with_top_k = _draws(Sampler(CPU), logits[[1, 0]], ["x", "s"], [SamplingSpec(temperature=1.0, top_k=5), SEEDED],
-                        "s", 10)
+    with_top_k = _draws(
+        Sampler(CPU), logits[[1, 0]], ["x", "s"], [SamplingSpec(temperature=1.0, top_k=5), SEEDED], "s", 10
+    )
     assert with_top_k == alone
 
 

@@ -14,8 +14,12 @@ from pdserve.scheduler.scheduler import RequestUpdate, Scheduler, SchedulerOutpu
 
 
 def make_scheduler(
-    num_blocks: int, block_size: int = 4, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-    max_model_len: int = 1024, **kv_options: object,
+    num_blocks: int,
+    block_size: int = 4,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 2048,
+    max_model_len: int = 1024,
+    **kv_options: object,
 ) -> Scheduler:
     """Prefix caching is off unless asked for: these prompts share prefixes (range(n))."""
     kv_options.setdefault("enable_prefix_caching", False)
@@ -23,8 +27,14 @@ def make_scheduler(
     return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), kv, max_model_len)
 
 
-def make_request(req_id: str, num_prompt: int, max_tokens: int = 16, eos_token_id: int | None = None,
-                 first_token: int = 0, **sampling: object) -> Request:
+def make_request(
+    req_id: str,
+    num_prompt: int,
+    max_tokens: int = 16,
+    eos_token_id: int | None = None,
+    first_token: int = 0,
+    **sampling: object,
+) -> Request:
     prompt = tuple(range(first_token, first_token + num_prompt))
     return Request(req_id, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **sampling), eos_token_id)  # type: ignore[arg-type]
 
@@ -114,8 +124,18 @@ def test_chunked_prefill_shares_the_budget_in_admission_order() -> None:
     assert sched.num_new_tokens == {"a": 6, "b": 2}
     seqs = seqs_of(sched.plan)
     assert [q.req_id for q in sched.plan.seqs] == ["a", "b"]
-    assert (seqs["a"].start_pos, len(seqs["a"].token_ids), seqs["a"].sample, seqs["a"].block_ids) == (0, 6, True, [0, 1])
-    assert (seqs["b"].token_ids, seqs["b"].start_pos, seqs["b"].sample, seqs["b"].block_ids) == ([50, 51], 0, False, [2])
+    assert (seqs["a"].start_pos, len(seqs["a"].token_ids), seqs["a"].sample, seqs["a"].block_ids) == (
+        0,
+        6,
+        True,
+        [0, 1],
+    )
+    assert (seqs["b"].token_ids, seqs["b"].start_pos, seqs["b"].sample, seqs["b"].block_ids) == (
+        [50, 51],
+        0,
+        False,
+        [2],
+    )
 
     sched, _ = run_step(s)  # a decodes 1, b gets the remaining 7 of its 8 left
     assert sched.num_new_tokens == {"a": 1, "b": 7}
@@ -351,8 +371,7 @@ def test_many_requests_under_pressure_all_finish_and_free_everything() -> None:
         (3, {}, [5, 6, 7, 3], FinishReason.STOP, 4),  # eos on the last allowed token is a stop
     ],
 )
-def test_finish_reasons(eos: int | None, sampling: dict, tokens: list[int], reason: FinishReason,
-                        num_out: int) -> None:
+def test_finish_reasons(eos: int | None, sampling: dict, tokens: list[int], reason: FinishReason, num_out: int) -> None:
     s = make_scheduler(num_blocks=4, block_size=4)
     r = make_request("a", 3, max_tokens=4, eos_token_id=eos, **sampling)
     s.add_request(r)

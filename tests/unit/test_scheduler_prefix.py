@@ -101,8 +101,9 @@ class FakeWorker:
         return ForwardOutput(step_id=plan.step_id, req_ids=req_ids, token_ids=token_ids)
 
 
-def make_scheduler(num_blocks: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                   **kv_options: object) -> Scheduler:
+def make_scheduler(
+    num_blocks: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, **kv_options: object
+) -> Scheduler:
     """Prefix caching is on unless asked off."""
     kv_options.setdefault("enable_prefix_caching", True)
     kv = KVCacheManager(num_blocks, BS, **kv_options)  # type: ignore[arg-type]
@@ -268,8 +269,11 @@ def _preemption_run(**kv_options: object) -> tuple[Scheduler, FakeWorker, list[S
     """6 blocks for a (8 tokens), b (7), c (7): a's growth preempts c in step 2; c comes back in step 5."""
     s = make_scheduler(6, num_host_blocks=8, **kv_options)  # type: ignore[arg-type]
     w = FakeWorker(s)
-    reqs = [make_request("a", range(8), 4), make_request("b", range(100, 107), 4),
-            make_request("c", range(200, 207), 3)]
+    reqs = [
+        make_request("a", range(8), 4),
+        make_request("b", range(100, 107), 4),
+        make_request("c", range(200, 207), 3),
+    ]
     for r in reqs:
         s.add_request(r)
     steps = run_all(s, w)
@@ -384,8 +388,9 @@ def test_abort_with_a_pool_writes_computed_prompt_blocks_on_the_next_plan() -> N
     assert s.has_work and not s.has_unfinished
     sched = run_step(s, w)
     assert (sched.plan.seqs, sched.plan.finished_req_ids) == ([], ["a"])
-    assert sched.plan.cache_ops == CacheOps(swap_out=[(0, 2), (1, 3), (2, 0)],
-                                            pool_put=[(2, k[0].hex()), (3, k[1].hex()), (0, k[2].hex())])
+    assert sched.plan.cache_ops == CacheOps(
+        swap_out=[(0, 2), (1, 3), (2, 0)], pool_put=[(2, k[0].hex()), (3, k[1].hex()), (0, k[2].hex())]
+    )
     assert sorted(w.pool) == sorted(key.hex() for key in k)
     assert_all_free(s)
 

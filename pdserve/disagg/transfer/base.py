@@ -55,8 +55,9 @@ class TransferEngine(ABC):
         """How a peer writes into this rank's cache through this engine (None: this engine only sends)."""
 
     @abstractmethod
-    def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
-              dst_block_ids: Sequence[int]) -> int:
+    def write(
+        self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> int:
         """Copy K and V of `layers` for blocks src_block_ids[i] -> dst_block_ids[i] into `peer`.
 
         Blocks until the data is in the peer's memory (with waits_on_device: until flush()); returns the
@@ -116,15 +117,18 @@ def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, i
 
 def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[int]) -> None:
     if peer.num_layers != engine.num_layers or peer.chunk_nbytes != engine.chunk_nbytes:
-        raise TransferError(f"peer cache {peer.address} has {peer.num_layers} layers of {peer.chunk_nbytes}-byte "
-                            f"chunks; this rank has {engine.num_layers} of {engine.chunk_nbytes}")
+        raise TransferError(
+            f"peer cache {peer.address} has {peer.num_layers} layers of {peer.chunk_nbytes}-byte "
+            f"chunks; this rank has {engine.num_layers} of {engine.chunk_nbytes}"
+        )
     bad = next((b for b in dst_block_ids if not 0 <= b < peer.num_blocks), None)
     if bad is not None:
         raise TransferError(f"block {bad} is outside the {peer.num_blocks} blocks of the peer's cache {peer.address}")
 
 
-def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None,
-                 receive: bool = False) -> dict[str, TransferEngine]:
+def open_engines(
+    kind: str, kv_cache: torch.Tensor, shm_path: str | None, receive: bool = False
+) -> dict[str, TransferEngine]:
     """The engines this rank runs for `--kv-transfer-engine kind` ("auto" | "shm" | "cuda_ipc" | "mooncake").
 
     auto: shm on CPU (receiving too when the cache lives in the shared-memory file `shm_path`), cuda_ipc
@@ -151,11 +155,15 @@ def open_engines(kind: str, kv_cache: torch.Tensor, shm_path: str | None,
             engines["mooncake"] = MooncakeEngine(kv_cache)
         except (ImportError, TransferError) as e:
             if kind == "mooncake":
-                raise ValueError(f"--kv-transfer-engine mooncake cannot start: {e}; install the Mooncake Transfer "
-                                 "Engine with pip install 'pdserve[mooncake]'") from e
+                raise ValueError(
+                    f"--kv-transfer-engine mooncake cannot start: {e}; install the Mooncake Transfer "
+                    "Engine with pip install 'pdserve[mooncake]'"
+                ) from e
             if not engines:
-                raise ValueError(f"no KV transfer engine can run here: Mooncake is unavailable ({e}) and shared "
-                                 "memory needs a CPU KV cache") from e
+                raise ValueError(
+                    f"no KV transfer engine can run here: Mooncake is unavailable ({e}) and shared "
+                    "memory needs a CPU KV cache"
+                ) from e
             logger.info("KV transfer: %s only (Mooncake unavailable: %s)", ", ".join(engines), e)
     return engines
 
@@ -166,9 +174,13 @@ def pick_region(engines: dict[str, TransferEngine], offered: Sequence[KVRegion])
     for preference in ("shm", "cuda_ipc", "mooncake"):
         engine = engines.get(preference)
         for region in offered:
-            if engine is not None and region.engine == preference \
-                    and (preference == "mooncake" or region.hostname == local):
+            if (
+                engine is not None
+                and region.engine == preference
+                and (preference == "mooncake" or region.hostname == local)
+            ):
                 return engine, region
     kinds = ", ".join(sorted({r.engine for r in offered})) or "none"
-    raise TransferError(f"no common transfer engine: the peer offers {kinds}; this rank runs "
-                        f"{', '.join(sorted(engines)) or 'none'}")
+    raise TransferError(
+        f"no common transfer engine: the peer offers {kinds}; this rank runs {', '.join(sorted(engines)) or 'none'}"
+    )

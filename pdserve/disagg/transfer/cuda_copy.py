@@ -42,8 +42,16 @@ def cudart() -> ctypes.CDLL | None:
         except (OSError, AttributeError):
             continue
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                       ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_size_t,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         return lib
@@ -62,8 +70,7 @@ def layer_spans(layers: Sequence[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def copy_runs(dst: torch.Tensor, src: torch.Tensor, layers: Sequence[int],
-              runs: Sequence[tuple[int, int, int]]) -> int:
+def copy_runs(dst: torch.Tensor, src: torch.Tensor, layers: Sequence[int], runs: Sequence[tuple[int, int, int]]) -> int:
     """Copy blocks src[layer, :, s0:s0+n] -> dst[layer, :, d0:d0+n] for every layer and (s0, d0, n) run, on the
     current stream; the number of copy calls made. Both caches are contiguous with the same chunk shape."""
     chunk = src[0, 0, 0].numel() * src.element_size()
@@ -73,15 +80,16 @@ def copy_runs(dst: torch.Tensor, src: torch.Tensor, layers: Sequence[int],
         for layer in layers:
             for kv in (0, 1):
                 for s0, d0, n in runs:
-                    dst[layer, kv, d0:d0 + n].copy_(src[layer, kv, s0:s0 + n], non_blocking=True)
+                    dst[layer, kv, d0 : d0 + n].copy_(src[layer, kv, s0 : s0 + n], non_blocking=True)
         return len(layers) * 2 * len(runs)
     stream = torch.cuda.current_stream(src.device).cuda_stream
     calls = 0
     for first, count in layer_spans(layers):
         src_row, dst_row = src.data_ptr() + 2 * first * spitch, dst.data_ptr() + 2 * first * dpitch
         for s0, d0, n in runs:
-            err = lib.cudaMemcpy2DAsync(dst_row + d0 * chunk, dpitch, src_row + s0 * chunk, spitch, n * chunk,
-                                        2 * count, MEMCPY_DEFAULT, stream)
+            err = lib.cudaMemcpy2DAsync(
+                dst_row + d0 * chunk, dpitch, src_row + s0 * chunk, spitch, n * chunk, 2 * count, MEMCPY_DEFAULT, stream
+            )
             if err:
                 raise RuntimeError(f"cudaMemcpy2DAsync failed: {lib.cudaGetErrorString(err).decode()} ({err})")
             calls += 1

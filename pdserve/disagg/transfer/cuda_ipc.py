@@ -41,8 +41,14 @@ def export_handle(tensor: torch.Tensor) -> str:
         raise ValueError("only a whole contiguous tensor can be exported")
     fields = tensor.untyped_storage()._share_cuda_()  # type: ignore[attr-defined]
     encoded = [f.hex() if isinstance(f, bytes) else f for f in fields]
-    return json.dumps({"pid": os.getpid(), "uuid": device_uuid(tensor.device.index), "fields": encoded,
-                       "kinds": [type(f).__name__ for f in fields]})
+    return json.dumps(
+        {
+            "pid": os.getpid(),
+            "uuid": device_uuid(tensor.device.index),
+            "fields": encoded,
+            "kinds": [type(f).__name__ for f in fields],
+        }
+    )
 
 
 def device_uuid(index: int) -> str:
@@ -54,8 +60,10 @@ def local_device(uuid: str) -> int:
     for index in range(torch.cuda.device_count()):
         if device_uuid(index) == uuid:
             return index
-    raise TransferError(f"the peer's GPU (UUID {uuid}) is not visible to this process: cuda_ipc needs P to see D's "
-                        "GPU (CUDA_VISIBLE_DEVICES must include it; use --gpu-ids to place instances instead)")
+    raise TransferError(
+        f"the peer's GPU (UUID {uuid}) is not visible to this process: cuda_ipc needs P to see D's "
+        "GPU (CUDA_VISIBLE_DEVICES must include it; use --gpu-ids to place instances instead)"
+    )
 
 
 def open_handle(text: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -102,8 +110,15 @@ class CudaIpcEngine(TransferEngine):
     def region(self) -> KVRegion | None:
         if self.handle is None:
             return None
-        return KVRegion(engine="cuda_ipc", hostname=hostname(), address=self.handle, base=0,
-                        num_layers=self.num_layers, num_blocks=self.num_blocks, chunk_nbytes=self.chunk_nbytes)
+        return KVRegion(
+            engine="cuda_ipc",
+            hostname=hostname(),
+            address=self.handle,
+            base=0,
+            num_layers=self.num_layers,
+            num_blocks=self.num_blocks,
+            chunk_nbytes=self.chunk_nbytes,
+        )
 
     def _map(self, peer: KVRegion) -> torch.Tensor:
         def open_peer() -> torch.Tensor:
@@ -122,8 +137,9 @@ class CudaIpcEngine(TransferEngine):
         """The device of the peer's cache, as this process numbers it."""
         return self._map(peer).device
 
-    def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
-              dst_block_ids: Sequence[int]) -> int:
+    def write(
+        self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> int:
         check_peer(self, peer, dst_block_ids)
         dst = self._map(peer)
         try:
@@ -180,8 +196,8 @@ class CudaIpcEngine(TransferEngine):
             for layer in layers:
                 if plan.src_index is None or plan.dst_index is None:
                     for s0, d0, n in plan.runs:
-                        gathered = self.kv_cache[layer, :, s0:s0 + n].contiguous()
-                        dst[layer, :, d0:d0 + n].copy_(gathered.to(dst.device, non_blocking=True))
+                        gathered = self.kv_cache[layer, :, s0 : s0 + n].contiguous()
+                        dst[layer, :, d0 : d0 + n].copy_(gathered.to(dst.device, non_blocking=True))
                 else:
                     gathered = self.kv_cache[layer].index_select(1, plan.src_index)
                     dst[layer].index_copy_(1, plan.dst_index, gathered.to(dst.device, non_blocking=True))

@@ -65,8 +65,10 @@ class MooncakeEngine(TransferEngine):
         engine = _MooncakeTE()
         code = engine.initialize(hostname, "P2PHANDSHAKE", "tcp", "")
         if code != 0:
-            raise TransferError(f"cannot start a Mooncake transfer engine on {hostname} (code {code}); "
-                                "check that the hostname is an address of this machine")
+            raise TransferError(
+                f"cannot start a Mooncake transfer engine on {hostname} (code {code}); "
+                "check that the hostname is an address of this machine"
+            )
         self._port = engine.get_rpc_port()
         code = engine.register_memory(self._base, self._nbytes)
         if code != 0:
@@ -74,16 +76,25 @@ class MooncakeEngine(TransferEngine):
         self._engine = engine
 
     def region(self) -> KVRegion | None:
-        return KVRegion(engine="mooncake", hostname=machine_name(), address=f"{self.host}:{self._port}",
-                        base=self._base, num_layers=self.num_layers, num_blocks=self.num_blocks,
-                        chunk_nbytes=self.chunk_nbytes)
+        return KVRegion(
+            engine="mooncake",
+            hostname=machine_name(),
+            address=f"{self.host}:{self._port}",
+            base=self._base,
+            num_layers=self.num_layers,
+            num_blocks=self.num_blocks,
+            chunk_nbytes=self.chunk_nbytes,
+        )
 
-    def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
-              dst_block_ids: Sequence[int]) -> int:
+    def write(
+        self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> int:
         check_peer(self, peer, dst_block_ids)
         if len(src_block_ids) != len(dst_block_ids):
-            raise TransferError(f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks "
-                                f"for peer {peer.address}")
+            raise TransferError(
+                f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks "
+                f"for peer {peer.address}"
+            )
         bad = next((b for b in src_block_ids if not 0 <= b < self.num_blocks), None)
         if bad is not None:
             raise TransferError(f"source block {bad} is outside this rank's {self.num_blocks} blocks")
@@ -108,12 +119,15 @@ class MooncakeEngine(TransferEngine):
                 if self._is_closing and self._num_in_flight == 0:  # close() came while this write ran
                     self._teardown()
         if code != 0:
-            raise TransferError(f"Mooncake write of {len(srcs)} chunks to {peer.address} failed (code {code}): "
-                                "the peer exited, is unreachable, or refused the addresses (see Mooncake's log)")
+            raise TransferError(
+                f"Mooncake write of {len(srcs)} chunks to {peer.address} failed (code {code}): "
+                "the peer exited, is unreachable, or refused the addresses (see Mooncake's log)"
+            )
         return len(srcs) * self.chunk_nbytes
 
-    def _addresses(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
-                   dst_block_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    def _addresses(
+        self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
         """Per-chunk source and destination addresses, ordered by (layer, K|V, destination block)."""
         pairs = sorted(zip(dst_block_ids, src_block_ids))
         srcs: list[int] = []

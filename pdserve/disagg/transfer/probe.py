@@ -89,8 +89,13 @@ class Receiver:
             raise ValueError(f"transfer engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.shape = tuple(int(n) for n in shape)
         self.dtype = dtype
-        self._child = PipedChild(_serve, (engine, self.shape, str(dtype).split(".")[-1]), f"pdserve-probe-{engine}",
-                                 "the receiver process", TransferError)
+        self._child = PipedChild(
+            _serve,
+            (engine, self.shape, str(dtype).split(".")[-1]),
+            f"pdserve-probe-{engine}",
+            "the receiver process",
+            TransferError,
+        )
         self.region: KVRegion | None = None
         try:
             self.region = msgspec.convert(self._decode(self._child.recv(_START_TIMEOUT_S)), KVRegion)
@@ -157,8 +162,10 @@ def measure_raw_bandwidth(engine: str, nbytes: int, chunk_nbytes: int, repeats: 
     "gb_per_s_mean"} (GB = 1e9 bytes). Raises TransferError when the engine fails or the copy is wrong.
     """
     if chunk_nbytes <= 0 or nbytes < 2 * chunk_nbytes or repeats < 1:
-        raise ValueError(f"need chunk_nbytes > 0, nbytes >= 2 * chunk_nbytes and repeats >= 1; got "
-                         f"nbytes={nbytes}, chunk_nbytes={chunk_nbytes}, repeats={repeats}")
+        raise ValueError(
+            f"need chunk_nbytes > 0, nbytes >= 2 * chunk_nbytes and repeats >= 1; got "
+            f"nbytes={nbytes}, chunk_nbytes={chunk_nbytes}, repeats={repeats}"
+        )
     num_blocks = nbytes // (2 * chunk_nbytes)
     shape = (1, 2, num_blocks, chunk_nbytes)
     generator = torch.Generator().manual_seed(0)
@@ -170,8 +177,10 @@ def measure_raw_bandwidth(engine: str, nbytes: int, chunk_nbytes: int, repeats: 
         try:
             written = sender.write(receiver.region, [0], block_ids, block_ids)  # connects; not timed
             if receiver.digest() != digest(cache):
-                raise TransferError(f"the {engine} engine reported {written} bytes written, but the receiver's "
-                                    "cache differs from what was sent: the copy is broken")
+                raise TransferError(
+                    f"the {engine} engine reported {written} bytes written, but the receiver's "
+                    "cache differs from what was sent: the copy is broken"
+                )
             seconds = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -180,5 +189,11 @@ def measure_raw_bandwidth(engine: str, nbytes: int, chunk_nbytes: int, repeats: 
         finally:
             sender.close()
     best, mean = min(seconds), statistics.fmean(seconds)
-    return {"engine": engine, "nbytes": written, "seconds_best": best, "seconds_mean": mean,
-            "gb_per_s_best": written / best / 1e9, "gb_per_s_mean": written / mean / 1e9}
+    return {
+        "engine": engine,
+        "nbytes": written,
+        "seconds_best": best,
+        "seconds_mean": mean,
+        "gb_per_s_best": written / best / 1e9,
+        "gb_per_s_mean": written / mean / 1e9,
+    }

@@ -83,8 +83,15 @@ class ShmEngine(TransferEngine):
     def region(self) -> KVRegion | None:
         if self.path is None:
             return None
-        return KVRegion(engine="shm", hostname=hostname(), address=self.path, base=0, num_layers=self.num_layers,
-                        num_blocks=self.num_blocks, chunk_nbytes=self.chunk_nbytes)
+        return KVRegion(
+            engine="shm",
+            hostname=hostname(),
+            address=self.path,
+            base=0,
+            num_layers=self.num_layers,
+            num_blocks=self.num_blocks,
+            chunk_nbytes=self.chunk_nbytes,
+        )
 
     def _map(self, peer: KVRegion) -> torch.Tensor:
         def open_peer() -> torch.Tensor:
@@ -99,8 +106,9 @@ class ShmEngine(TransferEngine):
 
         return self._peers.get(peer.address, open_peer)
 
-    def write(self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int],
-              dst_block_ids: Sequence[int]) -> int:
+    def write(
+        self, peer: KVRegion, layers: Sequence[int], src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> int:
         check_peer(self, peer, dst_block_ids)
         if not os.path.exists(peer.address):
             self._peers.forget(peer.address)
@@ -109,7 +117,7 @@ class ShmEngine(TransferEngine):
         for l0, l1 in _runs(list(layers)):
             for s0, d0, n in block_runs(src_block_ids, dst_block_ids):
                 # [layers, 2, n, block_size, heads, dim]: plain slice copies (gathers run ~7x slower)
-                dst[l0:l1, :, d0:d0 + n].copy_(self.kv_cache[l0:l1, :, s0:s0 + n])
+                dst[l0:l1, :, d0 : d0 + n].copy_(self.kv_cache[l0:l1, :, s0 : s0 + n])
         return len(layers) * 2 * len(src_block_ids) * self.chunk_nbytes
 
     def close(self) -> None:

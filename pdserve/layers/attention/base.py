@@ -47,8 +47,9 @@ class AttentionBackend(ABC):
         self.scale = scale
         self.fused_write = False  # set by the model on CUDA with Triton (layers.fused.write_kv)
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's K/V at their slots (one index_copy_ each, or one Triton kernel for both where
         `fused_write` is set); returns the K and V caches, [num_blocks, block_size, kv_heads, head_dim]."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]

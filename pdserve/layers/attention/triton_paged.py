@@ -29,16 +29,38 @@ TARGET_PROGRAMS = 256  # split until about this many programs run (a few waves o
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    block_tables_ptr, seq_lens_ptr, q_starts_ptr, q_lens_ptr, tile_seq_ptr, tile_q_ptr,
-    stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_ot, stride_oh, stride_os,
-    stride_bt, stride_ls,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    q_starts_ptr,
+    q_lens_ptr,
+    tile_seq_ptr,
+    tile_q_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_bt,
+    stride_ls,
     scale,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr, TILE_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    TILE_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -56,8 +78,11 @@ def _paged_attention_kernel(
     row_ok = (rows < TILE_Q * GROUP) & (token < q_len)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     position = context + token  # each row attends to KV positions <= its own
 
     # the KV range of this split: [lo, hi) within what the tile's last token sees
@@ -103,9 +128,19 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    part_ptr, lse_ptr, out_ptr,
-    stride_ps, stride_pt, stride_ph, stride_ls, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ls,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -115,8 +150,11 @@ def _merge_splits_kernel(
     lse = tl.load(lse_ptr + splits * stride_ls + token * NUM_HEADS + head)
     top = tl.max(lse, 0)
     weight = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - top))
-    parts = tl.load(part_ptr + splits[:, None] * stride_ps + token * stride_pt + head * stride_ph + dims[None, :],
-                    mask=dim_ok[None, :], other=0.0)
+    parts = tl.load(
+        part_ptr + splits[:, None] * stride_ps + token * stride_pt + head * stride_ph + dims[None, :],
+        mask=dim_ok[None, :],
+        other=0.0,
+    )
     out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
@@ -139,8 +177,9 @@ def plan_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int) -> int:
     SPLIT_MIN_TOKENS tokens, a power of two."""
     programs = max(1, num_tiles * num_kv_heads)
     splits = 1
-    while (splits * 2 <= MAX_SPLITS and programs * splits < TARGET_PROGRAMS
-           and max_kv_len >= SPLIT_MIN_TOKENS * splits * 2):
+    while (
+        splits * 2 <= MAX_SPLITS and programs * splits < TARGET_PROGRAMS and max_kv_len >= SPLIT_MIN_TOKENS * splits * 2
+    ):
         splits *= 2
     return splits
 
@@ -166,8 +205,12 @@ class TritonAttention(AttentionBackend):
         return TritonMetadata(
             slot_mapping=layout.slot_mapping.to(device, non_blocking=True),
             block_tables=torch.tensor(tables, dtype=torch.int32).to(device, non_blocking=True),
-            seq_lens=on_device[:n], q_starts=on_device[n:2 * n], q_lens=on_device[2 * n:3 * n],
-            tile_seq=on_device[3 * n:3 * n + m], tile_q=on_device[3 * n + m:], tile_q_len=tile_len,
+            seq_lens=on_device[:n],
+            q_starts=on_device[n : 2 * n],
+            q_lens=on_device[2 * n : 3 * n],
+            tile_seq=on_device[3 * n : 3 * n + m],
+            tile_q=on_device[3 * n + m :],
+            tile_q_len=tile_len,
             num_splits=num_splits,
         )
 
@@ -179,8 +222,14 @@ class TritonAttention(AttentionBackend):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                    metadata: TritonMetadata, scale: float) -> None:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    metadata: TritonMetadata,
+    scale: float,
+) -> None:
     """out[t, h] = softmax over the sequence's visible KV of q[t, h] . k; see the module docstring."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -198,21 +247,52 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         stride_os, stride_ls = part.stride(0), lse.stride(0)
     out_strides = (part.stride(1), part.stride(2)) if splits > 1 else (out.stride(0), out.stride(1))
     _paged_attention_kernel[(num_tiles, num_kv_heads, splits)](
-        q, k_cache, v_cache, part, lse,
-        metadata.block_tables, metadata.seq_lens, metadata.q_starts, metadata.q_lens, metadata.tile_seq,
+        q,
+        k_cache,
+        v_cache,
+        part,
+        lse,
+        metadata.block_tables,
+        metadata.seq_lens,
+        metadata.q_starts,
+        metadata.q_lens,
+        metadata.tile_seq,
         metadata.tile_q,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out_strides[0], out_strides[1], stride_os,
-        metadata.block_tables.stride(0), stride_ls,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out_strides[0],
+        out_strides[1],
+        stride_os,
+        metadata.block_tables.stride(0),
+        stride_ls,
         scale,
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        TILE_Q=metadata.tile_q_len, BLOCK_M=block_m, BLOCK_N=max(BLOCK_N, k_cache.shape[1]),
-        NUM_SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE=k_cache.shape[1],
+        TILE_Q=metadata.tile_q_len,
+        BLOCK_M=block_m,
+        BLOCK_N=max(BLOCK_N, k_cache.shape[1]),
+        NUM_SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-            out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+            part,
+            lse,
+            out,
+            part.stride(0),
+            part.stride(1),
+            part.stride(2),
+            lse.stride(0),
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=splits,
         )
