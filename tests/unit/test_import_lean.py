@@ -1,0 +1,48 @@
+"""The control plane imports no torch: the package root, config, messages, the scheduler, the KV manager,
+the PD control plane, the router and the pool's base, each in a fresh interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+LEAN_MODULES = [
+    "pdserve",
+    "pdserve.config",
+    "pdserve.messages",
+    "pdserve.request",
+    "pdserve.scheduler.scheduler",
+    "pdserve.kvcache",
+    "pdserve.kvcache.manager",
+    "pdserve.kvcache.block_pool",
+    "pdserve.disagg.control",
+    "pdserve.disagg.prefill",
+    "pdserve.disagg.decode",
+    "pdserve.disagg.role",
+    "pdserve.router.app",
+    "pdserve.store.base",
+]
+
+PROBE = """
+import sys
+for name in sys.argv[1:]:
+    __import__(name)
+heavy = sorted(m for m in ("torch", "transformers", "triton", "numpy") if m in sys.modules)
+print(",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("module", LEAN_MODULES)
+def test_module_imports_no_torch(module: str) -> None:
+    out = subprocess.run([sys.executable, "-c", PROBE, module], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"
+
+
+def test_llm_is_still_exported_lazily() -> None:
+    code = "import sys, pdserve; assert 'torch' not in sys.modules; from pdserve import LLM; print(LLM.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "pdserve.engine.llm"
