@@ -262,6 +262,11 @@ class DisaggConfig:
             )
 
     @property
+    def writes_output_to_pool(self) -> bool:
+        """Storage-mode D writes prompt + output at finish, so a conversation's next turn hits on P."""
+        return self.is_storage and self.role == "decode"
+
+    @property
     def is_storage(self) -> bool:
         """A prefill or decode instance that moves KV through the pool."""
         return self.role != "mixed" and self.kv_transfer == "storage"

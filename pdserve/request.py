@@ -3,12 +3,21 @@
 A request is its token ids and how many of them are computed; there is no
 prefill or decode phase. The prompt is never mutated: prompt + output is built
 on demand.
+
+Sampling parameters have one conversion chain: the API's request fields (or the
+offline API) build a validated `SamplingParams`; `to_wire()` carries it to the
+engine core, `from_wire()` rebuilds (and re-validates) it there, and
+`to_spec()` gives the workers what they need to sample. Only the scheduler
+writes a request's `status` (scheduler.scheduler).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
+
+from pdserve.messages import SamplingSpec, WireSamplingParams
 
 
 @dataclass
@@ -53,6 +62,36 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    def to_wire(self) -> WireSamplingParams:
+        """What the engine core needs (stop strings stay in the API process, which matches them)."""
+        return WireSamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
+        )
+
+    @classmethod
+    def from_wire(cls, wire: WireSamplingParams) -> SamplingParams:
+        """Rebuild and re-validate; raises ValueError naming the bad field."""
+        return cls(**{f.name: getattr(wire, f.name) for f in dataclasses.fields(cls) if hasattr(wire, f.name)})
+
+    def to_spec(self) -> SamplingSpec:
+        """What a worker needs to sample one token of the request."""
+        return SamplingSpec(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            num_logprobs=-1 if self.logprobs is None else self.logprobs,
+        )
 
 
 class FinishReason(str, enum.Enum):
@@ -110,6 +149,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_preempted(self) -> bool:
+        """Waiting again after it ran: on readmission it matches what was saved and recomputes the rest."""
+        return self.status is RequestStatus.WAITING and self.num_preemptions > 0
 
 
 @dataclass

@@ -7,10 +7,11 @@ KVDone hands it to the scheduler with its prompt computed and P's first token ap
 within the admission timeout: 503 no_capacity. No KVDone by the deadline: 502 kv_transfer_timeout.
 Pure Python: no tensors (P's ranks write the blocks; D's CPU does nothing per block).
 
-Storage mode: on KVDone, D reads the prompt's blocks from the pool (every rank its own objects) into host
-blocks, and swap-ins copy them into the request's blocks before its first decode step. Blocks missing or
-unreadable (or never written: P's KVDone says so): with --kv-load-failure-policy fail, 502 kv_load_failed
-saying how many; with recompute, D keeps the leading blocks it read and prefills the rest itself.
+The request itself is parked in the scheduler (its lifecycle's one owner) from add() until KVDone starts
+it (`Scheduler.add_computed`) or a failure ends it (`Scheduler.finish_parked`); this module keeps only the
+protocol state: admission order, rooms, deadlines, quarantines. What KVDone means is the transfer mode's:
+`DirectDecode` (disagg.direct: the blocks are in place) or `StorageDecode` (disagg.storage: read them from
+the pool first).
 """
 
 from __future__ import annotations
@@ -18,32 +19,34 @@ from __future__ import annotations
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pdserve.config import DisaggConfig
 from pdserve.disagg.control import ControlChannel, prompt_digest
 from pdserve.disagg.counters import TransferStats
-from pdserve.disagg.prefill import WRITE_FAILED
 from pdserve.disagg.reserve import DecodeReserve, Reservee
-from pdserve.kvcache.manager import KVCacheManager, PoolLoad
+from pdserve.kvcache.manager import KVCacheManager
 from pdserve.messages import KVAbort, KVDest, KVDone, KVRegion, TransferHandle
-from pdserve.request import FinishReason, Request, RequestStatus
+from pdserve.request import FinishReason, Request
 from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler
+
+if TYPE_CHECKING:
+    from pdserve.disagg.role import RoleContext
 
 logger = logging.getLogger(__name__)
 
 
 QUARANTINE_SECONDS = 5.0
 
-# storage mode: read a batch of prompts' blocks from the pool on every rank; per load, how many leading
-# blocks every rank read (the engine core's executor.load_from_pool)
-PoolReader = Callable[[list[PoolLoad]], list[int]]
-
 
 @dataclass
-class _Incoming:
+class Incoming:
+    """One request's transfer as D sees it."""
+
     request: Request
     handle: TransferHandle
     deadline: float  # admission deadline while waiting, then the receive deadline
@@ -52,7 +55,12 @@ class _Incoming:
     unreadable: str | None = None  # storage mode: why the blocks cannot be read at all
 
 
-class DecodeSide:
+class DecodeSide(ABC):
+    """Admission, KVDest, deadlines, aborts and quarantines, for every transfer mode; the mode implements
+    `_on_done` (what an ok or failed KVDone means) and may hook the start of admission and a removal."""
+
+    quarantines = False  # the mode's P may still write a given-up room's blocks: hold them a while
+
     def __init__(
         self,
         kv: KVCacheManager,
@@ -64,12 +72,8 @@ class DecodeSide:
         bytes_per_block: int,
         config: DisaggConfig,
         clock: Callable[[], float] = time.monotonic,
-        read_pool: PoolReader | None = None,
     ) -> None:
-        if config.is_storage and read_pool is None:
-            raise ValueError("storage mode needs a pool reader")
         self.kv = kv
-        self.read_pool = read_pool
         self.scheduler = scheduler
         self.control = control
         self.regions = regions
@@ -86,22 +90,41 @@ class DecodeSide:
             config.reserve_clip,
         )
         self.stats = TransferStats()
-        self.waiting: deque[_Incoming] = deque()
-        self.receiving: dict[str, _Incoming] = {}  # room -> admitted, blocks allocated, KVDest sent
-        self._by_req: dict[str, _Incoming] = {}
+        self.waiting: deque[Incoming] = deque()
+        self.receiving: dict[str, Incoming] = {}  # room -> admitted, blocks allocated, KVDest sent
+        self._by_req: dict[str, Incoming] = {}
         # blocks of rooms given up while P may still be writing them: held until P acknowledges the
         # KVAbort or QUARANTINE_SECONDS pass, so a late write never lands in another request's blocks
         self._quarantine: dict[str, float] = {}
-        self._parked: list[_Incoming] = []  # admitted; KVDest waits for a step to run pending cache ops
-        self._to_read: list[_Incoming] = []  # storage mode: KVDone came, no host blocks to read into yet
-        self._num_preemptions = scheduler.stats.num_preemptions
+        self._parked: list[Incoming] = []  # admitted; KVDest waits for a step to run pending cache ops
+        scheduler.preemption_listeners.append(self.on_preemption)
+
+    @classmethod
+    def create(cls, ctx: RoleContext, control: ControlChannel, config: DisaggConfig) -> DecodeSide:
+        return cls(
+            ctx.kv, ctx.scheduler, control, ctx.regions, ctx.fingerprint, ctx.tp_size, ctx.bytes_per_block, config
+        )
+
+    # ---- what a mode decides ---------------------------------------------------------
+
+    @abstractmethod
+    def _on_done(self, incoming: Incoming, message: KVDone) -> list[RequestUpdate]:
+        """KVDone (ok or not) for a room being received, from the right incarnation of P."""
+
+    def _before_admit(self) -> list[RequestUpdate]:
+        """Work left from earlier steps, before admission (storage: deferred pool reads)."""
+        return []
+
+    def _forget(self, incoming: Incoming) -> None:  # noqa: B027 - optional hook
+        """`incoming` is being removed: drop it from the mode's own lists."""
 
     def add(self, request: Request, handle: TransferHandle) -> None:
         if handle.room in self.receiving or any(i.handle.room == handle.room for i in self.waiting):
             raise ValueError(f"transfer room {handle.room!r} is already in use on this decode instance")
-        if request.req_id in self._by_req or request.req_id in self.scheduler.requests:
+        if request.req_id in self._by_req:
             raise ValueError(f"request id {request.req_id!r} is already in use")
-        incoming = _Incoming(request, handle, self.clock() + self.config.admission_timeout)
+        self.scheduler.park(request)  # raises if the id is in use there
+        incoming = Incoming(request, handle, self.clock() + self.config.admission_timeout)
         self.waiting.append(incoming)
         self._by_req[request.req_id] = incoming
 
@@ -131,10 +154,7 @@ class DecodeSide:
 
     def admit(self) -> list[RequestUpdate]:
         """Admit waiting requests FIFO while their blocks fit beside the reserve; fail expired ones."""
-        if self.scheduler.stats.num_preemptions != self._num_preemptions:
-            self._num_preemptions = self.scheduler.stats.num_preemptions
-            self.reserve.on_preemption()
-        failed: list[RequestUpdate] = self.read_from_pool() if self._to_read else []
+        failed = self._before_admit()
         now = self.clock()
         for incoming in self._parked:  # the step that ran their blocks' pending copies is over
             self._send_dest(incoming)
@@ -173,7 +193,7 @@ class DecodeSide:
             )
         return failed
 
-    def _send_dest(self, incoming: _Incoming) -> None:
+    def _send_dest(self, incoming: Incoming) -> None:
         request = incoming.request
         incoming.sent_at = self.clock()
         dest = KVDest(
@@ -228,27 +248,9 @@ class DecodeSide:
                     False,
                 )
             ]
-        if self.config.is_storage and (message.status == "ok" or message.code == WRITE_FAILED):
-            incoming.done = message
-            self._to_read.append(incoming)
-            return self.read_from_pool()
-        if message.status != "ok":
-            return [
-                self._fail(
-                    incoming,
-                    RequestError(
-                        502,
-                        message.code or "kv_transfer_failed",
-                        f"the prefill instance failed the KV transfer: {message.error}",
-                    ),
-                    False,
-                )
-            ]
-        num_blocks = math.ceil(incoming.request.num_prompt_tokens / self.kv.block_size)
-        self.stats.bytes_received += num_blocks * self.bytes_per_block
-        return [self._start(incoming, message, num_blocks)]
+        return self._on_done(incoming, message)
 
-    def _start(self, incoming: _Incoming, message: KVDone, num_blocks: int) -> RequestUpdate:
+    def _start(self, incoming: Incoming, message: KVDone, num_blocks: int) -> RequestUpdate:
         """The first `num_blocks` prompt blocks are (or will be, before the next forward) in the request's
         blocks: decode it, or with some missing, prefill the rest here."""
         del self.receiving[incoming.handle.room]
@@ -262,98 +264,6 @@ class DecodeSide:
             update = self.scheduler.add_computed(request, None)
             return RequestUpdate(update.request, [])
         return self.scheduler.add_computed(request, message.first_token, message.logprobs)
-
-    # ---- storage mode: the prompt's blocks from the pool --------------------------------
-
-    def read_from_pool(self) -> list[RequestUpdate]:
-        """Read the blocks of every request whose KVDone came, as far as the host tier has room (the rest
-        wait for the next step, within their receive deadline); start or fail each."""
-        assert self.read_pool is not None
-        pending, self._to_read = self._to_read, []
-        loads: list[tuple[_Incoming, PoolLoad]] = []
-        for incoming in pending:
-            message = incoming.done
-            assert message is not None
-            if message.status != "ok":  # P wrote nothing
-                continue
-            num_blocks = math.ceil(incoming.request.num_prompt_tokens / self.kv.block_size)
-            if num_blocks > self.kv.num_host_blocks:
-                incoming.unreadable = (
-                    f"the prompt's {num_blocks} blocks do not fit in this decode instance's host "
-                    f"tier ({self.kv.num_host_blocks} blocks), which stages pool reads; raise "
-                    "--host-kv-cache-memory"
-                )
-                continue
-            load = self.kv.plan_prompt_load(incoming.request)
-            if load is None:
-                self._to_read.append(incoming)
-            else:
-                loads.append((incoming, load))
-        started = self.clock()
-        num_read = self.read_pool([load for _, load in loads]) if loads else []
-        if loads:
-            self.stats.pool_seconds_get += self.clock() - started
-        read = {id(incoming): (load, n) for (incoming, load), n in zip(loads, num_read)}
-        updates = []
-        for incoming in pending:
-            if incoming in self._to_read:
-                continue
-            load_n = read.get(id(incoming))
-            updates.append(self._on_read(incoming, *(load_n if load_n is not None else (None, 0))))
-        return updates
-
-    def _on_read(self, incoming: _Incoming, load: PoolLoad | None, num_read: int) -> RequestUpdate:
-        message = incoming.done
-        assert message is not None
-        request = incoming.request
-        num_blocks = math.ceil(request.num_prompt_tokens / self.kv.block_size)
-        self.stats.bytes_received += num_read * self.bytes_per_block
-        policy = self.config.kv_load_failure_policy
-        if num_read == num_blocks or policy == "recompute":
-            if load is not None:
-                self.kv.finish_prompt_load(request, load, num_read)
-            if num_read < num_blocks:
-                self.stats.fail("load_failed")
-                self.stats.num_load_recomputes += 1
-                self.stats.num_recomputed_tokens += request.num_prompt_tokens - num_read * self.kv.block_size
-                logger.warning(
-                    "request %s: %d of %d prompt blocks missing from the KV pool (%s); prefilling "
-                    "them here (--kv-load-failure-policy recompute)",
-                    request.req_id,
-                    num_blocks - num_read,
-                    num_blocks,
-                    self._why_missing(incoming),
-                )
-            return self._start(incoming, message, num_read)
-        if load is not None:
-            self.kv.finish_prompt_load(request, load, 0)
-        return self._fail(
-            incoming,
-            RequestError(
-                502,
-                "kv_load_failed",
-                f"{num_blocks - num_read} of the prompt's {num_blocks} KV blocks were missing "
-                f"from the KV pool or could not be read ({self._why_missing(incoming)}); retry the request, or run the "
-                "decode instance with --kv-load-failure-policy recompute to prefill missing blocks there",
-            ),
-            False,
-        )
-
-    def _why_missing(self, incoming: _Incoming) -> str:
-        message = incoming.done
-        assert message is not None
-        if incoming.unreadable is not None:
-            return incoming.unreadable
-        if message.status != "ok":
-            return message.error
-        if message.tp_size and message.tp_size != self.tp_size:
-            return (
-                f"they were written by a prefill instance with TP size {message.tp_size}, and this decode "
-                f"instance runs TP size {self.tp_size}: each rank reads its own objects"
-            )
-        if message.fingerprint and message.fingerprint != self.fingerprint:
-            return "they were written by a prefill instance with another model, dtype, block size or layout"
-        return "evicted, or the pool failed: see pdserve_kv_store_errors_total"
 
     # ---- failures and the end --------------------------------------------------------
 
@@ -386,7 +296,7 @@ class DecodeSide:
         self._remove(incoming, "aborted on decode")
         return True
 
-    def _fail(self, incoming: _Incoming, error: RequestError, peer_may_write: bool = True) -> RequestUpdate:
+    def _fail(self, incoming: Incoming, error: RequestError, peer_may_write: bool = True) -> RequestUpdate:
         self.stats.fail(
             {"kv_transfer_timeout": "timeout", "no_capacity": "no_capacity", "kv_load_failed": "load_failed"}.get(
                 error.code, "peer_error"
@@ -396,30 +306,32 @@ class DecodeSide:
         self._remove(incoming, error.code if peer_may_write else None)
         return RequestUpdate(incoming.request, [], finished=True, error=error)
 
-    def _remove(self, incoming: _Incoming, abort_reason: str | None) -> None:
+    def _remove(self, incoming: Incoming, abort_reason: str | None) -> None:
         """Forget the request and free its blocks; if P may still write them (abort_reason given), tell P
         and quarantine them."""
         request = incoming.request
         room = incoming.handle.room
         if abort_reason is not None and room in self.receiving:
             self.control.send(incoming.handle.peer, KVAbort(room=room, reason=abort_reason))
-            if not self.config.is_storage:  # in storage mode P never writes these blocks
+            if self.quarantines:
                 self.kv.hold(f"quarantine:{room}", request.req_id)
                 self._quarantine[room] = self.clock() + min(QUARANTINE_SECONDS, self.config.transfer_timeout)
         self.receiving.pop(room, None)
         if incoming in self._parked:
             self._parked.remove(incoming)
-        if incoming in self._to_read:
-            self._to_read.remove(incoming)
+        self._forget(incoming)
         if incoming in self.waiting:
             self.waiting.remove(incoming)
         self._by_req.pop(request.req_id, None)
-        self.kv.free(request)
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = FinishReason.ABORT
+        self.scheduler.finish_parked(request, FinishReason.ABORT)
 
     def on_step(self) -> None:
+        """An executed step: the reserve ratio decays."""
         self.reserve.on_step()
+
+    def on_preemption(self, request: Request | None = None) -> None:
+        """The scheduler preempted a running request: the reserve was too small, reset it."""
+        self.reserve.on_preemption()
 
     @property
     def num_pending(self) -> int:

@@ -1,152 +1,227 @@
-"""The engine core's one handle on PD: a prefill or decode role behind a narrow interface.
+"""An instance's PD role, a strategy behind one interface: `MixedRole` (no PD), `PrefillRole`, `DecodeRole`.
 
-The engine core calls before_step (control messages, admission, deadlines), plan (sends into the step
-plan), after_step (first tokens, confirmations, KVDone) and add/abort; everything else stays in
-prefill.py and decode.py.
+The engine core holds exactly one role and never asks which: it calls before_step (control messages,
+admission, deadlines), plan (this step's sends into the step plan), after_step (first tokens,
+confirmations, KVDone), add and abort. A role sees its engine only through `RoleContext` (the KV manager,
+the scheduler that owns every request's lifecycle, the layout identity, and the workers' regions and pool
+reader); it never reaches into the engine core. The transfer mode (direct or storage, `TRANSFER_MODES`) is
+a second strategy: it picks the classes that move the blocks (disagg.direct, disagg.storage).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import zmq
 
 from pdserve.config import DisaggConfig
 from pdserve.disagg.control import ControlChannel
-from pdserve.disagg.counters import TransferStats
 from pdserve.disagg.decode import DecodeSide
+from pdserve.disagg.direct import DirectDecode, DirectPrefill
 from pdserve.disagg.prefill import PrefillSide
-from pdserve.messages import ForwardOutput, KVAbort, KVDest, KVDone, TransferHandle
-from pdserve.request import FinishReason, Request, RequestStatus
-from pdserve.scheduler.scheduler import RequestError, RequestUpdate, SchedulerOutput
+from pdserve.disagg.storage import PoolReader, StorageDecode, StoragePrefill
+from pdserve.kvcache.manager import KVCacheManager
+from pdserve.messages import ForwardOutput, KVAbort, KVDest, KVDone, KVRegion, TransferCounters, TransferHandle
+from pdserve.request import FinishReason, Request
+from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler, SchedulerOutput
 
-if TYPE_CHECKING:
-    from pdserve.engine.core import EngineCore
+
+@dataclass(frozen=True)
+class RoleContext:
+    """What a role may use of its engine."""
+
+    kv: KVCacheManager
+    scheduler: Scheduler
+    fingerprint: str  # the KV layout's identity (model, dtype, block size, layout, TP)
+    tp_size: int
+    bytes_per_block: int  # one block, all ranks
+    regions: list[list[KVRegion]]  # per rank: how a peer writes into that rank's KV cache
+    read_pool: PoolReader  # storage mode, D: read prompts' blocks from the pool on every rank
 
 
-class PDRole:
-    def __init__(self, core: EngineCore, config: DisaggConfig) -> None:
-        from pdserve.engine.core import bytes_per_block
+@dataclass(frozen=True)
+class TransferMode:
+    """How the blocks move from P to D: the classes of each side."""
 
-        self.core = core
-        self.config = config
-        self.control = ControlChannel(config.control_host, config.control_port)
-        tp = core.config.parallel.tensor_parallel_size
-        self.prefill: PrefillSide | None = None
-        self.decode: DecodeSide | None = None
-        self._unscheduled: dict[str, Request] = {}  # P: waiting for KVDest (or dest_wait) before scheduling
-        if config.role == "prefill":
-            self.prefill = PrefillSide(
-                core.kv,
-                self.control,
-                core.fingerprint,
-                tp,
-                config.transfer_timeout,
-                dest_wait=config.kv_dest_wait,
-                storage=config.is_storage,
-            )
-        else:
-            self.decode = DecodeSide(
-                core.kv,
-                core.scheduler,
-                self.control,
-                core.executor.regions,
-                core.fingerprint,
-                tp,
-                bytes_per_block(core.config, core.arch) * tp,
-                config,
-                read_pool=lambda loads: core.executor.load_from_pool(loads)[0],
-            )
+    name: str
+    prefill: type[PrefillSide]
+    decode: type[DecodeSide]
 
-    @staticmethod
-    def create(core: EngineCore, config: DisaggConfig) -> PDRole | None:
-        return None if config.role == "mixed" else PDRole(core, config)
+
+TRANSFER_MODES = {
+    "direct": TransferMode("direct", DirectPrefill, DirectDecode),
+    "storage": TransferMode("storage", StoragePrefill, StorageDecode),
+}
+
+Failures = list[tuple[str, RequestError]]  # (req_id, error) of scheduled requests to fail after the step
+
+
+class PDRole(ABC):
+    name = "mixed"
+    control_address = ""  # where peers send KVDest / KVDone / KVAbort ("" without PD)
+
+    @abstractmethod
+    def add(self, request: Request, transfer: TransferHandle) -> None:
+        """Take one half of a PD pair; raises ValueError (the client's 400) if it cannot."""
+
+    @abstractmethod
+    def abort(self, req_id: str) -> bool:
+        """Protocol clean-up of an aborted request; True if it lived only here and is finished now."""
+
+    def before_step(self) -> list[RequestUpdate]:
+        """Control messages, deadlines and admission, before the scheduler plans the step."""
+        return []
+
+    def plan(self, sched: SchedulerOutput) -> None:  # noqa: B027 - optional hook
+        """Add this step's sends to `sched.plan`."""
+
+    def after_step(self, sched: SchedulerOutput, output: ForwardOutput) -> Failures:
+        """After the step ran, before the scheduler takes its output."""
+        return []
 
     @property
-    def stats(self) -> TransferStats:
-        side = self.prefill or self.decode
-        assert side is not None
-        return side.stats
+    def has_work(self) -> bool:
+        """Held blocks to send: a step must run even with no tokens to compute."""
+        return False
+
+    @property
+    def num_pending(self) -> int:
+        """Transfers waiting on a peer or a deadline: the engine polls often while there are any."""
+        return 0
+
+    @property
+    def sockets(self) -> list[zmq.Socket]:
+        """Sockets the engine's loop should wake on."""
+        return []
+
+    def counters(self) -> TransferCounters:
+        return TransferCounters()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sockets; idempotent."""
+
+
+class MixedRole(PDRole):
+    """No PD: every request runs here end to end."""
 
     def add(self, request: Request, transfer: TransferHandle) -> None:
-        if self.prefill is not None:
-            # P computes the prompt and samples the first token; D does the rest
-            request.sampling = dataclasses.replace(request.sampling, max_tokens=1, stop=[])
-            if request.req_id in self.core.scheduler.requests:
-                raise ValueError(f"request id {request.req_id!r} is already in use")
-            self.prefill.add(request, transfer)
-            self._unscheduled[request.req_id] = request
-        else:
-            assert self.decode is not None
-            self.decode.add(request, transfer)
+        raise ValueError(
+            "this instance runs --role mixed and takes no kv_transfer_params; start it with "
+            "--role prefill or --role decode to serve PD requests"
+        )
 
     def abort(self, req_id: str) -> bool:
-        """True if the request lived only here (D, before its KV arrived) and is gone now."""
-        if self.prefill is not None:
-            if self.prefill.abort(req_id) or req_id in self._unscheduled:
-                self._finish_unscheduled(req_id)
-                return True
-            return False
-        assert self.decode is not None
+        return False
+
+
+class _PeerRole(PDRole):
+    def __init__(self, ctx: RoleContext, config: DisaggConfig) -> None:
+        self.ctx = ctx
+        self.control = ControlChannel(config.control_host, config.control_port)
+        self.control_address = self.control.address
+
+    @property
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.control.socket]
+
+    def close(self) -> None:
+        self.control.close()
+
+
+class PrefillRole(_PeerRole):
+    """Compute the prompt, sample the first token, send the KV (the mode says how); D does the rest."""
+
+    name = "prefill"
+
+    def __init__(self, ctx: RoleContext, config: DisaggConfig, mode: TransferMode) -> None:
+        super().__init__(ctx, config)
+        self.prefill = mode.prefill.create(ctx, self.control, config)
+
+    def add(self, request: Request, transfer: TransferHandle) -> None:
+        request.sampling = dataclasses.replace(request.sampling, max_tokens=1, stop=[])
+        scheduler = self.ctx.scheduler
+        scheduler.check_unused(request.req_id)
+        self.prefill.add(request, transfer)
+        scheduler.park(request)  # until KVDest comes, or it waited long enough for it
+
+    def abort(self, req_id: str) -> bool:
+        parked = self.ctx.scheduler.parked.get(req_id)
+        if self.prefill.abort(req_id) or parked is not None:
+            if parked is not None:
+                self.ctx.scheduler.finish_parked(parked, FinishReason.ABORT)
+            return True
+        return False
+
+    def before_step(self) -> list[RequestUpdate]:
+        failed: Failures = []
+        for message in self.control.recv_all():
+            if isinstance(message, (KVDest, KVAbort)):
+                failed += self.prefill.on_control(message)
+        failed += self.prefill.expire()
+        updates = [u for req_id, error in failed if (u := self.ctx.scheduler.fail(req_id, error)) is not None]
+        for request in self.prefill.take_ready():
+            self.ctx.scheduler.enqueue(request.req_id)
+        return updates
+
+    def plan(self, sched: SchedulerOutput) -> None:
+        self.prefill.plan(sched)
+
+    def after_step(self, sched: SchedulerOutput, output: ForwardOutput) -> Failures:
+        return self.prefill.on_output(sched.plan, output)
+
+    @property
+    def has_work(self) -> bool:
+        return self.prefill.has_sends
+
+    @property
+    def num_pending(self) -> int:
+        return self.prefill.num_pending
+
+    def counters(self) -> TransferCounters:
+        return self.prefill.stats.snapshot()
+
+
+class DecodeRole(_PeerRole):
+    """Admit with a reserve, tell P where the KV goes, decode once it is here."""
+
+    name = "decode"
+
+    def __init__(self, ctx: RoleContext, config: DisaggConfig, mode: TransferMode) -> None:
+        super().__init__(ctx, config)
+        self.decode = mode.decode.create(ctx, self.control, config)
+
+    def add(self, request: Request, transfer: TransferHandle) -> None:
+        self.decode.add(request, transfer)
+
+    def abort(self, req_id: str) -> bool:
         return self.decode.abort(req_id)
 
     def before_step(self) -> list[RequestUpdate]:
         updates: list[RequestUpdate] = []
-        failed: list[tuple[str, RequestError]] = []
         for message in self.control.recv_all():
-            if self.prefill is not None and isinstance(message, (KVDest, KVAbort)):
-                failed += self.prefill.on_control(message)
-            elif self.decode is not None and isinstance(message, (KVDone, KVAbort)):
+            if isinstance(message, (KVDone, KVAbort)):
                 updates += self.decode.on_control(message)
-        if self.prefill is not None:
-            failed += self.prefill.expire()
-        if self.decode is not None:
-            updates += self.decode.expire()
-            updates += self.decode.admit()
-        scheduled = self.core.scheduler.requests
-        for req_id, error in failed:
-            if req_id in scheduled:
-                updates.append(self.core.fail(req_id, error))
-            elif req_id in self._unscheduled:
-                updates.append(RequestUpdate(self._finish_unscheduled(req_id), [], finished=True, error=error))
-        if self.prefill is not None:
-            for request in self.prefill.take_ready():
-                del self._unscheduled[request.req_id]
-                self.core.scheduler.add_request(request)
+        updates += self.decode.expire()
+        updates += self.decode.admit()
         return updates
 
-    def _finish_unscheduled(self, req_id: str) -> Request:
-        request = self._unscheduled.pop(req_id)
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = FinishReason.ABORT
-        return request
-
-    def plan(self, sched: SchedulerOutput) -> None:
-        if self.prefill is not None and self.prefill.storage:
-            sched.plan.pool_sends = self.prefill.plan_pool_sends(sched)
-        elif self.prefill is not None:
-            sched.plan.kv_sends = self.prefill.plan_sends(sched)
-
-    def after_step(self, sched: SchedulerOutput, output: ForwardOutput) -> list[tuple[str, RequestError]]:
-        if self.decode is not None:
-            self.decode.on_step()  # the reserve ratio decays per executed step
-        return self.prefill.on_output(sched.plan, output) if self.prefill is not None else []
-
-    @property
-    def has_work(self) -> bool:
-        return self.prefill is not None and self.prefill.has_sends
-
-    @property
-    def num_requests_waiting(self) -> int:
-        """Requests not in the scheduler yet: D's waiting for blocks or for their KV, P's waiting for KVDest."""
-        if self.decode is not None:
-            return len(self.decode.waiting) + len(self.decode.receiving)
-        return len(self._unscheduled)
+    def after_step(self, sched: SchedulerOutput, output: ForwardOutput) -> Failures:
+        self.decode.on_step()  # the reserve ratio decays per executed step
+        return []
 
     @property
     def num_pending(self) -> int:
-        side = self.prefill or self.decode
-        assert side is not None
-        return side.num_pending
+        return self.decode.num_pending
 
-    def close(self) -> None:
-        self.control.close()
+    def counters(self) -> TransferCounters:
+        return self.decode.stats.snapshot()
+
+
+def make_role(ctx: RoleContext, config: DisaggConfig) -> PDRole:
+    """The role `config.role` asks for, with its transfer mode."""
+    if config.role == "mixed":
+        return MixedRole()
+    mode = TRANSFER_MODES[config.kv_transfer]
+    return PrefillRole(ctx, config, mode) if config.role == "prefill" else DecodeRole(ctx, config, mode)

@@ -2,7 +2,9 @@
 
 It validates requests, schedules every step, broadcasts the step plan to all
 ranks through the executor and applies the result. It knows token ids, never
-text.
+text, and never which PD role it plays: that is one `PDRole` strategy
+(disagg.role; `MixedRole` without PD), and a request's lifecycle is the
+scheduler's.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import logging
 import time
 
 from pdserve.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
-from pdserve.disagg.role import PDRole
+from pdserve.disagg.role import PDRole, RoleContext, make_role
 from pdserve.kvcache import KVCacheManager
 from pdserve.kvcache.keys import ModelFingerprint
-from pdserve.messages import EngineStats, StoreCounters, TransferCounters, TransferHandle
+from pdserve.messages import EngineStats, StoreCounters, TransferHandle
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource, load_arch, resolve_model, weights_id
 from pdserve.request import FinishReason, Request, SamplingParams
-from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler
+from pdserve.scheduler.scheduler import RequestUpdate, Scheduler
 from pdserve.worker.executor import Executor, MultiProcExecutor, UniProcExecutor
 
 logger = logging.getLogger(__name__)
@@ -110,18 +112,27 @@ class EngineCore:
             has_pool=cache.kv_store is not None,
             enable_prefix_caching=cache.enable_prefix_caching,
             preempt_save=cache.preempt_save,
-            # storage-mode D writes prompt + output at finish, so a conversation's next turn hits on P
-            cache_output=cache.cache_output or (config.disagg.is_storage and config.disagg.role == "decode"),
+            cache_output=cache.cache_output or config.disagg.writes_output_to_pool,
         )
         self.store_counters = StoreCounters()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.eos_token_id = self.arch.eos_token_ids[0] if self.arch.eos_token_ids else None
         self.fingerprint = fingerprint(config, self.source, self.arch).root().hex()
-        self.pd = PDRole.create(self, config.disagg)
+        tp = config.parallel.tensor_parallel_size
+        ctx = RoleContext(
+            self.kv,
+            self.scheduler,
+            self.fingerprint,
+            tp,
+            bytes_per_block(config, self.arch) * tp,
+            self.executor.regions,
+            read_pool=lambda loads: self.executor.load_from_pool(loads)[0],
+        )
+        self.pd: PDRole = make_role(ctx, config.disagg)
 
     @property
     def control_address(self) -> str:
-        return self.pd.control.address if self.pd is not None else ""
+        return self.pd.control_address
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError naming the problem and the fix."""
@@ -143,13 +154,8 @@ class EngineCore:
     ) -> Request:
         """Queue a request; with `transfer` it is one half of a PD pair (what half: this instance's role)."""
         self.validate_prompt(prompt_token_ids)
-        if transfer is not None and self.pd is None:
-            raise ValueError(
-                "this instance runs --role mixed and takes no kv_transfer_params; start it with "
-                "--role prefill or --role decode to serve PD requests"
-            )
         request = Request(req_id, tuple(prompt_token_ids), sampling, self.eos_token_id, time.time())
-        if transfer is not None and self.pd is not None:
+        if transfer is not None:
             self.pd.add(request, transfer)
         else:
             self.scheduler.add_request(request)
@@ -158,7 +164,7 @@ class EngineCore:
             req_id,
             len(prompt_token_ids),
             sampling.max_tokens,
-            f", {self.config.disagg.role} of room {transfer.room}" if transfer else "",
+            f", {self.pd.name} of room {transfer.room}" if transfer else "",
         )
         return request
 
@@ -167,7 +173,7 @@ class EngineCore:
 
     def finish(self, req_id: str, reason: FinishReason) -> None:
         """End a request from outside (abort, a stop string matched by the API server); frees its blocks."""
-        if self.pd is not None and self.pd.abort(req_id):
+        if self.pd.abort(req_id):
             return
         request = self.scheduler.requests.get(req_id)
         if request is None:
@@ -188,15 +194,15 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         """Requests to run, cache writes still to send to the workers, or KV to send to a decode instance."""
-        return self.scheduler.has_work or (self.pd is not None and self.pd.has_work)
+        return self.scheduler.has_work or self.pd.has_work
 
     @property
     def is_waiting_on_peers(self) -> bool:
         """PD requests wait for a peer (KVDest, KVDone) or a deadline: poll often, no step needed."""
-        return self.pd is not None and self.pd.num_pending > 0
+        return self.pd.num_pending > 0
 
     def step(self) -> list[RequestUpdate]:
-        updates = self.pd.before_step() if self.pd is not None else []
+        updates = self.pd.before_step()
         updates += self._step()
         for update in updates:
             if update.finished:
@@ -223,8 +229,7 @@ class EngineCore:
             num_loaded, self.store_counters = self.executor.load_from_pool(loads)
             self.scheduler.finish_pool_loads(loads, num_loaded)
         sched = self.scheduler.schedule()
-        if self.pd is not None:
-            self.pd.plan(sched)
+        self.pd.plan(sched)
         if (
             not sched.plan.seqs
             and sched.plan.cache_ops.is_empty
@@ -234,24 +239,20 @@ class EngineCore:
             return []
         output = self.executor.execute(sched.plan)
         self.store_counters = output.store
-        failed = self.pd.after_step(sched, output) if self.pd is not None else []
+        failed = self.pd.after_step(sched, output)
         updates = self.scheduler.update(sched, output)
-        updates += [self.fail(req_id, error) for req_id, error in failed if req_id in self.scheduler.requests]
+        for req_id, error in failed:
+            update = self.scheduler.fail(req_id, error) if req_id in self.scheduler.requests else None
+            if update is not None:
+                updates.append(update)
         return updates
-
-    def fail(self, req_id: str, error: RequestError) -> RequestUpdate:
-        """Finish a scheduled request with an error the client will see."""
-        request = self.scheduler.requests[req_id]
-        self.scheduler.finish(req_id, FinishReason.ABORT)
-        logger.warning("request %s failed: %s", req_id, error.message)
-        return RequestUpdate(request, [], finished=True, error=error)
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats
         c = self.kv.stats
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + (self.pd.num_requests_waiting if self.pd is not None else 0),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.parked),
             num_blocks_total=self.kv.num_blocks,
             num_blocks_free=self.kv.num_free_blocks,
             num_preemptions=s.num_preemptions,
@@ -264,7 +265,7 @@ class EngineCore:
             prefix_hit_tokens_pool=c.hit_tokens_pool,
             num_blocks_saved_on_preemption=c.blocks_saved_on_preemption,
             store=self.store_counters,
-            kv_transfer=self.pd.stats.snapshot() if self.pd is not None else TransferCounters(),
+            kv_transfer=self.pd.counters(),
         )
 
     def check_integrity(self) -> None:
@@ -272,5 +273,4 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-        if self.pd is not None:
-            self.pd.close()
+        self.pd.close()

@@ -53,7 +53,7 @@ class CoreLoop:
     def handle(self, message: AddRequest | AbortRequest) -> None:
         if isinstance(message, AddRequest):
             try:
-                params = SamplingParams(**msgspec.structs.asdict(message.sampling))
+                params = SamplingParams.from_wire(message.sampling)
                 self.core.add_request(message.req_id, message.prompt_token_ids, params, message.transfer)
             except ValueError as e:
                 self.pending.append(RequestDelta(message.req_id, [], finish_reason="abort", error=str(e)))
@@ -66,8 +66,8 @@ class CoreLoop:
         dirty = True
         poller = zmq.Poller()
         poller.register(self.inputs, zmq.POLLIN)
-        if self.core.pd is not None:
-            poller.register(self.core.pd.control.socket, zmq.POLLIN)
+        for socket in self.core.pd.sockets:
+            poller.register(socket, zmq.POLLIN)
         while True:
             busy = self.core.has_work
             timeout = 0 if busy else PEER_POLL_MS if self.core.is_waiting_on_peers else 1000

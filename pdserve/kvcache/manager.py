@@ -1,31 +1,26 @@
-"""Which blocks each request holds, and how blocks move between the tiers.
+"""Which device blocks each request holds, and the prefix index over them.
 
-The device tier holds the blocks requests compute into; the optional host
-tier holds blocks evicted from the device, saved on preemption, or read from
-the pool; the optional pool (Mooncake Store, file, memory) is written through
-from the host tier. The manager decides every move and records it as a
-CacheOps entry for the workers (messages.CacheOps); it never touches tensors.
-
-Order of the recorded ops within one step (workers run them in this order):
-swap_out (device -> host) before swap_in (host -> device) before the forward,
-pool puts after it. So a device block evicted and reused in the same step is
-saved before it is overwritten. Host blocks named by an op hold a reference
-until the step that carries the op has run (end_step), so they can be neither
-evicted nor reused under a running copy.
+The device tier holds the blocks requests compute into; named (fully computed)
+blocks stay cached for reuse after their request ends, matched by chained
+keys (kvcache.keys). The optional host tier and pool (kvcache.tiers) hold
+blocks evicted from the device, saved on preemption, or read from the pool;
+the manager decides every move between the tiers and records it there as a
+CacheOps entry for the workers. It never touches tensors, and knows nothing
+about PD (disagg.storage stages prompts through `tiers`).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.kvcache.block_pool import BlockPool
-from pdserve.kvcache.keys import chain_keys, partial_key
+from pdserve.kvcache.keys import chain_keys
+from pdserve.kvcache.tiers import HostTiers, PoolLoad
 from pdserve.messages import CacheOps
 from pdserve.request import Request
 
-MAX_KNOWN_POOL_KEYS = 1 << 20
+__all__ = ["CacheStats", "KVCacheManager", "MatchResult", "PoolLoad", "num_blocks_for"]
 
 
 def num_blocks_for(num_tokens: int, block_size: int) -> int:
@@ -43,16 +38,6 @@ class MatchResult:
     @property
     def num_blocks(self) -> int:
         return len(self.device_block_ids) + len(self.host_block_ids)
-
-
-@dataclass(frozen=True)
-class PoolLoad:
-    """Read `keys` (the blocks after a request's device and host hits; in storage mode a prompt's blocks,
-    the last maybe a `:partial:N` name) into host blocks."""
-
-    req_id: str
-    keys: Sequence[bytes | str]
-    host_block_ids: list[int]
 
 
 @dataclass
@@ -83,12 +68,11 @@ class KVCacheManager:
         preempt_save: bool = True,
         cache_output: bool = False,
     ) -> None:
-        if has_pool and not num_host_blocks:
-            raise ValueError("a pool needs a host tier to stage its blocks")
+        self.tiers = HostTiers(num_host_blocks, has_pool)
         self.block_size = block_size
         self.root = root
         self.device = BlockPool(num_blocks)
-        self.host = BlockPool(num_host_blocks) if num_host_blocks else None
+        self.host = self.tiers.host
         self.has_pool = has_pool
         self.enable_prefix_caching = enable_prefix_caching
         self.preempt_save = preempt_save and self.host is not None
@@ -98,13 +82,6 @@ class KVCacheManager:
         self._holds: dict[str, list[int]] = {}  # holder -> device blocks it references (see hold())
         self._num_named: dict[str, int] = {}  # leading blocks of a table already offered to the index
         self._saved: set[str] = set()  # preempted requests whose blocks were saved
-        self._loaded_from_pool: dict[str, set[bytes]] = {}  # keys just read for a waiting request
-        self._held_for_admission: dict[str, list[int]] = {}  # host blocks read for a waiting request, held
-        self._loading: dict[str, list[int]] = {}  # host blocks of planned pool loads not yet finished
-        self._pool_keys: OrderedDict[bytes, None] = OrderedDict()  # keys known to be in the pool
-        self._ops = _OpsBuilder()
-        self._refs_pending: list[int] = []  # host refs of recorded ops not yet in a plan
-        self._refs_in_flight: list[int] = []  # host refs of ops in the plan being executed
 
     # ---- sizes ---------------------------------------------------------------------
 
@@ -119,7 +96,7 @@ class KVCacheManager:
 
     @property
     def num_host_blocks(self) -> int:
-        return self.host.num_blocks if self.host is not None else 0
+        return self.tiers.num_host_blocks
 
     def block_ids(self, req_id: str) -> list[int]:
         return self._tables.get(req_id, [])
@@ -155,10 +132,9 @@ class KVCacheManager:
             return MatchResult()
         keys = self._matchable_keys(request)
         device_ids = self.device.match(keys) if self.enable_prefix_caching else []
-        host_ids = self.host.match(keys[len(device_ids) :]) if self.host else []
-        loaded = self._loaded_from_pool.get(request.req_id, ())
+        host_ids = self.tiers.match(keys[len(device_ids) :])
         host_keys = keys[len(device_ids) : len(device_ids) + len(host_ids)]
-        return MatchResult(device_ids, host_ids, sum(1 for key in host_keys if key in loaded))
+        return MatchResult(device_ids, host_ids, self.tiers.num_loaded(request.req_id, host_keys))
 
     def pool_lookup_keys(self, request: Request) -> list[bytes]:
         """The keys worth looking up in the pool for `request`: those after its device and host hits."""
@@ -180,36 +156,11 @@ class KVCacheManager:
         match, keys = self._pool_candidates(request)
         if num_in_pool is not None:
             keys = keys[:num_in_pool]
-        if not keys or self.host is None:
-            return None
-        self.host.ref(match.host_block_ids)  # never evict the host hits we are extending
-        num = min(len(keys), self.host.num_free_blocks)
-        host_ids, _ = self.host.allocate(num)  # evicted host blocks are dropped: the pool has them
-        self.host.free(match.host_block_ids)
-        if not host_ids:
-            return None
-        self._loading[request.req_id] = host_ids
-        return PoolLoad(request.req_id, keys[:num], host_ids)
+        return self.tiers.plan_pool_load(request.req_id, match.host_block_ids, keys)
 
     def finish_pool_load(self, load: PoolLoad, num_loaded: int) -> None:
         """Name the first `num_loaded` blocks (read completely on every rank); free the rest."""
-        assert self.host is not None
-        self._loading.pop(load.req_id, None)
-        keys = [k for k in load.keys[:num_loaded] if isinstance(k, bytes)]  # prefix loads name full blocks only
-        for key, host_id in zip(keys, load.host_block_ids):
-            self.host.cache(host_id, key)
-            self._remember_pool_key(key)
-        self._loaded_from_pool[load.req_id] = set(keys)
-        self.host.free(load.host_block_ids[num_loaded:])
-        # the blocks read stay held for the request until it is admitted (or freed), so that other
-        # admissions in the meantime cannot evict them
-        self._release_loaded(load.req_id)
-        self._held_for_admission[load.req_id] = load.host_block_ids[:num_loaded]
-
-    def _release_loaded(self, req_id: str) -> None:
-        held = self._held_for_admission.pop(req_id, None)
-        if held and self.host is not None:
-            self.host.free(held)
+        self.tiers.finish_pool_load(load, num_loaded)
 
     # ---- allocation ----------------------------------------------------------------
 
@@ -244,8 +195,7 @@ class KVCacheManager:
             table.extend(match.device_block_ids)
             keys = self._matchable_keys(request)
             for host_id, device_id in zip(match.host_block_ids, new_ids):
-                self._ops.swap_in.append((host_id, device_id))
-                self._refs_pending.append(host_id)
+                self.tiers.swap_in(host_id, device_id)
                 if self.enable_prefix_caching:
                     self.device.cache(device_id, keys[len(table)])
                 table.append(device_id)
@@ -253,8 +203,7 @@ class KVCacheManager:
             self._num_named[req_id] = len(table)
         if is_admission:
             self._count_hits(request, match)
-            self._loaded_from_pool.pop(req_id, None)
-            self._release_loaded(req_id)  # the matched ones are referenced by the swap-ins now
+            self.tiers.forget(req_id)  # the matched ones are referenced by the swap-ins now
         table.extend(new_ids)
         return True
 
@@ -281,60 +230,6 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.device.cache(table[i], keys[i])
         self._num_named[request.req_id] = num_full
-
-    # ---- storage-mode transfer: a prompt's blocks through the pool ------------------------
-
-    def prompt_object_keys(self, request: Request) -> list[str]:
-        """The pool names of the request's prompt blocks: chained keys of the full blocks, then
-        `<key>:partial:N` for an incomplete last block (kvcache.keys)."""
-        bs = self.block_size
-        prompt = request.prompt_token_ids
-        full = self.keys_for(request)[: len(prompt) // bs]
-        partial = partial_key(self.root, full, prompt, bs)
-        return [k.hex() for k in full] + ([partial] if partial is not None else [])
-
-    def stage_prompt(self, request: Request) -> list[int] | None:
-        """P: host blocks to stage the request's prompt blocks in for a pool write carried by the plan just
-        built (held until its end_step); None if the host tier has no room for them now. Full blocks are
-        named, so they stay cached on the host after the write."""
-        num = num_blocks_for(request.num_prompt_tokens, self.block_size)
-        if self.host is None or self.host.num_free_blocks < num:
-            return None
-        host_ids, _ = self.host.allocate(num)  # evicted host blocks are dropped: the pool has them
-        for host_id, key in zip(host_ids, self.keys_for(request)[: request.num_prompt_tokens // self.block_size]):
-            self.host.cache(host_id, key)
-        self._refs_in_flight.extend(host_ids)
-        return host_ids
-
-    def note_in_pool(self, keys: Sequence[bytes]) -> None:
-        """Every rank wrote these blocks to the pool: a finished request need not write them again."""
-        for key in keys:
-            self._remember_pool_key(key)
-
-    def plan_prompt_load(self, request: Request) -> PoolLoad | None:
-        """D: host blocks to read the request's prompt blocks into (prompt_object_keys); None if the host
-        tier has no room for them now. Pass the load to finish_prompt_load once read."""
-        num = num_blocks_for(request.num_prompt_tokens, self.block_size)
-        if self.host is None or self.host.num_free_blocks < num:
-            return None
-        host_ids, _ = self.host.allocate(num)
-        self._loading[request.req_id] = host_ids
-        return PoolLoad(request.req_id, self.prompt_object_keys(request), host_ids)
-
-    def finish_prompt_load(self, request: Request, load: PoolLoad, num_used: int) -> None:
-        """Copy the first `num_used` blocks read into the request's device blocks (swap-ins before the next
-        forward) and free the other host blocks. Full blocks stay cached on the host."""
-        assert self.host is not None
-        self._loading.pop(load.req_id, None)
-        table = self._tables[request.req_id]
-        full_keys = self.keys_for(request)
-        for i, host_id in enumerate(load.host_block_ids[:num_used]):
-            if i < len(full_keys) and i < request.num_prompt_tokens // self.block_size:
-                self.host.cache(host_id, full_keys[i])
-                self._remember_pool_key(full_keys[i])  # read from the pool: no need to write it back
-            self._ops.swap_in.append((host_id, table[i]))
-            self._refs_pending.append(host_id)
-        self.host.free(load.host_block_ids[num_used:])
 
     # ---- holds: blocks kept past their request (e.g. while P sends them to D) ---------
 
@@ -367,8 +262,7 @@ class KVCacheManager:
         table = self._tables.pop(req_id, None)
         self._num_named.pop(req_id, None)
         self._saved.discard(req_id)
-        self._loaded_from_pool.pop(req_id, None)
-        self._release_loaded(req_id)
+        self.tiers.forget(req_id)
         if not table:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(table))
@@ -385,60 +279,28 @@ class KVCacheManager:
             if not self.cache_output:
                 num_full = min(num_full, request.num_prompt_tokens // self.block_size)
             keys = self.keys_for(request)
-            todo = [(b, k) for b, k in zip(table[:num_full], keys[:num_full]) if k not in self._pool_keys]
+            todo = [(b, k) for b, k in zip(table[:num_full], keys[:num_full]) if not self.tiers.is_in_pool(k)]
             self._save(todo, to_host=True)
         self.device.free(table[::-1])  # the tail is evicted first, the shared prefix last
 
     def _save(self, blocks: Sequence[tuple[int, bytes]], *, to_host: bool) -> int:
-        """Copy device blocks (block, key) to the host tier and write them through to the pool.
-
-        Runs on blocks being evicted or freed; returns how many are now on the host.
-        """
-        if self.host is None or not to_host:
-            return 0
-        num_saved = 0
-        for device_id, key in blocks:
-            host_id = self.host.lookup(key)
-            if host_id is not None:
-                self.host.ref([host_id])
-            elif self.host.num_free_blocks:
-                [host_id], _ = self.host.allocate(1)  # evicted host blocks are dropped
-                self.host.cache(host_id, key)
-                self._ops.swap_out.append((device_id, host_id))
-            else:
-                continue  # every host block is busy this step: the block is lost, not an error
-            self._refs_pending.append(host_id)
-            num_saved += 1
-            if self.has_pool and key not in self._pool_keys:
-                self._ops.pool_put.append((host_id, key.hex()))
-                self._remember_pool_key(key)
-        return num_saved
-
-    def _remember_pool_key(self, key: bytes) -> None:
-        self._pool_keys[key] = None
-        self._pool_keys.move_to_end(key)
-        if len(self._pool_keys) > MAX_KNOWN_POOL_KEYS:
-            self._pool_keys.popitem(last=False)
+        """Copy device blocks (block, key) to the host tier and write them through to the pool (kvcache.tiers);
+        returns how many are now on the host."""
+        return self.tiers.save(blocks) if to_host else 0
 
     # ---- steps -----------------------------------------------------------------------
 
     @property
     def has_pending_ops(self) -> bool:
-        return not self._ops.is_empty
+        return self.tiers.has_pending_ops
 
     def take_ops(self) -> CacheOps:
         """The ops recorded since the last plan; their host blocks stay held until end_step."""
-        ops = self._ops.build()
-        self._ops = _OpsBuilder()
-        self._refs_in_flight.extend(self._refs_pending)
-        self._refs_pending = []
-        return ops
+        return self.tiers.take_ops()
 
     def end_step(self) -> None:
         """The plan carrying the last taken ops has run: release its host blocks."""
-        if self.host is not None:
-            self.host.free(self._refs_in_flight)
-        self._refs_in_flight = []
+        self.tiers.end_step()
 
     def check_integrity(self) -> None:
         self.device.check_integrity()
@@ -454,32 +316,4 @@ class KVCacheManager:
                     f"device block {block_id}: {self.device.ref_count(block_id)} references, "
                     f"{held.get(block_id, 0)} tables and holds have it"
                 )
-        if self.host is not None:
-            host_held: dict[int, int] = {}
-            for block_id in [
-                *self._refs_pending,
-                *self._refs_in_flight,
-                *(b for ids in self._held_for_admission.values() for b in ids),
-                *(b for ids in self._loading.values() for b in ids),
-            ]:
-                host_held[block_id] = host_held.get(block_id, 0) + 1
-            for block_id in range(self.host.num_blocks):
-                if self.host.ref_count(block_id) != host_held.get(block_id, 0):
-                    raise AssertionError(
-                        f"host block {block_id}: {self.host.ref_count(block_id)} references, "
-                        f"{host_held.get(block_id, 0)} held by ops or waiting requests"
-                    )
-
-
-class _OpsBuilder:
-    def __init__(self) -> None:
-        self.swap_out: list[tuple[int, int]] = []
-        self.swap_in: list[tuple[int, int]] = []
-        self.pool_put: list[tuple[int, str]] = []
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.swap_out or self.swap_in or self.pool_put)
-
-    def build(self) -> CacheOps:
-        return CacheOps(swap_out=self.swap_out, swap_in=self.swap_in, pool_put=self.pool_put)
+        self.tiers.check_refs()

@@ -8,7 +8,18 @@ is preempted: its computed blocks are saved (with a host tier or pool) and it
 goes back to the front of the queue; on readmission it matches what was saved
 and recomputes only the rest.
 
-The scheduler knows nothing about tensors or models.
+It is the one owner of a request's lifecycle: only the scheduler writes
+`Request.status` and `finish_reason`. A PD request not yet schedulable (P: it
+waits for D's KVDest; D: it waits for admission and P's KV) is parked here
+(`parked`, not in `requests`); the PD sides keep only their protocol state
+(rooms, deadlines, peers) and ask for the transitions: park, enqueue (P),
+add_computed (D), finish_parked, fail.
+
+Status:   WAITING --schedule--> RUNNING --stop/length/abort--> FINISHED
+          RUNNING --preempt--> WAITING (num_preemptions > 0: `Request.is_preempted`)
+          parked (WAITING) --enqueue--> WAITING, --add_computed--> RUNNING, --finish_parked--> FINISHED
+
+The scheduler knows nothing about tensors, models or PD roles.
 """
 
 from __future__ import annotations
@@ -16,11 +27,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
 from pdserve.kvcache.manager import KVCacheManager, PoolLoad
-from pdserve.messages import CacheOps, ForwardOutput, SamplingSpec, ScheduledSeq, StepPlan
+from pdserve.messages import CacheOps, ForwardOutput, ScheduledSeq, StepPlan
 from pdserve.request import FinishReason, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -63,18 +75,6 @@ class SchedulerStats:
     finished_req_ids: list[str] = field(default_factory=list)
 
 
-def sampling_spec(request: Request) -> SamplingSpec:
-    sp = request.sampling
-    return SamplingSpec(
-        temperature=sp.temperature,
-        top_p=sp.top_p,
-        top_k=sp.top_k,
-        min_p=sp.min_p,
-        seed=sp.seed,
-        num_logprobs=-1 if sp.logprobs is None else sp.logprobs,
-    )
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
         self.config = config
@@ -82,8 +82,11 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # waiting or running
+        self.parked: dict[str, Request] = {}  # PD requests known here, not schedulable yet (see the docstring)
         self.stats = SchedulerStats()
+        # called with each preempted request, as it is preempted (D's reserve resets on a preemption)
+        self.preemption_listeners: list[Callable[[Request], None]] = []
         self._step_id = 0
         self._finished_since_last_plan: list[str] = []
         self._pool_probed: set[str] = set()  # waiting requests whose pool blocks were already looked up
@@ -93,10 +96,46 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if request.req_id in self.requests:
-            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.check_unused(request.req_id)
         self.requests[request.req_id] = request
         self.waiting.append(request)
+
+    def check_unused(self, req_id: str) -> None:
+        """Raise ValueError if `req_id` names a request known here."""
+        if req_id in self.requests or req_id in self.parked:
+            raise ValueError(f"request id {req_id!r} is already in use")
+
+    def park(self, request: Request) -> None:
+        """Know a PD request that must not be scheduled yet (it stays WAITING, outside `requests`)."""
+        self.check_unused(request.req_id)
+        self.parked[request.req_id] = request
+
+    def enqueue(self, req_id: str) -> Request:
+        """P: a parked request may be scheduled now (its KVDest came, or it waited long enough for it)."""
+        request = self.parked.pop(req_id)
+        self.requests[req_id] = request
+        self.waiting.append(request)
+        return request
+
+    def finish_parked(self, request: Request, reason: FinishReason) -> None:
+        """End a PD request that never ran here (parked, or only known to its PD side): free its blocks."""
+        self.parked.pop(request.req_id, None)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+    def fail(self, req_id: str, error: RequestError) -> RequestUpdate | None:
+        """Finish a waiting, running or parked request with an error the client will see (None: unknown)."""
+        request = self.requests.get(req_id)
+        if request is not None:
+            self._finish(request, FinishReason.ABORT)
+        elif req_id in self.parked:
+            request = self.parked[req_id]
+            self.finish_parked(request, FinishReason.ABORT)
+        else:
+            return None
+        logger.warning("request %s failed: %s", req_id, error.message)
+        return RequestUpdate(request, [], finished=True, error=error)
 
     def abort(self, req_id: str) -> Request | None:
         """Finish `req_id` with reason 'abort' and free its blocks. Unknown ids are ignored."""
@@ -129,8 +168,8 @@ class Scheduler:
         num_computed_tokens set), appending the token sampled there. It may finish at once (a stop token).
         token_id None: only the first num_computed_tokens are there; the rest of the prompt is computed
         here like any running request's, and the first token sampled here."""
-        if request.req_id in self.requests:
-            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.parked.pop(request.req_id, None)
+        self.check_unused(request.req_id)
         self.requests[request.req_id] = request
         request.status = RequestStatus.RUNNING
         self.running.append(request)
@@ -226,6 +265,8 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.stats.num_preemptions += 1
         logger.info("request %s preempted after %d computed tokens", request.req_id, request.num_computed_high)
+        for listener in self.preemption_listeners:
+            listener(request)
 
     def _admit(self, budget: int, num_new: dict[str, int]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -265,7 +306,7 @@ class Scheduler:
                     start_pos=start,
                     block_ids=list(self.kv.block_ids(request.req_id)),
                     sample=start + n == request.num_tokens,
-                    sampling=sampling_spec(request),
+                    sampling=request.sampling.to_spec(),
                 )
             )
         self._step_id += 1
@@ -324,6 +365,9 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+        for req_id, request in self.parked.items():
+            if req_id in self.requests or request.status is not RequestStatus.WAITING:
+                raise AssertionError(f"parked request {req_id} is {request.status.name} or also scheduled")
         for request in self.running:
             held = len(self.kv.block_ids(request.req_id))
             if held * self.kv.block_size < request.num_computed_tokens:

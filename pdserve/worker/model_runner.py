@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdserve.config import EngineConfig
-from pdserve.disagg.sender import KVSender
-from pdserve.disagg.transfer.base import open_engines
-from pdserve.disagg.transfer.shm import allocate_shared, release_shared, shm_available
+from pdserve.disagg.plane import kv_plane
 from pdserve.layers.attention import BatchLayout
 from pdserve.layers.device import to_device
 from pdserve.layers.parallel import get_tp_group
@@ -76,12 +74,13 @@ class ModelRunner:
         )
         tp = get_tp_group()
         parallel = config.parallel
+        self.plane = kv_plane(config.disagg)  # this rank's side of the PD role and transfer mode
         use_graphs = (
             self.device.type == "cuda"
             and tp.size == 1
             and not parallel.enforce_eager
             and parallel.resolved_attention_backend() == "triton"
-            and config.disagg.role != "prefill"
+            and self.plane.allows_decode_graphs
         )
         # CUDA graphs pad a batch with rows that write into a scratch block past the managed ones
         shape = (
@@ -92,19 +91,7 @@ class ModelRunner:
             arch.num_kv_heads // tp.size,
             arch.head_dim,
         )
-        self.shm_path: str | None = None
-        disagg = config.disagg
-        if (
-            disagg.role == "decode"
-            and not disagg.is_storage
-            and self.device.type == "cpu"
-            and disagg.transfer_engine != "mooncake"
-            and shm_available()
-        ):
-            # a peer on this host writes received KV straight into this cache
-            self.kv_cache, self.shm_path = allocate_shared(shape, self.dtype, f"rank{tp.rank}")
-        else:
-            self.kv_cache = torch.zeros(*shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = self.plane.allocate_cache(shape, self.dtype, self.device, tp.rank)
         self.sampler = Sampler(self.device, seed=config.model.seed)
         self.sampled_vocab_size = config.model.sampled_vocab_size
         self.backend = self.model.attention_backend
@@ -113,16 +100,8 @@ class ModelRunner:
             if num_host_blocks
             else None
         )
-        self.engines = (
-            open_engines(disagg.transfer_engine, self.kv_cache, self.shm_path, receive=disagg.role == "decode")
-            if disagg.role != "mixed" and not disagg.is_storage
-            else {}
-        )
-        self.sender = (
-            KVSender(self.engines, tp.rank, arch.num_layers, disagg.send_trace_dir, disagg.fault_delay_ms)
-            if self.engines
-            else None
-        )
+        self.plane.open(self.kv_cache, tp.rank, arch.num_layers)
+        self.sender = self.plane.sender
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             from pdserve.worker.cuda_graph import DecodeGraphs  # imports Triton
@@ -134,7 +113,7 @@ class ModelRunner:
 
     def regions(self) -> list[KVRegion]:
         """How peers can write into this rank's KV cache (empty when this instance is mixed)."""
-        return [r for r in (e.region() for e in self.engines.values()) if r is not None]
+        return self.plane.regions()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ForwardOutput:
@@ -145,7 +124,9 @@ class ModelRunner:
         if self.tiers is not None:
             self.tiers.copy(plan.cache_ops)
         if plan.kv_sends and self.sender is None:
-            raise RuntimeError("the plan has KV sends but this instance runs no transfer engine (role mixed?)")
+            raise RuntimeError(
+                "the plan has KV sends but this instance runs no transfer engine (is it a prefill instance?)"
+            )
         sender = self.sender if plan.kv_sends else None
         if sender is not None:
             sender.begin(plan.step_id, plan.kv_sends)
@@ -176,12 +157,7 @@ class ModelRunner:
     def close(self) -> None:
         if self.tiers is not None:
             self.tiers.close()
-        if self.sender is not None:
-            self.sender.close()
-        for engine in self.engines.values():
-            engine.close()
-        if self.shm_path is not None:
-            release_shared(self.shm_path)
+        self.plane.close()
 
     def _forward(self, plan: StepPlan, layer_done: Callable[[int], None] | None = None) -> ForwardOutput:
         self.sampler.forget(plan.finished_req_ids)

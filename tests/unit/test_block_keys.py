@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import pdserve.kvcache.keys as keys_module
+from pdserve.disagg.storage import prompt_object_keys
 from pdserve.kvcache.keys import KEY_BYTES, ModelFingerprint, chain_key, chain_keys, object_key, partial_key
 
 FINGERPRINT = ModelFingerprint(
@@ -263,13 +264,13 @@ def test_prompt_object_keys_are_the_chained_keys_then_the_partial_one(length: in
     if tail:
         expected.append(f"{chain_key(full[-1] if full else root, tail).hex()}:partial:{len(tail)}")
         assert expected[-1] == partial_key(root, full, prompt, bs)
-    names = kv.prompt_object_keys(request)
+    names = prompt_object_keys(kv, request)
     assert names == expected
     assert len(names) == -(-length // bs)
     # output tokens (D decoding, or P's sampled token) never change the names of the prompt's objects
     request.output_token_ids.extend(range(900, 906))
     kv.keys_for(request)  # extends the cached chain past the prompt
-    assert kv.prompt_object_keys(request) == expected
+    assert prompt_object_keys(kv, request) == expected
     # another root (another model, dtype, block size, layout or TP size) names other objects
     other = KVCacheManager(16, bs, root=b"another-root", num_host_blocks=4, has_pool=True)
-    assert not set(other.prompt_object_keys(Request("r", prompt, SamplingParams()))) & set(expected)
+    assert not set(prompt_object_keys(other, Request("r", prompt, SamplingParams()))) & set(expected)

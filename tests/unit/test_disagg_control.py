@@ -15,6 +15,7 @@ import zmq
 from pdserve.config import DisaggConfig, SchedulerConfig
 from pdserve.disagg.control import ControlChannel, layout_mismatch, prompt_digest
 from pdserve.disagg.decode import QUARANTINE_SECONDS, DecodeSide
+from pdserve.disagg.direct import DirectDecode, DirectPrefill
 from pdserve.disagg.prefill import PrefillSide
 from pdserve.disagg.reserve import DecodeReserve, Reservee
 from pdserve.kvcache import KVCacheManager
@@ -246,7 +247,7 @@ def make_p(num_blocks: int = 16, budget: int = 2048, timeout: float = 60.0, tp_s
     scheduler = Scheduler(SchedulerConfig(8, budget), kv, max_model_len=1024)
     control = FakeChannel(P_ADDR)
     clock = Clock()
-    side = PrefillSide(kv, control, FP, tp_size, timeout, clock=clock)  # type: ignore[arg-type]
+    side = DirectPrefill(kv, control, FP, tp_size, timeout, clock=clock)  # type: ignore[arg-type]
     return PEnv(kv, scheduler, control, clock, side)
 
 
@@ -801,7 +802,7 @@ def make_d(num_blocks: int = 16, max_num_seqs: int = 8, **config: object) -> DEn
     control = FakeChannel(D_ADDR)
     clock = Clock()
     disagg = DisaggConfig(role="decode", transfer_timeout=60.0, admission_timeout=30.0, **config)  # type: ignore[arg-type]
-    side = DecodeSide(kv, scheduler, control, REGIONS, FP, 1, 1000, disagg, clock=clock)  # type: ignore[arg-type]
+    side = DirectDecode(kv, scheduler, control, REGIONS, FP, 1, 1000, disagg, clock=clock)  # type: ignore[arg-type]
     return DEnv(kv, scheduler, control, clock, side)
 
 
@@ -1152,7 +1153,7 @@ def test_d_reserve_ratio_decays_per_step_and_resets_after_a_preemption() -> None
         assert env.side.reserve.ratio == expected
     d_admit(env)
     assert env.side.reserve.ratio == 0.25  # no preemption: unchanged
-    env.scheduler.stats.num_preemptions += 1
+    env.side.on_preemption()  # what the scheduler calls when it preempts a request
     d_admit(env)
     assert env.side.reserve.ratio == 2.0
     env.side.on_step()
@@ -1244,7 +1245,7 @@ def test_d_blocks_handed_to_p_have_no_pending_local_reads() -> None:
     scheduler = Scheduler(SchedulerConfig(8, 2048), kv, max_model_len=1024)
     control = FakeChannel(D_ADDR)
     clock = Clock()
-    side = DecodeSide(
+    side = DirectDecode(
         kv,
         scheduler,
         control,

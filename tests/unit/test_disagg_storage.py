@@ -37,8 +37,8 @@ from test_disagg_control import (
 
 from pdserve.config import DisaggConfig, SchedulerConfig
 from pdserve.disagg.control import prompt_digest
-from pdserve.disagg.decode import DecodeSide
-from pdserve.disagg.prefill import WRITE_FAILED, PrefillSide
+from pdserve.disagg.prefill import WRITE_FAILED
+from pdserve.disagg.storage import StorageDecode, StoragePrefill, prompt_object_keys
 from pdserve.kvcache import KVCacheManager
 from pdserve.kvcache.block_pool import BlockPool
 from pdserve.kvcache.keys import chain_key, chain_keys
@@ -82,7 +82,12 @@ def host_refs(kv: KVCacheManager) -> list[int]:
 
 def assert_no_host_refs(kv: KVCacheManager) -> None:
     assert not any(host_refs(kv)), host_refs(kv)
-    assert not kv._refs_pending and not kv._refs_in_flight and not kv._loading and not kv._held_for_admission
+    assert (
+        not kv.tiers._refs_pending
+        and not kv.tiers._refs_in_flight
+        and not kv.tiers._loading
+        and not kv.tiers._held_for_admission
+    )
 
 
 # ---- P ---------------------------------------------------------------------------------
@@ -101,7 +106,7 @@ def make_p(
     scheduler = Scheduler(SchedulerConfig(8, budget), kv, max_model_len=1024)
     control = FakeChannel(P_ADDR)
     clock = Clock()
-    side = PrefillSide(
+    side = StoragePrefill(
         kv,
         control,
         FP,
@@ -109,7 +114,6 @@ def make_p(
         timeout,
         clock=clock,
         dest_wait=0.05,  # type: ignore[arg-type]
-        storage=True,
     )
     return PEnv(kv, scheduler, control, clock, side, tp_size)
 
@@ -237,7 +241,7 @@ def test_p_pool_send_keys_full_then_partial(prompt: tuple[int, ...], device: lis
     keys = expected_keys(prompt)
     assert sends == [pool_send(device, list(range(len(device))), keys)]
     assert [":partial:" in k for k in keys] == [i == len(prompt) // BS for i in range(len(device))]
-    assert keys == env.kv.prompt_object_keys(Request("x", prompt, SamplingParams()))
+    assert keys == prompt_object_keys(env.kv, Request("x", prompt, SamplingParams()))
     assert env.control.take() == [done_ok()]
     assert_p_idle(env)
 
@@ -301,7 +305,7 @@ def test_p_write_failure_on_rank_1_only_sends_kvdone_error_and_finishes_the_requ
     # not noted as written: freeing the finished request writes its full blocks through as usual, from the
     # host blocks they were staged in
     full = chain_keys(ROOT, PROMPT, BS)
-    assert env.kv._ops.build() == CacheOps(pool_put=[(0, full[0].hex()), (1, full[1].hex())])
+    assert env.kv.tiers._ops.build() == CacheOps(pool_put=[(0, full[0].hex()), (1, full[1].hex())])
     sends, _ = p_step(env)
     assert sends == [] and env.plans[-1].plan.cache_ops.pool_put == [(0, full[0].hex()), (1, full[1].hex())]
     assert_p_idle(env)
@@ -327,10 +331,10 @@ def test_p_after_a_successful_write_the_keys_are_known_and_not_written_again() -
     env.side.on_control(dest())
     p_step(env)
     full = chain_keys(ROOT, PROMPT, BS)
-    assert all(k in env.kv._pool_keys for k in full)
-    assert not any(k in env.kv._pool_keys for k in [chain_key(full[1], PROMPT[8:])])  # no partial key
+    assert all(k in env.kv.tiers._pool_keys for k in full)
+    assert not any(k in env.kv.tiers._pool_keys for k in [chain_key(full[1], PROMPT[8:])])  # no partial key
     # the request finished and was freed in that step: no pool write of the same blocks is recorded
-    ops = env.kv._ops.build()
+    ops = env.kv.tiers._ops.build()
     assert ops.pool_put == [] and ops.swap_out == []
     assert_p_idle(env)
 
@@ -373,7 +377,7 @@ def p_step_with_the_host_tier_busy() -> PEnv:
     env.side.on_control(dest())
     sched = env.scheduler.schedule()
     held, _ = env.kv.host.allocate(1)  # type: ignore[union-attr]  # another op of this plan uses a host block
-    env.kv._refs_in_flight.extend(held)
+    env.kv.tiers._refs_in_flight.extend(held)
     assert env.side.plan_pool_sends(sched) == []
     env.check()
     assert p_execute(env, sched, 7, []) == []  # scheduler.update's end_step: the host block is free again
@@ -399,7 +403,7 @@ def test_p_host_tier_busy_staging_waits_for_the_step_in_flight() -> None:
 
 def test_p_held_blocks_are_staged_in_the_next_step_and_not_written_through() -> None:
     env = p_step_with_the_host_tier_busy()
-    assert env.kv._ops.build() == CacheOps()  # the PoolSend to come writes these blocks
+    assert env.kv.tiers._ops.build() == CacheOps()  # the PoolSend to come writes these blocks
     # (host block 0, freed by the step in flight, went to the back of the free list)
     assert p_step(env) == ([pool_send([0, 1, 2], [1, 2, 0])], [])
     assert env.control.take() == [done_ok()]
@@ -623,7 +627,7 @@ def make_d(num_blocks: int = 16, num_host_blocks: int = 16, policy: str = "fail"
         kv_load_failure_policy=policy,
     )
     pool = FakePool()
-    side = DecodeSide(
+    side = StorageDecode(
         kv,
         scheduler,
         control,
@@ -703,7 +707,7 @@ def test_d_storage_needs_a_pool_reader() -> None:
     kv = KVCacheManager(16, BS, num_host_blocks=4, has_pool=True)
     scheduler = Scheduler(SchedulerConfig(8, 2048), kv, max_model_len=1024)
     with pytest.raises(ValueError, match="storage mode needs a pool reader"):
-        DecodeSide(
+        StorageDecode(
             kv,
             scheduler,
             FakeChannel(D_ADDR),
@@ -1038,7 +1042,7 @@ def test_d_prompt_blocks_read_from_the_pool_are_not_written_back() -> None:
     request = d_ready(env, max_tokens=1)
     assert d_control(env, kvdone(token=50)) == [RequestUpdate(request, [50], None, finished=True)]
     full = chain_keys(ROOT, PROMPT, BS)
-    assert not any(key in (k.hex() for k in full) for _, key in env.kv._ops.build().pool_put)
+    assert not any(key in (k.hex() for k in full) for _, key in env.kv.tiers._ops.build().pool_put)
     assert_d_idle(env)
 
 

@@ -58,7 +58,7 @@ def step(kv: KVCacheManager) -> CacheOps:
 
 def assert_all_free(kv: KVCacheManager) -> None:
     assert not kv._tables and not kv.has_pending_ops
-    assert kv._refs_pending == [] and kv._refs_in_flight == []
+    assert kv.tiers._refs_pending == [] and kv.tiers._refs_in_flight == []
     assert kv.num_free_blocks == kv.device.num_blocks
     assert all(kv.device.ref_count(b) == 0 for b in range(kv.device.num_blocks))
     if kv.host is not None:
