@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -23,14 +22,14 @@ from typing import Any, TypeVar
 import aiohttp
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
 
-from pdserve.router.heartbeat import add_membership_routes
+from pdserve.http.auth import require_api_key
+from pdserve.http.errors import add_error_handlers
+from pdserve.router.membership import add_membership_routes
 from pdserve.router.metrics import NO_INSTANCE, RouterMetrics
 from pdserve.router.policies import Route, RouteError, RouterPolicy, plan_route, request_key
 from pdserve.router.registry import Instance, Registry
-from pdserve.server.errors import ApiError, error_response
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -377,40 +376,11 @@ def build_router_app(registry: Registry, policy: RouterPolicy, settings: RouterS
 
     app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan)
     app.state.router = state
-    _add_error_handlers(app)
-    auth = [Depends(_auth_check(settings.api_key))]
+    add_error_handlers(app, logger, "router")
+    auth = [Depends(require_api_key(settings.api_key))]
     _add_openai_routes(app, state, auth)
     _add_control_routes(app, state, auth)
     return app
-
-
-def _auth_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    async def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not secrets.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_api_key")
-
-    return check_auth
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.type)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), None)
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error")
-        return error_response(
-            500, f"internal error ({type(exc).__name__}); see the router log", "internal_error", "server_error"
-        )
 
 
 def _add_openai_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> None:

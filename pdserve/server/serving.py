@@ -19,10 +19,12 @@ from fastapi import Request
 
 from pdserve.engine.async_client import AsyncEngineClient
 from pdserve.engine.tokenizer import Detokenizer
+from pdserve.http.errors import ApiError
 from pdserve.messages import TransferHandle, WireSamplingParams
-from pdserve.server.errors import ApiError
+from pdserve.request import SamplingParams
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.validation import PromptTooLongError, validate_prompt_token_ids
 
 T = TypeVar("T")
 
@@ -99,18 +101,8 @@ class Serving:
         """`max_tokens` None means: the rest of the context."""
         info = self.client.info
         assert info is not None
+        _check_prompt(prompt_token_ids, info.max_model_len, info.vocab_size)
         n = len(prompt_token_ids)
-        bad = next((t for t in prompt_token_ids if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {info.vocab_size})")
-        if n >= info.max_model_len:
-            raise ApiError(
-                400,
-                f"the prompt has {n} tokens; this model's maximum context length is "
-                f"{info.max_model_len} tokens, so the prompt may have at most {info.max_model_len - 1}; "
-                "shorten it",
-                "context_length_exceeded",
-            )
         max_tokens = max_tokens or info.max_model_len - n
         if n + max_tokens > info.max_model_len:
             raise ApiError(
@@ -120,17 +112,20 @@ class Serving:
                 f"lower max_tokens to at most {info.max_model_len - n}",
                 "context_length_exceeded",
             )
-        sampling = WireSamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            seed=body.seed,
-            stop_token_ids=list(body.stop_token_ids or []),
-            ignore_eos=body.ignore_eos,
-            logprobs=num_logprobs,
-        )
+        try:  # the one conversion chain: request fields -> SamplingParams -> wire (request.py)
+            sampling = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                min_p=body.min_p,
+                seed=body.seed,
+                stop_token_ids=list(body.stop_token_ids or []),
+                ignore_eos=body.ignore_eos,
+                logprobs=num_logprobs,
+            ).to_wire()
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_request") from e
         transfer = None
         if body.kv_transfer_params is not None:
             kt = body.kv_transfer_params
@@ -286,6 +281,21 @@ def sse(payload: dict[str, Any]) -> str:
 def usage(p: Prepared, num_output: int) -> dict[str, int]:
     n = len(p.prompt_token_ids)
     return {"prompt_tokens": n, "completion_tokens": num_output, "total_tokens": n + num_output}
+
+
+def _check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """validate_prompt_token_ids as an HTTP 400: a prompt too long is context_length_exceeded, in OpenAI's terms."""
+    try:
+        validate_prompt_token_ids(token_ids, max_model_len, vocab_size)
+    except PromptTooLongError as e:
+        raise ApiError(
+            400,
+            f"the prompt has {e.num_tokens} tokens; this model's maximum context length is "
+            f"{e.max_model_len} tokens, so the prompt may have at most {e.max_model_len - 1}; shorten it",
+            "context_length_exceeded",
+        ) from None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _check_utf8(text: str, what: str) -> None:

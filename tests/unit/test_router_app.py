@@ -35,9 +35,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 if __name__ != "__main__":  # a fake-instance subprocess needs nothing of pdserve, whose import loads torch
     from pdserve.bench.launch import free_port
     from pdserve.router.app import RouterSettings, build_router_app
-    from pdserve.router.heartbeat import heartbeat
     from pdserve.router.policies import make_policy
     from pdserve.router.registry import HealthSettings, Registry
+    from pdserve.server.heartbeat import heartbeat
 
 INTERVAL = 0.2  # router health interval in these tests
 

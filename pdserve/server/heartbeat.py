@@ -1,26 +1,20 @@
-"""Router membership, both sides: the instance's heartbeat and the router's /register and /unregister.
+"""An instance's side of router membership: `pdserve serve --register-with ROUTER_URL` runs `heartbeat()`.
 
-An instance started with `pdserve serve --register-with ROUTER_URL` runs
-`heartbeat()`: POST /register {"url", "role", "interval"} every interval, POST
+It POSTs /register {"url", "role", "interval"} every interval and POST
 /unregister {"url"} on stop. A router that is down or refuses is logged, never
 fatal: the instance keeps serving and keeps trying. The interval in the body
-tells the router when heartbeats stopped (after `num_missed_heartbeats`).
+tells the router when heartbeats stopped (after `num_missed_heartbeats`). The
+router's side is pdserve/router/membership.py; this module knows only the
+router's URL and those two endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from typing import Any
 
 import aiohttp
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-
-from pdserve.router.registry import Registry
-from pdserve.server.errors import ApiError
 
 logger = logging.getLogger(__name__)
 
@@ -89,52 +83,3 @@ async def heartbeat(
             )
         else:
             logger.info("unregistered %s from %s", self_url, router_url)
-
-
-def add_membership_routes(app: FastAPI, registry: Registry, dependencies: list[Any]) -> None:
-    """POST /register (join, or heartbeat when repeated) and POST /unregister on the router's app."""
-
-    @app.post("/register", dependencies=dependencies)
-    async def register(request: Request) -> Response:
-        body = await _json_object(request)
-        interval = body.get("interval")
-        if interval is not None and (not isinstance(interval, (int, float)) or isinstance(interval, bool)):
-            raise ApiError(400, f"interval must be a number of seconds, got {interval!r}", "invalid_request")
-        try:
-            inst, is_new = registry.register(str(body.get("url", "")), str(body.get("role", "")), interval)
-        except ValueError as e:
-            raise ApiError(400, str(e), "invalid_request") from None
-        return JSONResponse(
-            {
-                "status": "registered" if is_new else "ok",
-                "url": inst.url,
-                "role": inst.role,
-                "healthy": inst.is_healthy,
-                "heartbeat_interval": inst.heartbeat_interval_s,
-            }
-        )
-
-    @app.post("/unregister", dependencies=dependencies)
-    async def unregister(request: Request) -> Response:
-        body = await _json_object(request)
-        try:
-            inst = registry.unregister(str(body.get("url", "")))
-        except ValueError as e:
-            raise ApiError(400, str(e), "invalid_request") from None
-        if inst is None:
-            raise ApiError(404, f"no instance {body.get('url')!r} is known to this router", "not_found")
-        return JSONResponse({"status": "unregistered", "url": inst.url, "role": inst.role})
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise ApiError(
-            400,
-            'the body must be a JSON object like {"url": "http://127.0.0.1:8001", "role": "decode"}',
-            "invalid_request",
-        )
-    return body
