@@ -117,8 +117,19 @@ class KVSendReport(msgspec.Struct, frozen=True):
     seconds_exposed: float = 0.0  # the step waiting for sends after its forward (not overlapped)
 
 
+class PoolRead(msgspec.Struct, frozen=True):
+    """A waiting request's prefix in the pool, run by every rank after the step's forward and pool writes
+    (so a block written this step is found). No host blocks: count how many leading `keys` the pool holds.
+    With host blocks: read the leading keys into them. Keys are hex block keys (each rank its own objects)."""
+
+    req_id: str
+    keys: list[str]
+    host_block_ids: list[int] = []
+
+
 class StepPlan(Message):
-    """The one decision per step, broadcast to every rank; all ranks execute it."""
+    """The one decision per step, broadcast to every rank; all ranks execute it, in this order: cache_ops'
+    copies, the forward (kv_sends layer by layer), pool_sends, cache_ops' pool writes, pool_reads."""
 
     step_id: int
     seqs: list[ScheduledSeq]
@@ -126,11 +137,17 @@ class StepPlan(Message):
     cache_ops: CacheOps = CacheOps()
     kv_sends: list[KVSend] = []
     pool_sends: list[PoolSend] = []
+    pool_reads: list[PoolRead] = []
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing for the workers to do (its finished ids ride on the next plan)."""
+        return not (self.seqs or self.kv_sends or self.pool_sends or self.pool_reads) and self.cache_ops.is_empty
 
 
 class LoadFromPool(Message):
-    """Read blocks `keys` from the pool into host blocks `host_block_ids`; every rank answers.
-    With no host blocks it only counts how many leading keys the pool holds."""
+    """Read blocks `keys` from the pool into host blocks `host_block_ids`, outside a step (storage-mode D's
+    prompt reads); every rank answers."""
 
     load_id: int
     keys: list[str]
@@ -164,13 +181,18 @@ class ForwardOutput(Message):
     logprobs: list[list[tuple[int, float]]] | None = None
     store: StoreCounters = StoreCounters()
     kv_sent: list[KVSendReport] = []  # one per rank when the plan had kv_sends or pool_sends
+    # per PoolRead of the plan: leading blocks counted / read, the least any rank answered
+    pool_read: list[int] = []
 
 
-class KVSent(Message):
-    """A rank other than 0 reporting its sends of a step (rank 0's ride on its ForwardOutput)."""
+class RankReport(Message):
+    """A rank other than 0 reporting its part of a step (rank 0's rides on its ForwardOutput): its sends, and
+    what its pool reads found."""
 
     step_id: int
-    report: KVSendReport
+    rank: int
+    report: KVSendReport | None = None
+    pool_read: list[int] = []
 
 
 class WorkerReady(Message):
@@ -339,7 +361,7 @@ class EngineFailed(Message):
     error: str
 
 
-WorkerToEngine = Union[ForwardOutput, PoolLoaded, KVSent, WorkerReady, WorkerError]
+WorkerToEngine = Union[ForwardOutput, PoolLoaded, RankReport, WorkerReady, WorkerError]
 ControlMessage = Union[KVDest, KVDone, KVAbort]
 EngineToWorker = Union[StepPlan, LoadFromPool, Shutdown]
 ApiToEngine = Union[AddRequest, AbortRequest, Shutdown]

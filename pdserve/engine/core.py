@@ -21,6 +21,7 @@ from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource, load_arch, resolve_model, weights_id
 from pdserve.request import FinishReason, Request, SamplingParams
 from pdserve.scheduler.scheduler import RequestUpdate, Scheduler
+from pdserve.validation import validate_prompt_token_ids
 from pdserve.worker.executor import Executor, MultiProcExecutor, UniProcExecutor
 
 logger = logging.getLogger(__name__)
@@ -135,19 +136,8 @@ class EngineCore:
         return self.pd.control_address
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        """Raise ValueError naming the problem and the fix."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model accepts at most "
-                f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len}, one left to generate); "
-                "shorten the prompt or raise --max-model-len"
-            )
-        vocab = self.arch.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        """Raise ValueError naming the problem and the fix (the API server runs the same check)."""
+        validate_prompt_token_ids(prompt_token_ids, self.max_model_len, self.arch.vocab_size)
 
     def add_request(
         self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, transfer: TransferHandle | None = None
@@ -217,25 +207,11 @@ class EngineCore:
         return updates
 
     def _step(self) -> list[RequestUpdate]:
-        lookups = self.scheduler.pool_lookups()
-        loads = []
-        if lookups and self.kv.has_pending_ops:  # let finished requests' pool writes land before looking up
-            flush = self.scheduler.cache_ops_plan()
-            self.scheduler.update(flush, self.executor.execute(flush.plan))
-        if lookups:  # ask the pool first, so that host blocks are taken only for blocks it holds
-            num_in_pool = self.executor.count_in_pool([keys for _, keys in lookups])
-            loads = self.scheduler.plan_pool_loads(lookups, num_in_pool)
-        if loads:
-            num_loaded, self.store_counters = self.executor.load_from_pool(loads)
-            self.scheduler.finish_pool_loads(loads, num_loaded)
-        sched = self.scheduler.schedule()
+        """One round trip to the workers: the plan carries the forward, the cache copies, the PD sends and the
+        pool reads of requests next in line."""
+        sched = self.scheduler.schedule(pool_reads=True)
         self.pd.plan(sched)
-        if (
-            not sched.plan.seqs
-            and sched.plan.cache_ops.is_empty
-            and not sched.plan.kv_sends
-            and not sched.plan.pool_sends
-        ):
+        if sched.plan.is_empty:
             return []
         output = self.executor.execute(sched.plan)
         self.store_counters = output.store

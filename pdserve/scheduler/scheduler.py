@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
 from pdserve.kvcache.manager import KVCacheManager, PoolLoad
-from pdserve.messages import CacheOps, ForwardOutput, ScheduledSeq, StepPlan
+from pdserve.messages import CacheOps, ForwardOutput, PoolRead, ScheduledSeq, StepPlan
 from pdserve.request import FinishReason, Request, RequestStatus
+from pdserve.scheduler.pool_reads import PoolReads
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Scheduler:
         self._step_id = 0
         self._finished_since_last_plan: list[str] = []
         self._pool_probed: set[str] = set()  # waiting requests whose pool blocks were already looked up
+        self.pool_reads = PoolReads(kv)  # lookups and reads the step plans carry (scheduler.pool_reads)
         # Keep a sliver of blocks free at admission so running requests can grow.
         self._admission_reserve = max(1, kv.num_blocks // 100) if kv.num_blocks > 8 else 0
 
@@ -158,6 +160,7 @@ class Scheduler:
         request.finish_reason = reason
         self.kv.free(request)
         self._pool_probed.discard(request.req_id)
+        self.pool_reads.forget(request.req_id)
         del self.requests[request.req_id]
         self._finished_since_last_plan.append(request.req_id)
 
@@ -191,7 +194,7 @@ class Scheduler:
         """Requests to run, or cache ops (e.g. pool writes of finished requests) still to send."""
         return bool(self.requests) or self.kv.has_pending_ops
 
-    # ---- pool reads, before a step -----------------------------------------------
+    # ---- pool reads by the caller, before a step (the engine core has the plan carry them instead) ----
 
     def pool_lookups(self) -> list[tuple[Request, list[bytes]]]:
         """The requests next in line with the keys to look up in the pool, each request once per wait."""
@@ -226,7 +229,11 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, *, pool_reads: bool = False) -> SchedulerOutput:
+        """Plan one step. pool_reads: the plan also carries the pool lookups and reads of the requests next in
+        line (scheduler.pool_reads), so the step is one round trip to the workers; without it, a caller that
+        reads the pool itself does so before (pool_lookups, plan_pool_loads, finish_pool_loads)."""
+        reads = self.pool_reads.plan(self.pool_lookups(), self.requests) if pool_reads else []
         budget = self.config.max_num_batched_tokens
         num_new: dict[str, int] = {}
         num_preemptions_before = self.stats.num_preemptions
@@ -241,7 +248,7 @@ class Scheduler:
             index += 1
         if self.stats.num_preemptions == num_preemptions_before:
             self._admit(budget, num_new)
-        return self._build_plan(num_new)
+        return self._build_plan(num_new, reads)
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Allocate for `request`, preempting the most recently admitted until it fits.
@@ -271,6 +278,8 @@ class Scheduler:
     def _admit(self, budget: int, num_new: dict[str, int]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.pool_reads.is_pending(request.req_id):
+                break  # FIFO: its pool hits arrive with a later step
             match = self.kv.match(request)
             num_cached = match.num_blocks * self.kv.block_size
             n = min(request.num_tokens - num_cached, budget)
@@ -287,12 +296,7 @@ class Scheduler:
             num_new[request.req_id] = n
             budget -= n
 
-    def cache_ops_plan(self) -> SchedulerOutput:
-        """A plan that only runs the recorded cache ops (e.g. pool writes of finished requests, before the
-        pool is asked for them); execute it and pass it to update() like any other."""
-        return self._build_plan({})
-
-    def _build_plan(self, num_new: dict[str, int]) -> SchedulerOutput:
+    def _build_plan(self, num_new: dict[str, int], pool_reads: list[PoolRead] | None = None) -> SchedulerOutput:
         seqs = []
         for request in self.running:
             n = num_new.get(request.req_id)
@@ -310,12 +314,14 @@ class Scheduler:
                 )
             )
         self._step_id += 1
-        is_executed = bool(seqs) or self.kv.has_pending_ops  # else its finished ids ride on the next plan
+        # else its finished ids ride on the next plan
+        is_executed = bool(seqs) or self.kv.has_pending_ops or bool(pool_reads)
         plan = StepPlan(
             step_id=self._step_id,
             seqs=seqs,
             finished_req_ids=self._finished_since_last_plan,
             cache_ops=self.kv.take_ops() if is_executed else CacheOps(),
+            pool_reads=pool_reads or [],
         )
         if is_executed:
             self._finished_since_last_plan = []
@@ -325,6 +331,8 @@ class Scheduler:
         """Advance computed tokens, append sampled tokens, finish what is done."""
         self.stats.num_steps += 1
         self.kv.end_step()
+        if sched.plan.pool_reads:
+            self.pool_reads.finish(sched.plan.pool_reads, output.pool_read, self.requests)
         sampled = dict(zip(output.req_ids, range(len(output.req_ids))))
         updates = []
         for req_id, n in sched.num_new_tokens.items():

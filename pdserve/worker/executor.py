@@ -26,9 +26,9 @@ from pdserve.messages import (
     ForwardOutput,
     KVRegion,
     KVSendReport,
-    KVSent,
     LoadFromPool,
     PoolLoaded,
+    RankReport,
     Shutdown,
     StepPlan,
     StoreCounters,
@@ -46,11 +46,8 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, plan: StepPlan) -> ForwardOutput:
-        """Run `plan` on every rank; blocks until rank 0's output is back. Raises if a rank failed."""
-
-    @abstractmethod
-    def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
-        """Per list, how many leading keys the pool holds for every rank (an existence query; blocks)."""
+        """Run `plan` on every rank; blocks until rank 0's output is back (with every rank's send reports
+        and, per pool read, the least any rank found). Raises if a rank failed."""
 
     @abstractmethod
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
@@ -81,9 +78,6 @@ class UniProcExecutor(Executor):
 
     def execute(self, plan: StepPlan) -> ForwardOutput:
         return self.runner.execute(plan)
-
-    def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
-        return [self.runner.count_in_pool([k.hex() for k in keys]) for keys in key_lists]
 
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
         num_loaded = [self.runner.load_from_pool(_names(load.keys), load.host_block_ids) for load in loads]
@@ -164,7 +158,7 @@ class MultiProcExecutor(Executor):
             self.shutdown()
             raise
 
-    def _recv(self, timeout: float) -> ForwardOutput | PoolLoaded | KVSent | WorkerReady:
+    def _recv(self, timeout: float) -> ForwardOutput | PoolLoaded | RankReport | WorkerReady:
         deadline = time.monotonic() + timeout
         while not self._results.poll(200):
             for rank, proc in enumerate(self._procs):
@@ -183,19 +177,23 @@ class MultiProcExecutor(Executor):
             sock.send(data)
         output: ForwardOutput | None = None
         reports: dict[int, KVSendReport] = {}
-        num_reports = self.tp_size if plan.kv_sends or plan.pool_sends else 0  # every rank confirms its sends
-        while output is None or len(reports) < num_reports:
+        pool_read: dict[int, list[int]] = {}
+        has_sends = bool(plan.kv_sends or plan.pool_sends)  # every rank confirms its sends
+        num_answers = self.tp_size if has_sends or plan.pool_reads else 1
+        while output is None or len(pool_read) < num_answers:
             message = self._recv(timeout=3600)
             if isinstance(message, ForwardOutput) and message.step_id == plan.step_id:
                 output = message
                 reports.update((r.rank, r) for r in message.kv_sent)
-            elif isinstance(message, KVSent) and message.step_id == plan.step_id:
-                reports[message.report.rank] = message.report
-        output.kv_sent = [reports[r] for r in sorted(reports)]
+                pool_read[0] = message.pool_read
+            elif isinstance(message, RankReport) and message.step_id == plan.step_id:
+                if message.report is not None:
+                    reports[message.rank] = message.report
+                pool_read[message.rank] = message.pool_read
+        output.kv_sent = [reports[r] for r in sorted(reports)] if has_sends else []
+        # a block counts only if every rank has its shard
+        output.pool_read = [min(found) for found in zip(*pool_read.values())] if plan.pool_reads else []
         return output
-
-    def count_in_pool(self, key_lists: list[list[bytes]]) -> list[int]:
-        return [self._pool_call([k.hex() for k in keys], [])[0] for keys in key_lists]
 
     def load_from_pool(self, loads: list[PoolLoad]) -> tuple[list[int], StoreCounters]:
         num_loaded = []
@@ -206,7 +204,7 @@ class MultiProcExecutor(Executor):
         return num_loaded, counters
 
     def _pool_call(self, keys: list[str], host_block_ids: list[int]) -> tuple[int, StoreCounters]:
-        """LoadFromPool on every rank (no host blocks: count only); the least any rank answered."""
+        """LoadFromPool on every rank; the least any rank answered."""
         self._load_id += 1
         data = encode(LoadFromPool(load_id=self._load_id, keys=keys, host_block_ids=host_block_ids))
         for sock in self._plans:

@@ -19,7 +19,7 @@ from pdserve.layers.attention import BatchLayout
 from pdserve.layers.device import to_device
 from pdserve.layers.parallel import get_tp_group
 from pdserve.layers.sampler import Sampler
-from pdserve.messages import ForwardOutput, KVRegion, StepPlan, StoreCounters
+from pdserve.messages import ForwardOutput, KVRegion, PoolRead, StepPlan, StoreCounters
 from pdserve.models import build_model
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource
@@ -139,17 +139,24 @@ class ModelRunner:
             output.kv_sent = [self.tiers.send(plan.pool_sends)]
         if self.tiers is not None:
             self.tiers.put(plan.cache_ops)
+            output.pool_read = [self._read_pool(read) for read in plan.pool_reads]
             output.store = self.tiers.counters
+        elif plan.pool_reads:
+            raise RuntimeError("the plan has pool reads but this instance has no host tier and pool")
         return output
 
+    def _read_pool(self, read: PoolRead) -> int:
+        """Count a waiting request's leading blocks in the pool, or read them into host blocks."""
+        assert self.tiers is not None
+        if not read.host_block_ids:
+            return self.tiers.count_present(read.keys)
+        return self.tiers.load(read.keys, read.host_block_ids)
+
     def load_from_pool(self, keys: list[str], host_block_ids: list[int]) -> int:
-        """Read blocks from the pool into the host tier; how many leading blocks were read."""
+        """Read blocks from the pool into the host tier; how many leading blocks were read (storage-mode D's
+        prompt reads, outside a step)."""
         with self.on_device():
             return self.tiers.load(keys, host_block_ids) if self.tiers is not None else 0
-
-    def count_in_pool(self, keys: list[str]) -> int:
-        """How many leading `keys` the pool holds for this rank."""
-        return self.tiers.count_present(keys) if self.tiers is not None else 0
 
     def store_counters(self) -> StoreCounters:
         return self.tiers.counters if self.tiers is not None else StoreCounters()

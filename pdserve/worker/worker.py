@@ -14,9 +14,9 @@ import zmq
 from pdserve.config import EngineConfig
 from pdserve.layers.parallel import init_tp_group
 from pdserve.messages import (
-    KVSent,
     LoadFromPool,
     PoolLoaded,
+    RankReport,
     Shutdown,
     WorkerError,
     WorkerReady,
@@ -74,11 +74,7 @@ def worker_main(spec_json: bytes) -> None:
                 runner.close()
                 return
             if isinstance(message, LoadFromPool):
-                num_loaded = (
-                    runner.load_from_pool(message.keys, message.host_block_ids)
-                    if message.host_block_ids
-                    else runner.count_in_pool(message.keys)
-                )
+                num_loaded = runner.load_from_pool(message.keys, message.host_block_ids)
                 results.send(
                     encode(
                         PoolLoaded(
@@ -93,8 +89,13 @@ def worker_main(spec_json: bytes) -> None:
             output = runner.execute(message)
             if spec.rank == 0:
                 results.send(encode(output))
-            elif output.kv_sent:
-                results.send(encode(KVSent(step_id=message.step_id, report=output.kv_sent[0])))
+            elif output.kv_sent or message.pool_reads:
+                report = output.kv_sent[0] if output.kv_sent else None
+                results.send(
+                    encode(
+                        RankReport(step_id=message.step_id, rank=spec.rank, report=report, pool_read=output.pool_read)
+                    )
+                )
     except Exception:  # noqa: BLE001 - reported to the engine core, which fails loudly
         results.send(encode(WorkerError(rank=spec.rank, error=traceback.format_exc())))
     finally:

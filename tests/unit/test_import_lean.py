@@ -23,6 +23,12 @@ LEAN_MODULES = [
     "pdserve.disagg.role",
     "pdserve.router.app",
     "pdserve.store.base",
+    "pdserve.http.errors",
+    "pdserve.http.auth",
+    "pdserve.validation",
+    "pdserve.scheduler.pool_reads",
+    "pdserve.disagg.storage",
+    "pdserve.disagg.direct",
 ]
 
 PROBE = """
