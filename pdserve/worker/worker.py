@@ -15,9 +15,11 @@ from pdserve.config import EngineConfig
 from pdserve.layers.parallel import init_tp_group
 from pdserve.messages import (
     LoadFromPool,
+    Message,
     PoolLoaded,
     RankReport,
     Shutdown,
+    StepPlan,
     WorkerError,
     WorkerReady,
     decode_from_engine,
@@ -73,32 +75,26 @@ def worker_main(spec_json: bytes) -> None:
             if isinstance(message, Shutdown):
                 runner.close()
                 return
-            if isinstance(message, LoadFromPool):
-                num_loaded = runner.load_from_pool(message.keys, message.host_block_ids)
-                results.send(
-                    encode(
-                        PoolLoaded(
-                            load_id=message.load_id,
-                            rank=spec.rank,
-                            num_loaded=num_loaded,
-                            store=runner.store_counters(),
-                        )
-                    )
-                )
-                continue
-            output = runner.execute(message)
-            if spec.rank == 0:
-                results.send(encode(output))
-            elif output.kv_sent or message.pool_reads:
-                report = output.kv_sent[0] if output.kv_sent else None
-                results.send(
-                    encode(
-                        RankReport(step_id=message.step_id, rank=spec.rank, report=report, pool_read=output.pool_read)
-                    )
-                )
+            answer = _run(runner, message, spec.rank)
+            if answer is not None:
+                results.send(encode(answer))
     except Exception:  # noqa: BLE001 - reported to the engine core, which fails loudly
         results.send(encode(WorkerError(rank=spec.rank, error=traceback.format_exc())))
     finally:
         results.close(linger=1000)
         plans.close(linger=0)
         ctx.term()
+
+
+def _run(runner: ModelRunner, message: StepPlan | LoadFromPool, rank: int) -> Message | None:
+    """Run one plan or pool load on this rank; what to tell the engine core (None: nothing)."""
+    if isinstance(message, LoadFromPool):
+        num_loaded = runner.load_from_pool(message.keys, message.host_block_ids)
+        return PoolLoaded(load_id=message.load_id, rank=rank, num_loaded=num_loaded, store=runner.store_counters())
+    output = runner.execute(message)
+    if rank == 0:
+        return output
+    if output.kv_sent or message.pool_reads:  # every rank confirms its sends and answers the pool reads
+        report = output.kv_sent[0] if output.kv_sent else None
+        return RankReport(step_id=message.step_id, rank=rank, report=report, pool_read=output.pool_read)
+    return None
