@@ -9,119 +9,8 @@ import os
 import sys
 from typing import Any
 
-from pdserve.config import (
-    ATTENTION_BACKENDS,
-    DTYPES,
-    KV_TRANSFER_MODES,
-    LOAD_FAILURE_POLICIES,
-    LOAD_FORMATS,
-    ROLES,
-    STORE_KINDS,
-    TRANSFER_ENGINES,
-    parse_gpu_ids,
-    parse_size,
-)
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="HF model directory, .gguf file, or a dummy shape name (default: SmolLM2-135M-Instruct)",
-    )
-    g.add_argument(
-        "--load-format",
-        choices=LOAD_FORMATS,
-        default="auto",
-        help="'dummy' gives random weights in a named real shape (llama3-8b, qwen2.5-7b, tiny, ...)",
-    )
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
-    g.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank (overrides --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV cache bytes per rank, e.g. 2GiB")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="running requests per step")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk budget)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument(
-        "--attention-backend",
-        choices=ATTENTION_BACKENDS,
-        default="auto",
-        help="auto: Triton paged attention on CUDA (when Triton is installed), torch elsewhere",
-    )
-    g.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="no CUDA graphs for decode steps (captured by default on CUDA with one rank and Triton)",
-    )
-    g.add_argument(
-        "--gpu-ids",
-        type=parse_gpu_ids,
-        default=(),
-        metavar="I,J,...",
-        help="CUDA device of each tensor-parallel rank, e.g. 1 or 2,3 (default: rank r on device r)",
-    )
-    g.add_argument("--seed", type=int, default=0)
-    c = parser.add_argument_group("KV cache tiers (docs/kv-cache.md)")
-    c.add_argument(
-        "--no-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
-        help="do not reuse cached prefixes (preempted requests still reuse their own saved blocks)",
-    )
-    c.add_argument(
-        "--host-kv-cache-memory",
-        type=parse_size,
-        default=None,
-        help="host tier bytes per rank, e.g. 8GiB (default: none; 256MiB when --kv-store is set)",
-    )
-    c.add_argument("--num-host-blocks", type=int, default=None, help="host tier blocks per rank (overrides memory)")
-    c.add_argument("--kv-store", choices=STORE_KINDS, default=None, help="pool tier behind the host tier")
-    c.add_argument(
-        "--kv-store-config",
-        default=None,
-        help='pool options as JSON or a JSON file, e.g. \'{"master": "127.0.0.1:50051"}\'',
-    )
-    c.add_argument(
-        "--no-preempt-save",
-        dest="preempt_save",
-        action="store_false",
-        help="recompute preempted requests instead of saving their blocks to the host tier",
-    )
-    c.add_argument(
-        "--cache-output",
-        action="store_true",
-        help="also write generated tokens' full blocks to the pool at finish (for multi-turn reuse)",
-    )
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        model=args.model,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        num_blocks=args.num_blocks,
-        kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        tensor_parallel_size=args.tensor_parallel_size,
-        device=args.device,
-        seed=args.seed,
-        attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
-        gpu_ids=args.gpu_ids,
-        enable_prefix_caching=args.enable_prefix_caching,
-        host_kv_cache_memory=args.host_kv_cache_memory,
-        num_host_blocks=args.num_host_blocks,
-        kv_store=args.kv_store,
-        kv_store_config=args.kv_store_config,
-        preempt_save=args.preempt_save,
-        cache_output=args.cache_output,
-    )
+from pdserve.config import KV_TRANSFER_MODES, LOAD_FAILURE_POLICIES, ROLES, TRANSFER_ENGINES
+from pdserve.launcher.engine_args import add_engine_args, engine_kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -332,21 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_disagg_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from pdserve.bench import kv_tiers, offline, pd, storage, sweep, transfer
-    from pdserve.bench import serve as bench_serve
-
-    offline.add_parser(bench_sub)
-    bench_serve.add_parser(bench_sub)
-    kv_tiers.add_parser(bench_sub)
-    transfer.add_parser(bench_sub)
-    storage.add_parser(bench_sub)
-    pd.add_parser(bench_sub)
-    sweep.add_parser(bench_sub)
-    from pdserve.bench import gpu as bench_gpu
-
-    bench_gpu.add_parser(bench_sub)
+    add_bench_parser(sub, common)
 
     from pdserve.store.master import add_store_parser
 
@@ -358,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_launch_parser(sub, common)
     return parser
+
+
+def add_bench_parser(
+    sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: argparse.ArgumentParser,
+) -> None:
+    """`pdserve bench <name>`: the one place outside pdserve.bench that imports it (here, not at module level)."""
+    from pdserve.bench import gpu, kv_tiers, offline, pd, storage, sweep, transfer
+    from pdserve.bench import serve as bench_serve
+
+    bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for module in (offline, bench_serve, kv_tiers, transfer, storage, pd, sweep, gpu):
+        module.add_parser(bench_sub)
 
 
 def main(argv: list[str] | None = None) -> int:

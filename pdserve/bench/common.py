@@ -13,6 +13,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,30 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def label_or_timestamp(label: str | None) -> str:
+    """The result files' suffix: --label, else the local time (20240131-235959)."""
+    return label or time.strftime("%Y%m%d-%H%M%S")
+
+
+def write_outputs(
+    result: dict[str, Any], result_dir: Path, stem: str, draw: Callable[[Path], Path], files_in_json: bool = True
+) -> tuple[Path, Path]:
+    """Write `result` to <stem>.json and the figure draw(path) to <stem>.png under `result_dir`; (json, png).
+
+    Records both paths in result["files"]: before the JSON is written (so it names its files), or after it
+    when not `files_in_json`. The JSON goes first, so a figure that fails to draw loses no numbers.
+    """
+    json_path, png_path = result_dir / f"{stem}.json", result_dir / f"{stem}.png"
+    files = {"json": str(json_path), "png": str(png_path)}
+    if files_in_json:
+        result["files"] = files
+    write_json(json_path, result)
+    if not files_in_json:
+        result["files"] = files
+    draw(png_path)
+    return json_path, png_path
 
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9._-]+$")  # what a --label may hold: it becomes part of a file name

@@ -21,9 +21,9 @@ from pdserve.launcher import (
     child_env,
     omp_num_threads,
     plan_parts,
-    port_allocator,
     usable_cpus,
 )
+from pdserve.procs import port_allocator
 from pdserve.store.master import MasterProcess
 
 

@@ -6,34 +6,27 @@ The benchmark knows the server only by its command line, /health and /metrics.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pdserve.procs import free_port, sigterm_on_parent_death
 
 HEALTH_POLL_S = 0.25
 EXIT_TIMEOUT_S = 30.0
 LOG_TAIL_LINES = 40
-_PR_SET_PDEATHSIG = 1
 
 
 class BenchServerError(RuntimeError):
     """A server of the benchmark did not start, did not settle, or could not be scraped."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(eq=False)
@@ -74,7 +67,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_sigterm_on_parent_death(),
+                preexec_fn=sigterm_on_parent_death(),  # SIGTERM if the benchmark dies unstopped
             )
 
     def log_tail(self, num_lines: int = LOG_TAIL_LINES) -> str:
@@ -129,15 +122,6 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _sigterm_on_parent_death() -> Callable[[], None] | None:
-    """A pre-exec hook: Linux sends the server SIGTERM if the benchmark dies without stopping it (SIGKILL)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child must not dlopen after fork
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _group_alive(pgid: int) -> bool:

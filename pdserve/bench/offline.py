@@ -25,9 +25,10 @@ from pdserve.bench.common import (
     machine_info,
     now_iso,
     random_requests,
-    write_json,
+    write_outputs,
 )
 from pdserve.bench.plot import bar_chart
+from pdserve.launcher.engine_args import add_engine_args, engine_kwargs
 
 TARGET_RATIO = 2.0  # pdserve output tok/s over HF's, from the issue
 
@@ -234,9 +235,8 @@ def build_result(
     }
 
 
-def write_outputs(result: dict[str, Any], result_dir: Path) -> tuple[Path, Path]:
-    stem = f"offline-{result['dtype']}"
-    json_path = write_json(result_dir / f"{stem}.json", result)
+def plot(path: Path, result: dict[str, Any]) -> Path:
+    """Output tokens/s of pdserve and (unless skipped) HF generate, one bar each."""
     labels, values = ["pdserve"], [result["pdserve"]["output_tokens_per_s"]]
     if result["hf"] is not None:
         labels.append(f"HF generate (batch {result['hf']['batch_size']})")
@@ -247,8 +247,7 @@ def write_outputs(result: dict[str, Any], result_dir: Path) -> tuple[Path, Path]
         f"{result['machine']['torch_num_threads']} threads\n"
         + (f"pdserve / HF = {ratio:.2f}x (target {TARGET_RATIO:g}x)" if ratio is not None else "HF skipped")
     )
-    png_path = bar_chart(result_dir / f"{stem}.png", title, labels, values, "output tokens / s")
-    return json_path, png_path
+    return bar_chart(path, title, labels, values, "output tokens / s")
 
 
 CONTENDED_UTILIZATION = 0.8
@@ -321,8 +320,8 @@ def run_offline(config: OfflineConfig, engine: dict[str, Any]) -> dict[str, Any]
         pad_id = _pad_token_id(tokenizer)
         hf = run_hf(load_hf_model(hf_dir, engine["dtype"]), requests, config.hf_batch_size, pad_id, config.use_tqdm)
     result = build_result(config, engine, model_name, requests, pd, hf, num_preemptions)
-    json_path, png_path = write_outputs(result, config.result_dir)
-    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    stem = f"offline-{result['dtype']}"  # its JSON never named its files
+    write_outputs(result, config.result_dir, stem, lambda path: plot(path, result), files_in_json=False)
     return result
 
 
@@ -334,8 +333,6 @@ def _pad_token_id(tokenizer: Any) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from pdserve.cli import add_engine_args
-
     p = sub.add_parser(
         "offline",
         help="offline throughput: pdserve vs HF transformers generate",
@@ -378,8 +375,6 @@ def config_from_args(args: argparse.Namespace) -> OfflineConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.cli import engine_kwargs
-
     config = config_from_args(args)
     result = run_offline(config, engine_kwargs(args))
     print(summary(result, Path(result["files"]["json"]), Path(result["files"]["png"])))

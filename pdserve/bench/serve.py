@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.bench.common import LABEL_RE, add_output_args, code_version, machine_info, now_iso, write_json
+from pdserve.bench.common import (
+    LABEL_RE,
+    add_output_args,
+    code_version,
+    label_or_timestamp,
+    machine_info,
+    now_iso,
+    write_outputs,
+)
 from pdserve.bench.datasets import (
     DATASETS,
     Conversation,
@@ -333,7 +341,9 @@ def run_benchmark(config: ServeBenchConfig, conversations: list[Conversation]) -
         ][:MAX_ERRORS_RECORDED],
         "requests": [_request_record(c, t, r) for c, t, r in flat],
     }
-    write_outputs(result, results, config)
+    stem = f"serve-{config.dataset.name}-{config.endpoint}-{label_or_timestamp(config.label)}"
+    title = figure_title(result, config)
+    write_outputs(result, config.result_dir, stem, lambda path: plot_latency_cdfs(path, title, results))
     return result
 
 
@@ -355,23 +365,14 @@ def _request_record(conversation: int, turn: int, r: RequestResult) -> dict[str,
     }
 
 
-def write_outputs(result: dict[str, Any], results: list[RequestResult], config: ServeBenchConfig) -> tuple[Path, Path]:
-    """serve-<dataset>-<endpoint>-<label or timestamp>.json and .png; records both paths in result['files']."""
-    label = config.label or time.strftime("%Y%m%d-%H%M%S")
-    stem = f"serve-{config.dataset.name}-{config.endpoint}-{label}"
-    json_path = config.result_dir / f"{stem}.json"
-    png_path = config.result_dir / f"{stem}.png"
-    result["files"] = {"json": str(json_path), "png": str(png_path)}
-    write_json(json_path, result)
+def figure_title(result: dict[str, Any], config: ServeBenchConfig) -> str:
     m, cfg = result["metrics"], result["config"]
-    title = (
+    return (
         f"{result['server']['model']} at {config.api_root} ({config.endpoint}), {config.dataset.name}, "
         f"rate {cfg['request_rate']}/s, max concurrency {config.max_concurrency or 'none'}\n"
         f"{m['completed']}/{m['num_requests']} ok, {m['request_throughput']:.2f} req/s, "
         f"{m['output_throughput']:.1f} output tok/s"
     )
-    plot_latency_cdfs(png_path, title, results)
-    return json_path, png_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.common import LABEL_RE, add_output_args, code_version, fmt, machine_info, now_iso, write_json
+from pdserve.bench.common import (
+    LABEL_RE,
+    add_output_args,
+    code_version,
+    fmt,
+    label_or_timestamp,
+    machine_info,
+    now_iso,
+    write_outputs,
+)
 from pdserve.bench.datasets import Conversation, DatasetConfig, build_dataset, dataset_stats, load_tokenizer
 from pdserve.bench.deployment import Deployment
 from pdserve.bench.metrics import parse_goodput
@@ -323,8 +332,37 @@ def run(args: argparse.Namespace) -> int:
     records = run_deployments("pd-sweep", args.configs, lambda name, work: run_config(name, args, conversations, work))
     if isinstance(records, int):
         return records
+    result = _result(args, check, conversations, records, started)
+    gpus = f" on GPUs {','.join(map(str, args.gpus))}" if args.gpus else ", every instance on GPU 0"
+    title = (
+        f"{result['model']} ({args.dtype}){gpus}: {args.num_prompts} prompts per rate, {args.input_len} in / "
+        f"{args.output_len} out; pd = 1 prefill + 1 decode, mixed = 2 replicas"
+    )
+    stem = f"pd-sweep-{label_or_timestamp(args.label)}"
+    json_path, png_path = write_outputs(result, args.result_dir, stem, lambda path: plot(path, title, result))
+    print(format_table(result))
+    print(f"Results: {json_path}, {png_path}")
+    failed = [(c["name"], r) for c in records for r in c["rates"] if r["num_errors"]]
+    for name, r in failed:
+        first = r["errors"][0]["error"] if r["errors"] else "n/a"
+        print(
+            f"pdserve bench pd-sweep: error: {r['num_errors']} errors in {name!r} at {r['request_rate']:g} req/s; "
+            f"first: {first}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def _result(
+    args: argparse.Namespace,
+    check: ServeBenchConfig,
+    conversations: list[Conversation],
+    records: list[dict[str, Any]],
+    started: float,
+) -> dict[str, Any]:
+    """The JSON of a sweep (`check`: the workload's client config, `started`: time.monotonic() at its start)."""
     by_name = {r["name"]: r for r in records}
-    result = {
+    return {
         "benchmark": "pd-sweep",
         "date": now_iso(),
         "label": args.label,
@@ -358,24 +396,3 @@ def run(args: argparse.Namespace) -> int:
         "pd_over_mixed": ratios(by_name["pd"], by_name["mixed"]) if len(by_name) == 2 else None,
         "seconds": round(time.monotonic() - started, 1),
     }
-    stem = f"pd-sweep-{args.label or time.strftime('%Y%m%d-%H%M%S')}"
-    json_path, png_path = args.result_dir / f"{stem}.json", args.result_dir / f"{stem}.png"
-    result["files"] = {"json": str(json_path), "png": str(png_path)}
-    write_json(json_path, result)
-    gpus = f" on GPUs {','.join(map(str, args.gpus))}" if args.gpus else ", every instance on GPU 0"
-    title = (
-        f"{result['model']} ({args.dtype}){gpus}: {args.num_prompts} prompts per rate, {args.input_len} in / "
-        f"{args.output_len} out; pd = 1 prefill + 1 decode, mixed = 2 replicas"
-    )
-    plot(png_path, title, result)
-    print(format_table(result))
-    print(f"Results: {json_path}, {png_path}")
-    failed = [(c["name"], r) for c in records for r in c["rates"] if r["num_errors"]]
-    for name, r in failed:
-        first = r["errors"][0]["error"] if r["errors"] else "n/a"
-        print(
-            f"pdserve bench pd-sweep: error: {r['num_errors']} errors in {name!r} at {r['request_rate']:g} req/s; "
-            f"first: {first}",
-            file=sys.stderr,
-        )
-    return 1 if failed else 0

@@ -18,7 +18,6 @@ import psutil
 import pytest
 from helpers import require_module
 
-from pdserve.bench.launch import free_port
 from pdserve.launcher import (
     LaunchConfig,
     Launcher,
@@ -31,6 +30,7 @@ from pdserve.launcher import (
     omp_num_threads,
     plan_parts,
 )
+from pdserve.procs import free_port
 from pdserve.store.master import MasterProcess
 
 PY = "/py"
