@@ -190,7 +190,7 @@ class ParallelConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-ROLES = ("mixed", "prefill", "decode")
+ROLES = ("prefill", "decode", "mixed")  # the order instances start in and are listed
 KV_TRANSFER_MODES = ("direct", "storage")
 TRANSFER_ENGINES = ("auto", "shm", "cuda_ipc", "mooncake")
 LOAD_FAILURE_POLICIES = ("fail", "recompute")

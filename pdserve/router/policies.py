@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.router.registry import ROLES, Instance
+from pdserve.config import ROLES
+from pdserve.router.registry import Instance
 
 PREFIX_KEY_CHARS = 256  # of the prompt (or the concatenated chat messages) that pick a P under cache_aware
 PREFIX_KEY_TOKENS = 64  # of a token-id prompt, the same idea

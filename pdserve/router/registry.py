@@ -20,10 +20,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-logger = logging.getLogger(__name__)
+from pdserve.config import KV_TRANSFER_MODES, ROLES
 
-ROLES = ("prefill", "decode", "mixed")
-KV_TRANSFER_MODES = ("direct", "storage")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The control plane imports no torch: the package root, config, messages, the scheduler, the KV manager,
-the PD control plane, the router and the pool's base, each in a fresh interpreter."""
+the PD control plane, the router, the launcher, the transfer contract and the pool's base, each in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ LEAN_MODULES = [
     "pdserve.scheduler.pool_reads",
     "pdserve.disagg.storage",
     "pdserve.disagg.direct",
+    "pdserve.disagg.transfer.base",
+    "pdserve.launcher",
+    "pdserve.procs",
 ]
 
 PROBE = """
@@ -52,3 +55,11 @@ def test_llm_is_still_exported_lazily() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "pdserve.engine.llm"
+
+
+def test_cli_parser_imports_no_torch() -> None:
+    """`pdserve router` and `pdserve launch` build the whole parser (bench's subcommands too) before they run."""
+    code = "import sys; from pdserve.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -13,10 +13,12 @@ import logging
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from pdserve.messages import KVRegion
+
+if TYPE_CHECKING:  # the contract names tensors; the engines that move them import torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
