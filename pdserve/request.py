@@ -106,6 +106,17 @@ class RequestStatus(enum.Enum):
     FINISHED = enum.auto()
 
 
+class RequestState(enum.Enum):
+    """Where a request is in its lifecycle, as the scheduler (its one owner) answers it: `Scheduler.state_of`.
+    `RequestStatus` is the coarse field the scheduler writes; this names the waits apart."""
+
+    WAITING = "waiting"  # queued here, never run
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # parked: P waits for D's KVDest, D for admission and P's KV
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # queued again after it ran; readmission matches what was saved
+    FINISHED = "finished"  # with `finish_reason`
+
+
 @dataclass(eq=False)
 class Request:
     """Engine-side state of one request."""

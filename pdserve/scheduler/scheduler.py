@@ -19,6 +19,9 @@ Status:   WAITING --schedule--> RUNNING --stop/length/abort--> FINISHED
           RUNNING --preempt--> WAITING (num_preemptions > 0: `Request.is_preempted`)
           parked (WAITING) --enqueue--> WAITING, --add_computed--> RUNNING, --finish_parked--> FINISHED
 
+`state_of(request)` names the lifecycle state explicitly (`RequestState`): waiting,
+waiting for remote KV (parked), running, preempted, finished.
+
 The scheduler knows nothing about tensors, models or PD roles.
 """
 
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pdserve.config import SchedulerConfig
 from pdserve.kvcache.manager import KVCacheManager, PoolLoad
 from pdserve.messages import CacheOps, ForwardOutput, PoolRead, ScheduledSeq, StepPlan
-from pdserve.request import FinishReason, Request, RequestStatus
+from pdserve.request import FinishReason, Request, RequestState, RequestStatus
 from pdserve.scheduler.pool_reads import PoolReads
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,16 @@ class Scheduler:
         self.check_unused(request.req_id)
         self.requests[request.req_id] = request
         self.waiting.append(request)
+
+    def state_of(self, request: Request) -> RequestState:
+        """The lifecycle state of `request`, named explicitly (`RequestState`)."""
+        if request.status is RequestStatus.FINISHED:
+            return RequestState.FINISHED
+        if self.parked.get(request.req_id) is request:
+            return RequestState.WAITING_FOR_REMOTE_KV
+        if request.status is RequestStatus.RUNNING:
+            return RequestState.RUNNING
+        return RequestState.PREEMPTED if request.is_preempted else RequestState.WAITING
 
     def check_unused(self, req_id: str) -> None:
         """Raise ValueError if `req_id` names a request known here."""

@@ -9,7 +9,7 @@ import pytest
 from pdserve.config import SchedulerConfig
 from pdserve.kvcache import KVCacheManager
 from pdserve.messages import ForwardOutput, ScheduledSeq, StepPlan
-from pdserve.request import FinishReason, Request, RequestStatus, SamplingParams
+from pdserve.request import FinishReason, Request, RequestState, RequestStatus, SamplingParams
 from pdserve.scheduler.scheduler import RequestUpdate, Scheduler, SchedulerOutput
 
 
@@ -502,3 +502,28 @@ def test_check_integrity_catches_request_computed_beyond_its_blocks() -> None:
     r.num_computed_tokens = 5  # corrupt: one block holds at most 4
     with pytest.raises(AssertionError, match="a computed more tokens than its blocks hold"):
         s.check_integrity()
+
+
+def test_state_of_names_every_lifecycle_state() -> None:
+    s = make_scheduler(num_blocks=4, block_size=4)
+    a = make_request("a", 8, max_tokens=2)
+    b = make_request("b", 7, max_tokens=4, first_token=100)
+    remote = make_request("remote", 4, max_tokens=2, first_token=200)
+    s.add_request(a)
+    s.add_request(b)
+    s.park(remote)
+    assert [s.state_of(r) for r in (a, b, remote)] == [
+        RequestState.WAITING,
+        RequestState.WAITING,
+        RequestState.WAITING_FOR_REMOTE_KV,
+    ]
+    run_step(s)
+    assert s.state_of(a) is RequestState.RUNNING and s.state_of(b) is RequestState.RUNNING
+    run_step(s)  # a needs a third block: b, the most recently admitted, is preempted
+    assert s.state_of(b) is RequestState.PREEMPTED
+    while s.has_unfinished:
+        run_step(s)
+    assert s.state_of(a) is RequestState.FINISHED and s.state_of(b) is RequestState.FINISHED
+    s.finish_parked(remote, FinishReason.ABORT)
+    assert s.state_of(remote) is RequestState.FINISHED
+    assert_all_free(s)
