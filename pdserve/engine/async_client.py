@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -38,6 +39,7 @@ from pdserve.messages import (
     decode_from_core,
     encode,
 )
+from pdserve.native import preload_env
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class AsyncEngineClient:
         self._proc = mp.get_context("spawn").Process(
             target=core_main, args=(msgspec.json.encode(spec),), name="pdserve-engine-core"
         )
-        self._proc.start()
+        with _child_environ(_core_env(self.config)):
+            self._proc.start()
         self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_process())]
 
     async def shutdown(self) -> None:
@@ -217,3 +220,34 @@ class AsyncEngineClient:
             await asyncio.wait_for(
                 self._to_core.send(encode(AbortRequest(req_id=req_id, finish_reason=finish_reason))), timeout=2
             )
+
+
+def _runs_mooncake(config: EngineConfig) -> bool:
+    """Whether the engine core may open Mooncake listeners: a PD role's transfer engines, or a Mooncake pool."""
+    if config.cache.kv_store == "mooncake":
+        return True
+    return config.disagg.role != "mixed" and config.disagg.transfer_engine in ("auto", "mooncake")
+
+
+def _core_env(config: EngineConfig) -> dict[str, str] | None:
+    """The engine core's environment where it runs Mooncake: the bind-address shim preloaded (pdserve.native),
+    so Mooncake's listeners stay on loopback (or PDSERVE_BIND_HOST). None: this process's, unchanged."""
+    if not _runs_mooncake(config) or importlib.util.find_spec("mooncake") is None:
+        return None
+    return preload_env()  # raises ShimUnavailable with what to do
+
+
+@contextlib.contextmanager
+def _child_environ(env: dict[str, str] | None) -> Iterator[None]:
+    """os.environ is `env` while a spawned child starts (it inherits it), then what it was."""
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

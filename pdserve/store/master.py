@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from pdserve.native import ShimUnavailable, preload_env
 from pdserve.store.base import StoreError
 
 _GLOG_LEVELS = {"DEBUG": 0, "INFO": 0, "WARNING": 1, "ERROR": 2}
@@ -130,6 +131,7 @@ class MasterProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_parent_death_signal(),
+            env=_master_env(self.host),
         )
         deadline = time.monotonic() + self.start_timeout_s
         while not (is_port_open(self.host, self.port, 0.2) and is_port_open(self.host, self.metadata_port, 0.2)):
@@ -254,3 +256,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _master_env(host: str) -> dict[str, str]:
+    """The master's environment: the bind-address shim, since its HTTP metadata server ignores
+    --http_metadata_server_host and binds every interface (pdserve.native)."""
+    try:
+        return preload_env(host)
+    except ShimUnavailable as e:
+        raise StoreError(str(e)) from None

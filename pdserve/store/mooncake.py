@@ -51,6 +51,7 @@ from urllib.request import urlopen
 
 import torch
 
+from pdserve.native import bind_here
 from pdserve.store.base import KVStore, StoreError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class MooncakeStore(KVStore):
             from mooncake.store import MooncakeDistributedStore
         except ImportError as e:
             raise StoreError(f"mooncake is not installed ({e}); pip install mooncake-transfer-engine-non-cuda") from e
+        bind_here(local_hostname)  # its transfer engine's ports bind the wildcard address (pdserve.native)
         client = MooncakeDistributedStore()
         # NOTE: setup holds the GIL (no thread can bound it); _probe has just seen the master answer.
         try:

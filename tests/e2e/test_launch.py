@@ -1,5 +1,5 @@
 """`pdserve launch` end to end: a prefill and a decode instance of the default model behind the router, one
-completion through the OpenAI API, then SIGTERM: exit code 0 and no process of the deployment left. With
+completion through the OpenAI API, every listener of every process on loopback (Mooncake's included), then SIGTERM: exit code 0 and no process of the deployment left. With
 --kv-transfer storage, the launcher's Mooncake master carries the KV."""
 
 from __future__ import annotations
@@ -49,6 +49,23 @@ def _wait_router(proc: subprocess.Popen[bytes], url: str, output: Path) -> None:
     )
 
 
+def _listeners(pids: list[int]) -> list[tuple[int, str]]:
+    """(pid, 'address:port') of every TCP listener of these processes."""
+    found = []
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        found += [(pid, f"{c.laddr.ip}:{c.laddr.port}") for c in connections if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    ip = address.rsplit(":", 1)[0]
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kv_transfer", ["direct", "storage"])
@@ -90,6 +107,11 @@ def test_launch_serves_a_completion_and_stops_cleanly(kv_transfer: str, tmp_path
         )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8, r.json()
+        listeners = _listeners([proc.pid, *children])
+        public = [(pid, address) for pid, address in listeners if not _is_loopback(address)]
+        assert public == [], f"listening beyond loopback: {public}\n(all: {listeners})"
+        # the router, 2 API servers, 2 engine cores' control channels and Mooncake's ports (and the master's)
+        assert len(listeners) >= (11 if kv_transfer == "storage" else 8), listeners
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(STOP_TIMEOUT_S)
     finally:

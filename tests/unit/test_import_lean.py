@@ -32,6 +32,7 @@ LEAN_MODULES = [
     "pdserve.disagg.transfer.base",
     "pdserve.launcher",
     "pdserve.procs",
+    "pdserve.native",
 ]
 
 PROBE = """

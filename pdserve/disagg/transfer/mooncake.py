@@ -26,6 +26,7 @@ import torch
 from pdserve.disagg.transfer.base import TransferEngine, TransferError, check_peer, chunk_offset
 from pdserve.disagg.transfer.base import hostname as machine_name
 from pdserve.messages import KVRegion
+from pdserve.native import bind_here
 
 
 def merge_runs(srcs: Sequence[int], dsts: Sequence[int], length: int) -> tuple[list[int], list[int], list[int]]:
@@ -62,6 +63,7 @@ class MooncakeEngine(TransferEngine):
         self._engine: Any = None
         self._num_in_flight = 0
         self._is_closing = False
+        bind_here(hostname)  # its RPC and data ports bind the wildcard address: the shim sends them here
         engine = _MooncakeTE()
         code = engine.initialize(hostname, "P2PHANDSHAKE", "tcp", "")
         if code != 0:
