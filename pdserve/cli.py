@@ -49,6 +49,7 @@ def disagg_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         fault_delay_ms=args.fault_delay_ms,
         kv_load_failure_policy=args.kv_load_failure_policy,
         send_trace_dir=args.kv_send_trace_dir,
+        cluster_secret=args.cluster_secret or os.environ.get("PDSERVE_CLUSTER_SECRET") or None,
     )
 
 
@@ -110,6 +111,12 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--public-url", default=None, help="this server's URL as the router reaches it (default: http://HOST:PORT)"
     )
+    g.add_argument(
+        "--cluster-secret",
+        default=None,
+        help="a shared secret the deployment's control messages carry (KV control, registration); required "
+        "when the control socket binds beyond loopback (or PDSERVE_CLUSTER_SECRET; docs/security.md)",
+    )
     g.add_argument("--fault-delay-ms", type=int, default=0, help=argparse.SUPPRESS)  # testing only
     g.add_argument("--kv-send-trace-dir", default=None, help=argparse.SUPPRESS)  # testing only
 
@@ -162,6 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.kv_transfer,
         args.register_with,
         public_url,
+        max_request_bytes=args.max_request_bytes,
+        stall_timeout_s=args.stall_timeout,
     )
     client = AsyncEngineClient(config, args.log_level.upper())
     app = build_app(client, tokenizer, settings)
@@ -217,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="requests that may wait beyond --max-num-seqs before new ones get 503",
     )
+    from pdserve.http.limits import add_robustness_args
+
+    add_robustness_args(serve)
     add_engine_args(serve)
     add_disagg_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -233,6 +233,7 @@ class DisaggConfig:
     kv_load_failure_policy: str = "fail"
     fault_delay_ms: int = 0
     send_trace_dir: str | None = None
+    cluster_secret: str | None = None  # control messages carry it and are refused without it (docs/security.md)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -37,7 +37,7 @@ def launch_config_from_args(args: argparse.Namespace, env_api_key: str | None = 
         kv_transfer=args.kv_transfer, kv_transfer_engine=args.kv_transfer_engine, policy=args.policy,
         host=args.host, port=args.port, api_key=args.api_key or env_api_key or None,
         log_level=getattr(args, "log_level", "INFO"), engine_argv=tuple(engine_argv(args)),
-        gpus=getattr(args, "gpus", ()),
+        gpus=getattr(args, "gpus", ()), max_request_bytes=args.max_request_bytes, stall_timeout=args.stall_timeout,
     )  # fmt: skip
 
 
@@ -93,6 +93,9 @@ def add_launch_parser(
         default=900.0,
         help="seconds for every part to answer /health before the launch is abandoned",
     )
+    from pdserve.http.limits import add_robustness_args
+
+    add_robustness_args(g)
     add_engine_args(launch)
     launch.set_defaults(func=cmd_launch)
     return launch

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pdserve.config import KV_TRANSFER_MODES, ROLES
 from pdserve.config import TRANSFER_ENGINES as KV_TRANSFER_ENGINES
+from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S
 from pdserve.procs import free_port
 
 INSTANCE_ROLES = ROLES
@@ -36,6 +37,8 @@ class LaunchConfig:
     log_level: str = "INFO"
     engine_argv: tuple[str, ...] = ()
     gpus: tuple[int, ...] = ()  # CUDA devices the instances are spread over (empty: each instance's rank r on r)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # the router's and every instance's
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # the router's and every instance's
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -148,6 +151,7 @@ def build_instance_argv(
             config.kv_transfer_engine,
         ]
     argv += ["--tensor-parallel-size", str(config.tp), "--log-level", config.log_level]
+    argv += _robustness_argv(config)
     if part.gpu_ids:
         argv += ["--gpu-ids", ",".join(map(str, part.gpu_ids))]
     if store_config is not None:
@@ -166,7 +170,18 @@ def build_router_argv(config: LaunchConfig, instances: Sequence[Part], python: s
         argv += ["--policy", config.policy]
     if config.api_key:
         argv += ["--api-key", config.api_key]
+    argv += _robustness_argv(config)
     return argv + ["--log-level", config.log_level]
+
+
+def _robustness_argv(config: LaunchConfig) -> list[str]:
+    """--max-request-bytes and --stall-timeout where they differ from the defaults (router and instances alike)."""
+    argv = []
+    if config.max_request_bytes != DEFAULT_MAX_REQUEST_BYTES:
+        argv += ["--max-request-bytes", str(config.max_request_bytes)]
+    if config.stall_timeout != DEFAULT_STALL_TIMEOUT_S:
+        argv += ["--stall-timeout", f"{config.stall_timeout:g}"]
+    return argv
 
 
 def usable_cpus() -> int:

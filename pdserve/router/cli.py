@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pdserve.http.limits import add_robustness_args
 from pdserve.router.policies import POLICIES, RouterPolicy, make_policy
 from pdserve.router.registry import HealthSettings, Registry
 
@@ -78,6 +79,20 @@ def add_router_parser(
         default=None,
         help="require 'Authorization: Bearer KEY' from clients and send it to instances (or PDSERVE_API_KEY)",
     )
+    add_robustness_args(p)
+    p.add_argument(
+        "--max-migrations",
+        type=int,
+        default=2,
+        help="times one request may move to another instance when its instance dies or stalls mid-request "
+        "(0: never; the client then gets an error event within the stall timeout)",
+    )
+    p.add_argument(
+        "--cluster-secret",
+        default=None,
+        help="a shared secret the deployment's control messages carry (instance registration, KV control); "
+        "required when anything binds beyond loopback (or PDSERVE_CLUSTER_SECRET; docs/security.md)",
+    )
     if not any(a.dest == "log_level" for parent in parents for a in parent._actions):
         p.add_argument(
             "--log-level",
@@ -95,7 +110,14 @@ def build_from_args(args: argparse.Namespace) -> tuple[Registry, RouterPolicy, R
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
-    settings = RouterSettings(request_timeout_s=args.request_timeout, api_key=api_key)
+    settings = RouterSettings(
+        request_timeout_s=args.request_timeout,
+        api_key=api_key,
+        max_request_bytes=args.max_request_bytes,
+        stall_timeout_s=args.stall_timeout,
+        max_migrations=args.max_migrations,
+        cluster_secret=args.cluster_secret or os.environ.get("PDSERVE_CLUSTER_SECRET") or None,
+    )
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     registry = Registry(HealthSettings(interval_s=args.health_interval), headers)
     for role in ("prefill", "decode", "mixed"):

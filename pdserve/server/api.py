@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.engine.async_client import AsyncEngineClient, EngineDeadError, RequestRejected
 from pdserve.http.auth import require_api_key
 from pdserve.http.errors import add_error_handlers, error_response
+from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.serving import Event, Prepared, Serving, sse, usage
@@ -38,6 +39,8 @@ class ServerSettings:
     register_with: str | None = None  # a router URL to join with heartbeats
     public_url: str | None = None  # this server's URL as the router should reach it
     heartbeat_interval: float = 2.0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body is a 413 before it is read
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # an engine core silent this long has stalled
 
 
 def _rejection(exc: RequestRejected) -> JSONResponse:

@@ -15,17 +15,18 @@ ROOT = Path(pdserve.__file__).parent
 # its control plane (pure Python) and its data plane (transfer engines, the sender, the worker's plane).
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
+    "native": {"config"},
     "messages": set(),
     "validation": set(),
     "piped_child": set(),
     "request": {"messages"},
     "pdserve": {"request", "engine"},  # the package root: `LLM` lazily
     "kvcache": {"messages", "request"},
-    "store": {"config"},
+    "store": {"config", "native"},
     "scheduler": {"config", "kvcache", "messages", "request"},
     "disagg.control": {"config", "kvcache", "messages", "request", "scheduler"},
     "layers": {"messages"},
-    "disagg.data": {"config", "layers", "messages", "piped_child"},
+    "disagg.data": {"config", "layers", "messages", "native", "piped_child"},
     "models": {"config", "layers"},
     "worker": {"config", "disagg.data", "kvcache", "layers", "messages", "models", "store"},
     "engine": {
@@ -34,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
         "kvcache",
         "messages",
         "models",
+        "native",
         "request",
         "scheduler",
         "validation",
@@ -43,7 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"engine", "http", "messages", "request", "validation"},
     "router": {"config", "http"},
     "procs": set(),
-    "launcher": {"config", "procs", "store"},
+    "launcher": {"config", "http", "procs", "store"},
     "cli": {"*"},
     "bench": {"*"},
 }
