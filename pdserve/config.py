@@ -261,6 +261,24 @@ class DisaggConfig:
                 f"--kv-load-failure-policy {self.kv_load_failure_policy!r} is not one of "
                 f"{', '.join(LOAD_FAILURE_POLICIES)}"
             )
+        if self.role != "mixed" and not self.cluster_secret and not self.is_loopback(self.control_host):
+            raise ValueError(
+                f"--control-host {self.control_host} opens the KV control socket beyond loopback; anyone who "
+                "reaches it could send KVDone/KVAbort, so give every instance of the deployment the same "
+                "--cluster-secret (or PDSERVE_CLUSTER_SECRET), or bind 127.0.0.1 (docs/security.md)"
+            )
+
+    @staticmethod
+    def is_loopback(host: str) -> bool:
+        """Whether `host` names this machine's loopback only (127.x.y.z, ::1, localhost); names are not resolved."""
+        import ipaddress
+
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            return False
 
     @property
     def writes_output_to_pool(self) -> bool:

@@ -4,12 +4,20 @@ Each engine core binds one PULL socket (127.0.0.1 unless told otherwise) and kee
 peer it talks to. Sends never block: a message to a peer that is gone waits in ZMQ's queue (a peer that
 comes back under a new incarnation drops it), one that cannot be queued makes `send` return False, and
 the caller's deadline takes over either way.
+
+With a cluster secret (--cluster-secret), every message is two frames: the encoded message and its
+authenticator, HMAC-SHA256 keyed by the secret over a context label and the message bytes. A receiver with a
+secret drops any message without a valid authenticator (logged once per peer address and reason, counted in
+`num_refused`); a receiver without one reads the first frame, as it always did. The secret authenticates; it
+does not encrypt (docs/security.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import msgspec
 import zmq
@@ -19,10 +27,24 @@ from pdserve.messages import PROTOCOL_VERSION, ControlMessage, Message, decode_c
 logger = logging.getLogger(__name__)
 
 MAX_PEERS = 256
+MAC_LABEL = b"pdserve-control-v1\x00"  # binds an authenticator to this channel's messages, and no other use
+REFUSED_NO_MAC = "no authenticator (the sender has no --cluster-secret)"
+REFUSED_BAD_MAC = "a wrong authenticator (the sender has another --cluster-secret)"
+REFUSED_FRAMES = "an unexpected number of frames"
+
+
+def authenticator(secret: str, data: bytes) -> bytes:
+    """HMAC-SHA256 of one encoded control message, keyed by the deployment's cluster secret."""
+    return hmac.new(secret.encode(), MAC_LABEL + data, hashlib.sha256).digest()
 
 
 class ControlChannel:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, ctx: zmq.Context | None = None, secret: str | None = None
+    ) -> None:
+        self._secret = secret or None
+        self.num_refused: Counter[str] = Counter()  # reason -> messages dropped for want of a valid authenticator
+        self._warned: set[tuple[str, str]] = set()  # (peer address, reason) already logged at WARNING
         self._ctx = ctx or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -51,21 +73,27 @@ class ControlChannel:
                 _, old = self._peers.popitem(last=False)
                 old.close()
         self._peers.move_to_end(address)
+        data = encode(message)
+        frames = [data] if self._secret is None else [data, authenticator(self._secret, data)]
         try:
-            sock.send(encode(message), zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             logger.warning("peer %s is not reading; dropping %s", address, type(message).__name__)
             return False
         return True
 
     def recv_all(self) -> list[ControlMessage]:
-        """Every message waiting now (never blocks); undecodable or wrong-version messages are dropped."""
+        """Every message waiting now (never blocks); unauthenticated (when this channel has a secret),
+        undecodable or wrong-version messages are dropped."""
         messages: list[ControlMessage] = []
         while True:
             try:
-                data = self.socket.recv(zmq.NOBLOCK)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return messages
+            data = self._authenticated(frames)
+            if data is None:
+                continue
             try:
                 message = decode_control(data)
             except msgspec.DecodeError as e:
@@ -80,6 +108,38 @@ class ControlChannel:
                 continue
             messages.append(message)
 
+    def _authenticated(self, frames: list[zmq.Frame]) -> bytes | None:
+        """The message bytes of one received message, or None (counted and logged) if it must be dropped."""
+        data = frames[0].bytes
+        if self._secret is None:
+            return data  # a sender with a secret adds a frame; a receiver without one ignores it
+        if len(frames) == 1:
+            reason = REFUSED_NO_MAC
+        elif len(frames) != 2:
+            reason = REFUSED_FRAMES
+        elif not hmac.compare_digest(frames[1].bytes, authenticator(self._secret, data)):
+            reason = REFUSED_BAD_MAC
+        else:
+            return data
+        self._refuse(_peer_address(frames[0]), reason)
+        return None
+
+    def _refuse(self, peer: str, reason: str) -> None:
+        self.num_refused[reason] += 1
+        key = (peer, reason)
+        is_new = key not in self._warned and len(self._warned) < MAX_PEERS
+        if is_new:
+            self._warned.add(key)
+        logger.log(
+            logging.WARNING if is_new else logging.DEBUG,
+            "refusing a control message from %s: %s; every instance of a deployment needs the same "
+            "--cluster-secret (or PDSERVE_CLUSTER_SECRET) (%d refused for this reason so far; further ones "
+            "from this peer are logged at DEBUG)",
+            peer,
+            reason,
+            self.num_refused[reason],
+        )
+
     def close(self) -> None:
         for sock in self._peers.values():
             sock.close()
@@ -87,9 +147,16 @@ class ControlChannel:
         self.socket.close()
 
 
+def _peer_address(frame: zmq.Frame) -> str:
+    """The sending host's address as ZMQ saw it (TCP only), or 'an unknown peer'."""
+    try:
+        return str(frame.get("Peer-Address")) or "an unknown peer"
+    except zmq.ZMQError:
+        return "an unknown peer"
+
+
 def prompt_digest(token_ids: tuple[int, ...] | list[int]) -> str:
     """A stable digest of a prompt's token ids (P and D must have tokenized identically)."""
-    import hashlib
     import struct
 
     return hashlib.blake2b(struct.pack(f"<{len(token_ids)}I", *token_ids), digest_size=16).hexdigest()

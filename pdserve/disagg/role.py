@@ -119,7 +119,7 @@ class MixedRole(PDRole):
 class _PeerRole(PDRole):
     def __init__(self, ctx: RoleContext, config: DisaggConfig) -> None:
         self.ctx = ctx
-        self.control = ControlChannel(config.control_host, config.control_port)
+        self.control = ControlChannel(config.control_host, config.control_port, secret=config.cluster_secret)
         self.control_address = self.control.address
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 from pdserve.config import parse_gpu_ids
 from pdserve.launcher.engine_args import add_engine_args, engine_argv
 from pdserve.launcher.plan import (
+    CLUSTER_SECRET_VAR,
     KV_TRANSFER_ENGINES,
     KV_TRANSFER_MODES,
     ROUTER,
@@ -18,6 +19,7 @@ from pdserve.launcher.plan import (
     build_instance_argv,
     build_router_argv,
     child_env,
+    cluster_secret_for,
     omp_num_threads,
     plan_parts,
     usable_cpus,
@@ -27,8 +29,12 @@ from pdserve.procs import port_allocator
 from pdserve.store.master import MasterProcess, is_port_open
 
 
-def launch_config_from_args(args: argparse.Namespace, env_api_key: str | None = None) -> LaunchConfig:
-    """The LaunchConfig of `pdserve launch` flags; `env_api_key` (PDSERVE_API_KEY) applies when --api-key is unset."""
+def launch_config_from_args(
+    args: argparse.Namespace, env_api_key: str | None = None, env_cluster_secret: str | None = None
+) -> LaunchConfig:
+    """The LaunchConfig of `pdserve launch` flags; `env_api_key` (PDSERVE_API_KEY) applies when --api-key is unset.
+    The cluster secret is `env_cluster_secret` (PDSERVE_CLUSTER_SECRET), or a new one when --host is beyond
+    loopback (cluster_secret_for)."""
     tp = args.tp if args.tp is not None else args.tensor_parallel_size
     if args.tp is not None and args.tensor_parallel_size not in (1, args.tp):
         raise ValueError(f"--tp {args.tp} and --tensor-parallel-size {args.tensor_parallel_size} disagree; give one")
@@ -38,6 +44,7 @@ def launch_config_from_args(args: argparse.Namespace, env_api_key: str | None = 
         host=args.host, port=args.port, api_key=args.api_key or env_api_key or None,
         log_level=getattr(args, "log_level", "INFO"), engine_argv=tuple(engine_argv(args)),
         gpus=getattr(args, "gpus", ()), max_request_bytes=args.max_request_bytes, stall_timeout=args.stall_timeout,
+        cluster_secret=cluster_secret_for(args.host, env_cluster_secret),
     )  # fmt: skip
 
 
@@ -102,7 +109,7 @@ def add_launch_parser(
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    config = launch_config_from_args(args, os.environ.get("PDSERVE_API_KEY"))
+    config = launch_config_from_args(args, os.environ.get("PDSERVE_API_KEY"), os.environ.get(CLUSTER_SECRET_VAR))
     if args.startup_timeout <= 0:
         raise ValueError(f"--startup-timeout must be > 0, got {args.startup_timeout:g}")
     parts = plan_parts(config, allocate := port_allocator())
@@ -118,6 +125,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
             return build_router_argv(config, instances)
         return build_instance_argv(config, part, store_config)
 
-    env = child_env(os.environ, omp_num_threads(config.num_instances, config.tp, usable_cpus()))
+    env = child_env(os.environ, omp_num_threads(config.num_instances, config.tp, usable_cpus()), config.cluster_secret)
+    if config.cluster_secret and not os.environ.get(CLUSTER_SECRET_VAR):
+        print(
+            f"pdserve launch: the router binds {config.host}, beyond loopback: its parts share a new random "
+            f"cluster secret; set {CLUSTER_SECRET_VAR} to choose it (instances on other hosts need it to "
+            "join with --register-with)",
+            flush=True,
+        )
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="pdserve-launch-"))
     return run_until_signal(Launcher(parts, argv_for, log_dir, env, args.startup_timeout, master=master))

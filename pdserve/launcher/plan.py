@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pdserve.config import KV_TRANSFER_MODES, ROLES
+from pdserve.config import KV_TRANSFER_MODES, ROLES, DisaggConfig
 from pdserve.config import TRANSFER_ENGINES as KV_TRANSFER_ENGINES
 from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S
 from pdserve.procs import free_port
 
 INSTANCE_ROLES = ROLES
 ROUTER = "router"
+CLUSTER_SECRET_VAR = "PDSERVE_CLUSTER_SECRET"  # how children get the cluster secret: never on a command line
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class LaunchConfig:
     gpus: tuple[int, ...] = ()  # CUDA devices the instances are spread over (empty: each instance's rank r on r)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # the router's and every instance's
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # the router's and every instance's
+    cluster_secret: str | None = field(default=None, repr=False)  # every child's, through CLUSTER_SECRET_VAR
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -194,9 +197,21 @@ def omp_num_threads(num_instances: int, tp: int, num_cpus: int) -> int:
     return max(1, num_cpus // (num_instances * tp))
 
 
-def child_env(base: Mapping[str, str], num_threads: int) -> dict[str, str]:
-    """The children's environment: the user's OMP_NUM_THREADS wins; no API key (only the router checks one)."""
+def cluster_secret_for(host: str, given: str | None) -> str | None:
+    """The deployment's cluster secret: `given` (PDSERVE_CLUSTER_SECRET) when set; else a new random one when
+    the router binds `host` beyond loopback; else None (every listener is on loopback)."""
+    if given:
+        return given
+    return None if DisaggConfig.is_loopback(host) else secrets.token_hex(32)
+
+
+def child_env(base: Mapping[str, str], num_threads: int, cluster_secret: str | None = None) -> dict[str, str]:
+    """The children's environment: the user's OMP_NUM_THREADS wins; no API key (only the router checks one);
+    the cluster secret, when there is one, in CLUSTER_SECRET_VAR (an environment is private to its process and
+    user, a command line is not)."""
     env = {k: v for k, v in base.items() if k != "PDSERVE_API_KEY"}
+    if cluster_secret:
+        env[CLUSTER_SECRET_VAR] = cluster_secret
     env.setdefault("OMP_NUM_THREADS", str(num_threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"  # their stdout is a pipe: lines must reach the log as they are written

@@ -5,7 +5,9 @@ It POSTs /register {"url", "role", "interval"} every interval and POST
 fatal: the instance keeps serving and keeps trying. The interval in the body
 tells the router when heartbeats stopped (after `num_missed_heartbeats`). The
 router's side is pdserve/router/membership.py; this module knows only the
-router's URL and those two endpoints.
+router's URL and those two endpoints. With a cluster secret, every POST carries
+it in the X-PDServe-Cluster-Secret header (a router with a secret refuses
+membership changes without it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import aiohttp
 logger = logging.getLogger(__name__)
 
 UNREGISTER_TIMEOUT_S = 2.0
+SECRET_HEADER = "X-PDServe-Cluster-Secret"  # the router's name for it: pdserve.router.membership.SECRET_HEADER
 
 
 async def _post(
@@ -35,8 +38,21 @@ async def _post(
         return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def _headers(api_key: str | None, cluster_secret: str | None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if cluster_secret:
+        headers[SECRET_HEADER] = cluster_secret
+    return headers
+
+
 async def heartbeat(
-    router_url: str, self_url: str, role: str, interval: float, stop: asyncio.Event, api_key: str | None = None
+    router_url: str,
+    self_url: str,
+    role: str,
+    interval: float,
+    stop: asyncio.Event,
+    api_key: str | None = None,
+    cluster_secret: str | None = None,
 ) -> None:
     """Register `self_url` as `role` with the router every `interval` seconds until `stop` is set, then unregister.
 
@@ -46,7 +62,7 @@ async def heartbeat(
     if not interval > 0:
         raise ValueError(f"the heartbeat interval must be > 0 seconds, got {interval}")
     router_url = router_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = _headers(api_key, cluster_secret)
     body: dict[str, object] = {"url": self_url, "role": role, "interval": interval}
     is_failing, is_registered = False, False
     async with aiohttp.ClientSession() as session:
