@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,28 +15,30 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.http.auth import require_api_key
-from pdserve.http.errors import add_error_handlers
+from pdserve.http.errors import ApiError, add_error_handlers
+from pdserve.http.limits import RequestSizeLimit, parse_json_body
 from pdserve.router.exchange import Exchange, Failure, RouterSettings, RouterState
 from pdserve.router.membership import add_membership_routes
 from pdserve.router.metrics import NO_INSTANCE
 from pdserve.router.policies import RouteError, RouterPolicy, plan_route, request_key
 from pdserve.router.registry import Registry
+from pdserve.router.shape import body_shape_problem
 
 logger = logging.getLogger(__name__)
 __all__ = ["RouterSettings", "build_router_app"]
 
 
-def _parse_body(raw: bytes) -> dict[str, Any]:
+def _parse_body(raw: bytes, path: str) -> dict[str, Any]:
+    """The client's body, checked once before it goes to any instance: JSON that parse_json_body accepts (UTF-8,
+    nesting depth, finite numbers), an object, and the OpenAI shape of `path` (shape.py). Failure 400 if not."""
     try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise Failure.make(
-            400, f"the request body is not valid JSON ({e})", "invalid_request", NO_INSTANCE, "invalid_request_error"
-        ) from None
-    if not isinstance(body, dict):
-        raise Failure.make(
-            400, "the request body must be a JSON object", "invalid_request", NO_INSTANCE, "invalid_request_error"
-        )
+        body = parse_json_body(raw)
+    except ApiError as e:
+        problem: str | None = e.message
+    else:
+        problem = body_shape_problem(body, path)
+    if problem is not None:
+        raise Failure.make(400, problem, "invalid_request", NO_INSTANCE, "invalid_request_error")
     body.pop("kv_transfer_params", None)  # the router's to set, never the client's
     return body
 
@@ -71,6 +72,7 @@ def build_router_app(registry: Registry, policy: RouterPolicy, settings: RouterS
 
     app = FastAPI(title="pdserve router", version="0.1.0", lifespan=lifespan)
     app.state.router = state
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)  # 413, before the body is read
     add_error_handlers(app, logger, "router")
     auth = [Depends(require_api_key(settings.api_key))]
     _add_openai_routes(app, state, auth)
@@ -81,7 +83,7 @@ def build_router_app(registry: Registry, policy: RouterPolicy, settings: RouterS
 def _add_openai_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> None:
     async def proxy(request: Request, path: str) -> Response:
         try:
-            body = _parse_body(await request.body())
+            body = _parse_body(await request.body(), path)
             route = plan_route(state.registry.instances(), state.policy, request_key(body))
         except (Failure, RouteError) as e:
             failure = e if isinstance(e, Failure) else Failure.make(e.status, e.message, e.code, NO_INSTANCE)

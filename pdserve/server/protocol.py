@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+from pdserve.http.limits import json_type
+
+# strict: a JSON true, 1.0 or "1" is not a token id (lax pydantic would take them as 1)
+TokenId = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
 
 
 class StreamOptions(BaseModel):
@@ -29,7 +32,7 @@ class KVTransferParams(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # a float field refuses NaN and +-inf
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -46,6 +49,11 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     kv_transfer_params: KVTransferParams | None = None
+    # set by the router (docs/server.md, "Migration"); clients leave them out:
+    # a streamed chunk's choice carries the `token_ids` of its delta
+    stream_token_ids: bool = False
+    # the completion so far of a request that moved here from a failed instance: generation resumes after it
+    resume_token_ids: list[TokenId] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -62,6 +70,17 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _int_token_ids(cls, v: Any) -> Any:
+        """A clearer message than the union's for the common mistake: a list of numbers that are not all ints."""
+        ids = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], list) else v
+        if isinstance(ids, list) and any(isinstance(t, (int, float)) for t in ids):
+            for i, t in enumerate(ids):
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise ValueError(f"token id {i} is {json_type(t)}; token ids must be JSON integers")
+        return v
 
     @field_validator("prompt")
     @classmethod
