@@ -147,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue_len < 0:
         raise ValueError(f"--max-queue-len must be >= 0, got {args.max_queue_len}")
+    if args.tokenizer_threads < 1:
+        raise ValueError(f"--tokenizer-threads must be >= 1, got {args.tokenizer_threads}")
     config = engine_config(args, disagg_config(args))
     source = resolve_model(config.model)
     arch = load_arch(source)  # converts a GGUF once, before the engine process starts
@@ -171,8 +173,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         public_url,
         max_request_bytes=args.max_request_bytes,
         stall_timeout_s=args.stall_timeout,
+        num_tokenizer_threads=args.tokenizer_threads,
     )
-    client = AsyncEngineClient(config, args.log_level.upper())
+    client = AsyncEngineClient(config, args.log_level.upper(), stall_timeout_s=args.stall_timeout)
     app = build_app(client, tokenizer, settings)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -225,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="requests that may wait beyond --max-num-seqs before new ones get 503",
+    )
+    serve.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=2,
+        help="threads that tokenize prompts and apply chat templates, off the event loop (default: 2)",
     )
     from pdserve.http.limits import add_robustness_args
 

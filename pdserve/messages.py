@@ -30,6 +30,9 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     min_p: float = 0.0
     seed: int | None = None
     num_logprobs: int = -1  # -1: none; k >= 0: the sampled token plus the top k
+    # the sampled token's index in the completion: a seeded sample is keyed on (seed, sample_index), so a request
+    # continues the same sequence wherever its next token is sampled (P then D, after a preemption or a migration)
+    sample_index: int = 0
 
 
 class ScheduledSeq(msgspec.Struct, frozen=True):
@@ -224,6 +227,7 @@ class WireSamplingParams(msgspec.Struct, frozen=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    output_offset: int = 0  # completion tokens generated before this request (a migrated request resumes after them)
 
 
 class TransferHandle(msgspec.Struct, frozen=True):
@@ -365,7 +369,11 @@ WorkerToEngine = Union[ForwardOutput, PoolLoaded, RankReport, WorkerReady, Worke
 ControlMessage = Union[KVDest, KVDone, KVAbort]
 EngineToWorker = Union[StepPlan, LoadFromPool, Shutdown]
 ApiToEngine = Union[AddRequest, AbortRequest, Shutdown]
-EngineToApi = Union[EngineOutputs, EngineReady, EngineFailed]
+class EngineHeartbeat(Message):
+    """The engine core process is alive (sent every second by a thread of its own, during long steps too)."""
+
+
+EngineToApi = Union[EngineOutputs, EngineReady, EngineFailed, EngineHeartbeat]
 
 _encoder = msgspec.msgpack.Encoder()
 _worker_decoder = msgspec.msgpack.Decoder(WorkerToEngine)

@@ -34,6 +34,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    # completion tokens generated before this request began: a migrated request's prompt ends with them, and its
+    # first sampled token is the completion's token number `output_offset` (what seeded sampling is keyed on)
+    output_offset: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +61,8 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not isinstance(self.output_offset, int) or self.output_offset < 0:
+            raise ValueError(f"output_offset must be an integer >= 0, got {self.output_offset!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -75,6 +80,7 @@ class SamplingParams:
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs,
+            output_offset=self.output_offset,
         )
 
     @classmethod
@@ -82,8 +88,8 @@ class SamplingParams:
         """Rebuild and re-validate; raises ValueError naming the bad field."""
         return cls(**{f.name: getattr(wire, f.name) for f in dataclasses.fields(cls) if hasattr(wire, f.name)})
 
-    def to_spec(self) -> SamplingSpec:
-        """What a worker needs to sample one token of the request."""
+    def to_spec(self, num_output_tokens: int = 0) -> SamplingSpec:
+        """What a worker needs to sample the request's next token, when it has `num_output_tokens` already."""
         return SamplingSpec(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -91,6 +97,7 @@ class SamplingParams:
             min_p=self.min_p,
             seed=self.seed,
             num_logprobs=-1 if self.logprobs is None else self.logprobs,
+            sample_index=self.output_offset + num_output_tokens,
         )
 
 

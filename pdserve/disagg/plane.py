@@ -59,7 +59,7 @@ class SendPlane(KVPlane):
 
     def open(self, kv_cache: torch.Tensor, rank: int, num_layers: int) -> None:
         c = self.config
-        self.engines = open_engines(c.transfer_engine, kv_cache, self.shm_path, receive=False)
+        self.engines = open_engines(c.transfer_engine, kv_cache, self.shm_path, receive=False, host=c.control_host)
         if self.engines:
             self.sender = KVSender(self.engines, rank, num_layers, c.send_trace_dir, c.fault_delay_ms)
 
@@ -77,7 +77,8 @@ class ReceivePlane(KVPlane):
         return super().allocate_cache(shape, dtype, device, rank)
 
     def open(self, kv_cache: torch.Tensor, rank: int, num_layers: int) -> None:
-        self.engines = open_engines(self.config.transfer_engine, kv_cache, self.shm_path, receive=True)
+        c = self.config
+        self.engines = open_engines(c.transfer_engine, kv_cache, self.shm_path, receive=True, host=c.control_host)
         if self.engines:  # a sender too, as before: D's plans carry no kv_sends, so it stays idle
             c = self.config
             self.sender = KVSender(self.engines, rank, num_layers, c.send_trace_dir, c.fault_delay_ms)

@@ -57,15 +57,34 @@ class RequestRejected(ValueError):
         self.code = code
 
 
+class EngineStalledError(RequestRejected):
+    """The engine core sent nothing for longer than the stall timeout: it is stuck in a step."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 503, "engine_stalled")
+
+
 @dataclass
 class _Stream:
     queue: asyncio.Queue[RequestDelta | Exception]
 
 
 class AsyncEngineClient:
-    def __init__(self, config: EngineConfig, log_level: str = "INFO") -> None:
+    """The API server's handle on its engine core process: requests in, token deltas out, and the core's health.
+
+    Health has two parts: liveness (the process runs and has not failed) and progress (it sent something within
+    `stall_timeout_s`: it steps, or idles and says so every second). A core that stalls fails the open requests
+    with EngineStalledError (503 engine_stalled) and is reported unhealthy until it speaks again.
+    """
+
+    def __init__(self, config: EngineConfig, log_level: str = "INFO", stall_timeout_s: float | None = None) -> None:
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ValueError(f"--stall-timeout must be > 0 seconds, got {stall_timeout_s}")
         self.config = config
         self.log_level = log_level
+        self.stall_timeout_s = stall_timeout_s  # None: no stall detection
+        self.stall: str | None = None  # why the engine core counts as stalled now
+        self._last_heard = 0.0  # monotonic time of its last message
         self.info: EngineReady | None = None
         self.failure: str | None = None
         self.stats = EngineStats()
@@ -95,6 +114,8 @@ class AsyncEngineClient:
         with _child_environ(_core_env(self.config)):
             self._proc.start()
         self._tasks = [asyncio.create_task(self._read_outputs()), asyncio.create_task(self._watch_process())]
+        if self.stall_timeout_s is not None:
+            self._tasks.append(asyncio.create_task(self._watch_progress(self.stall_timeout_s)))
 
     async def shutdown(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -117,7 +138,26 @@ class AsyncEngineClient:
 
     @property
     def is_healthy(self) -> bool:
-        return self.is_ready and self._proc is not None and self._proc.is_alive()
+        return self.is_ready and self.stall is None and self._proc is not None and self._proc.is_alive()
+
+    async def _watch_progress(self, timeout_s: float) -> None:
+        """Mark the engine core stalled when it has been silent for `timeout_s` (after it was ready)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(0.5, timeout_s / 4))
+            silent_s = loop.time() - self._last_heard
+            if self.info is None or self.failure is not None or self.stall is not None or silent_s < timeout_s:
+                continue
+            self.stall = f"the engine core has made no progress for {silent_s:.1f} s (--stall-timeout {timeout_s:g})"
+            logger.error("%s; failing its %d open requests", self.stall, len(self._streams))
+            for stream in self._streams.values():
+                stream.queue.put_nowait(EngineStalledError(self.stall))
+
+    def _heard(self) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        if self.stall is not None:
+            logger.warning("the engine core is making progress again (%s)", self.stall)
+            self.stall = None
 
     def _fail_all(self, error: str) -> None:
         self.failure = error
@@ -135,6 +175,7 @@ class AsyncEngineClient:
         incarnation: str | None = None  # of the engine core that said it is ready
         while True:
             data = await self._from_core.recv()
+            self._heard()
             try:
                 message = decode_from_core(data)
             except msgspec.DecodeError as e:
@@ -190,6 +231,8 @@ class AsyncEngineClient:
         """Yield deltas until the request finishes. Leaving the loop early aborts the request."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
+        if self.stall is not None:
+            raise EngineStalledError(self.stall)
         stream = _Stream(asyncio.Queue())
         self._streams[req_id] = stream
         finished = False
@@ -222,17 +265,20 @@ class AsyncEngineClient:
             )
 
 
-def _runs_mooncake(config: EngineConfig) -> bool:
-    """Whether the engine core may open Mooncake listeners: a PD role's transfer engines, or a Mooncake pool."""
-    if config.cache.kv_store == "mooncake":
+def _opens_wildcard_listeners(config: EngineConfig) -> bool:
+    """Whether the engine core may open listeners that bind every interface whatever they are told: Mooncake's
+    (a PD role's transfer engines, a Mooncake pool) and torch.distributed's rendezvous store (TP > 1)."""
+    if config.cache.kv_store == "mooncake" or config.parallel.tensor_parallel_size > 1:
         return True
     return config.disagg.role != "mixed" and config.disagg.transfer_engine in ("auto", "mooncake")
 
 
 def _core_env(config: EngineConfig) -> dict[str, str] | None:
-    """The engine core's environment where it runs Mooncake: the bind-address shim preloaded (pdserve.native),
-    so Mooncake's listeners stay on loopback (or PDSERVE_BIND_HOST). None: this process's, unchanged."""
-    if not _runs_mooncake(config) or importlib.util.find_spec("mooncake") is None:
+    """The engine core's environment where it opens wildcard listeners: the bind-address shim preloaded
+    (pdserve.native), so they stay on loopback (or PDSERVE_BIND_HOST). None: this process's, unchanged."""
+    if not _opens_wildcard_listeners(config):
+        return None
+    if config.parallel.tensor_parallel_size == 1 and importlib.util.find_spec("mooncake") is None:
         return None
     return preload_env()  # raises ShimUnavailable with what to do
 

@@ -2,7 +2,11 @@
 
 Inputs (AddRequest, AbortRequest, Shutdown) arrive on a PULL socket; after
 every step the process pushes one EngineOutputs (token deltas of the requests
-that advanced, plus engine stats). It never sees text and shares no GIL with
+that advanced, plus engine stats). A thread of its own pushes an
+EngineHeartbeat every HEARTBEAT_S on a second socket, during long steps too
+(torch releases the GIL): an engine core that sends nothing for longer is
+frozen or wedged (the API server's stall detection), while a slow machine's
+long step is not mistaken for one. It never sees text and shares no GIL with
 HTTP handling. If the API server goes away, the process exits.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import traceback
 
 import msgspec
@@ -21,6 +26,7 @@ from pdserve.messages import (
     AbortRequest,
     AddRequest,
     EngineFailed,
+    EngineHeartbeat,
     EngineOutputs,
     EngineReady,
     RequestDelta,
@@ -95,6 +101,18 @@ class CoreLoop:
 
 
 PEER_POLL_MS = 20  # PD requests waiting on a peer or a deadline: look at least this often
+HEARTBEAT_S = 1.0  # between two EngineHeartbeats
+
+
+def _beat(ctx: zmq.Context, address: str, stop: threading.Event) -> None:
+    """Push an EngineHeartbeat every HEARTBEAT_S until `stop` (its own socket: ZMQ sockets are not thread-safe)."""
+    socket = ctx.socket(zmq.PUSH)
+    socket.connect(address)
+    try:
+        while not stop.wait(HEARTBEAT_S):
+            socket.send(encode(EngineHeartbeat()))
+    finally:
+        socket.close(linger=0)
 
 
 def _delta(update: RequestUpdate) -> RequestDelta:
@@ -121,6 +139,7 @@ def core_main(spec_json: bytes) -> None:
     outputs = ctx.socket(zmq.PUSH)
     outputs.connect(spec.output_address)
     core = None
+    stop_beat = threading.Event()
     try:
         core = EngineCore(spec.config)
         outputs.send(
@@ -138,11 +157,14 @@ def core_main(spec_json: bytes) -> None:
                 )
             )
         )
+        beat = threading.Thread(target=_beat, args=(ctx, spec.output_address, stop_beat), daemon=True)
+        beat.start()
         CoreLoop(core, inputs, outputs, spec.parent_pid).run()
     except Exception as e:  # noqa: BLE001 - reported to the API server, which reports unhealthy
         logger.error("engine core failed: %s", traceback.format_exc())
         outputs.send(encode(EngineFailed(error=f"{type(e).__name__}: {e}")))
     finally:
+        stop_beat.set()
         if core is not None:
             core.shutdown()
         outputs.close(linger=1000)

@@ -1,11 +1,16 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
 
 Logprobs are those of the raw model distribution (before temperature and
-filtering), as OpenAI and vLLM report them. A request with a seed owns a
-generator, so its samples do not depend on what else is in the batch.
+filtering), as OpenAI and vLLM report them. A seeded sample draws its noise from
+a generator seeded with (the request's seed, the token's index in the completion):
+it depends on nothing else in the batch, and the sampler keeps no per-request state,
+so a request continues the same sequence on another instance (P then D, a migration).
 """
 
 from __future__ import annotations
+
+import hashlib
+import struct
 
 import torch
 
@@ -19,19 +24,16 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self._shared = torch.Generator(device=device).manual_seed(seed)
-        self._seeded: dict[str, torch.Generator] = {}
+        self._keyed = torch.Generator(device=device)  # re-seeded for each seeded row
 
     def forget(self, req_ids: list[str]) -> None:
-        for req_id in req_ids:
-            self._seeded.pop(req_id, None)
+        """Nothing to forget: seeded samples are keyed on (seed, index), not on per-request state."""
 
-    def _generator(self, req_id: str, seed: int | None) -> torch.Generator:
-        if seed is None:
+    def _generator(self, spec: SamplingSpec) -> torch.Generator:
+        if spec.seed is None:
             return self._shared
-        g = self._seeded.get(req_id)
-        if g is None:
-            g = self._seeded[req_id] = torch.Generator(device=self.device).manual_seed(seed)
-        return g
+        # NOTE: a CUDA kernel takes its Philox seed and offset at launch, so re-seeding for the next row is safe
+        return self._keyed.manual_seed(sample_seed(spec.seed, spec.sample_index))
 
     def __call__(
         self, logits: torch.Tensor, req_ids: list[str], specs: list[SamplingSpec]
@@ -88,8 +90,8 @@ class Sampler:
         # exponential race: argmax(p / q), q ~ Exp(1), draws index i with probability p_i.
         # Noise is drawn in vocabulary order per request, so a seeded row never depends on its neighbours.
         noise = torch.empty_like(probs)
-        for row, (req_id, spec) in enumerate(zip(req_ids, specs)):
-            noise[row].exponential_(generator=self._generator(req_id, spec.seed))
+        for row, spec in enumerate(specs):
+            noise[row].exponential_(generator=self._generator(spec))
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
@@ -115,3 +117,9 @@ class Sampler:
             drop.index_copy_(0, rows, row_drop)
         drop_in_vocab_order = torch.empty_like(drop).scatter_(1, order, drop)
         return logits.masked_fill(drop_in_vocab_order, float("-inf"))
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The generator seed of a request's token number `sample_index`: a 63-bit hash of both."""
+    digest = hashlib.blake2b(struct.pack("<QQ", seed & (2**64 - 1), sample_index), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

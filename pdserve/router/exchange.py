@@ -1,19 +1,16 @@
-"""One client request on its route (`Exchange`): P's half, the primary's response, the client, the deadline; and
-the router's settings, errors and shared state that an exchange needs.
+"""One client request across the attempts that serve it (`Exchange`), and the router's settings and shared state.
 
-A PD request goes to P (stream forced off) and D (the client's stream value) at once, with the same room and each
-side's peer set to the other; D's answer is the client's. P's failure before D finishes aborts D; a client
-disconnect aborts both; closing an upstream connection is how an instance learns of an abort. This module knows
-nothing about models or tokens: bodies pass through.
+An attempt (attempt.py) is one route: P and D at once, or a mixed instance. P's failure before D finishes aborts
+D; a client disconnect aborts both. An instance that dies or stalls is left: before the client has a byte the
+request is retried on a fresh route, mid-stream it migrates (docs/server.md, "Stalls and migration"). This module
+knows nothing about models: bodies pass through, and of a stream it reads only the token ids it asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,12 +19,16 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive
 
 from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S
+from pdserve.router.attempt import Attempt
+from pdserve.router.failure import ClientGone, Failure
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.policies import Route, RouterPolicy
-from pdserve.router.registry import Instance, Registry
+from pdserve.router.policies import Route, RouteError, RouterPolicy, plan_route, request_key
+from pdserve.router.registry import Registry
+from pdserve.router.stream import InstanceFailed, StreamRelay
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+ROUTER_FIELDS = ("kv_transfer_params", "stream_token_ids", "resume_token_ids")  # request fields the router sets
 
 
 @dataclass(frozen=True)
@@ -53,49 +54,6 @@ class RouterSettings:
             raise ValueError(f"connect_timeout_s must be > 0 seconds, got {self.connect_timeout_s}")
 
 
-class Failure(Exception):
-    """An error answer for the client: an instance's own (passed through unchanged) or the router's."""
-
-    def __init__(self, status: int, error: dict[str, Any], instance: str, body: bytes | None = None) -> None:
-        super().__init__(error.get("message", ""))
-        self.status = status
-        self.error = error  # {"message", "type", "code"}
-        self.instance = instance  # URL of the instance it is blamed on, or NO_INSTANCE
-        self.body = body if body is not None else json.dumps({"error": error}).encode()
-
-    @classmethod
-    def make(cls, status: int, message: str, code: str, instance: str, type_: str = "server_error") -> Failure:
-        return cls(status, {"message": message, "type": type_, "code": code}, instance)
-
-    @classmethod
-    def answer(cls, inst: Instance, status: int, data: bytes) -> Failure:
-        """An instance's non-2xx answer: its JSON error body unchanged, or one naming the instance if not JSON."""
-        try:
-            parsed = json.loads(data)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return cls(status, parsed["error"], inst.url, data)
-        text = data[:300].decode(errors="replace")
-        return cls.make(
-            status, f"{inst.role} instance {inst.url} answered HTTP {status}: {text}", f"http_{status}", inst.url
-        )
-
-    @property
-    def code(self) -> str:
-        return str(self.error.get("code") or f"http_{self.status}")
-
-    def response(self) -> Response:
-        return Response(self.body, self.status, media_type="application/json")
-
-    def sse(self) -> bytes:
-        return b"data: " + json.dumps({"error": self.error}).encode() + b"\n\ndata: [DONE]\n\n"
-
-
-class ClientGone(Exception):
-    """The client closed its connection."""
-
-
 @dataclass
 class RouterState:
     registry: Registry
@@ -111,10 +69,16 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 class Exchange:
-    """One client request on its route: P's task, D's (or the mixed instance's) response, the client, the deadline.
+    """One client request, across the attempts that serve it: the client, its deadline, and what to do when an
+    instance fails.
 
-    `close()` is synchronous and idempotent: it cancels P's task and closes an unfinished primary response (which
-    aborts the request upstream), so it is safe from a cancelled generator or a done callback.
+    - Before the first byte reaches the client (or for a non-streamed answer), an instance fault (unreachable,
+      stalled, its engine dead or stalled) is retried once on a fresh route, which the failed instance is no longer
+      on (it is marked unhealthy).
+    - Mid-stream, the request migrates: it goes to a fresh route with `resume_token_ids`, the completion so far, and
+      the new instance's stream continues the client's (greedy: the same text as an uninterrupted run; seeded: the
+      same sequence). At most `max_migrations` times; then, or with no instance left, the client gets an error event
+      and the stream ends.
     """
 
     def __init__(
@@ -126,71 +90,33 @@ class Exchange:
         headers: dict[str, str],
         receive: Receive,
     ) -> None:
-        self.state, self.route, self.path, self.body, self.headers = state, route, path, body, headers
-        self.receive = receive
-        self.room = uuid.uuid4().hex
+        self.state, self.path, self.headers, self.receive = state, path, headers, receive
         self.is_stream = body.get("stream") is True
+        body = {k: v for k, v in body.items() if k not in ROUTER_FIELDS}  # the router's to set, never the client's
+        self.body = {**body, "stream_token_ids": True} if self.is_stream else body
         self.started = asyncio.get_running_loop().time()
         self.deadline = self.started + state.settings.request_timeout_s
-        self.resp: aiohttp.ClientResponse | None = None
-        self.p_task: asyncio.Task[Failure | None] | None = None
+        self.attempt = Attempt(state, route, path, self.body, headers)
+        self.relay = StreamRelay()
         self.watcher: asyncio.Task[None] | None = None
-        self.is_complete = False  # the primary's body was read to its end
+        self.is_streaming = False  # the client has had the response's first bytes
         self.is_closed = False
+        self.num_retries = 0
+        self.num_migrations = 0
         self.outcome = "ok"
-        self.primary_body = dict(body)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        route = self.route
-        if route.prefill is not None:
-            p = route.prefill
-            self.primary_body["kv_transfer_params"] = self._kv_params(peer=p)
-            prefill_body = {**self.body, "stream": False, "kv_transfer_params": self._kv_params(peer=route.primary)}
-            self._count(p)
-            self.p_task = asyncio.create_task(self._prefill(p, prefill_body))
-            self.p_task.add_done_callback(lambda _: setattr(p, "num_in_flight", p.num_in_flight - 1))
-        self._count(route.primary)
-        logger.info(
-            "request %s: %s to %s (stream=%s)",
-            self.room,
-            self.path,
-            " + ".join(f"{i.role} {i.url}" for i in (route.prefill, route.primary) if i),
-            self.is_stream,
-        )
-        self.watcher = asyncio.create_task(_wait_disconnect(self.receive))
-        self.watcher.add_done_callback(self._on_watcher_done)
-
-    def _kv_params(self, peer: Instance) -> dict[str, Any]:
-        return {
-            "room": self.room,
-            "peer": peer.control_address,
-            "peer_incarnation": peer.incarnation,
-            "mode": self.route.mode,
-        }
-
-    def _count(self, inst: Instance) -> None:
-        inst.num_in_flight += 1
-        inst.num_requests += 1
-        self.state.metrics.count_request(inst)
 
     def close(self) -> None:
         if self.is_closed:
             return
         self.is_closed = True
-        for task in (self.p_task, self.watcher):
-            if task is not None and not task.done():
-                task.cancel()
-        if self.resp is not None:
-            if self.is_complete:
-                self.resp.release()
-            else:
-                self.resp.close()
-        self.route.primary.num_in_flight -= 1
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
+        self.attempt.close()
         seconds = asyncio.get_running_loop().time() - self.started
         self.state.metrics.observe_seconds(seconds)
-        logger.info("request %s: %s after %.3f s", self.room, self.outcome, seconds)
+        logger.info("request %s: %s after %.3f s", self.attempt.room, self.outcome, seconds)
 
     def _on_watcher_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is None and not self.is_closed:
@@ -202,92 +128,175 @@ class Exchange:
         self.state.metrics.count_error(failure.instance, failure.code)
         return failure
 
+    def _move(self, failure: Failure, body: dict[str, Any]) -> None:
+        """A new attempt for `body` on a fresh route (Failure if there is none); the failed one is closed."""
+        self.attempt.close()
+        logger.warning("request %s: %s; moving it", self.attempt.room, failure.error.get("message"))
+        try:
+            route = plan_route(self.state.registry.instances(), self.state.policy, request_key(body))
+        except RouteError as e:
+            raise Failure.make(
+                failure.status, f"{failure.error.get('message')}; no other instance can take it over ({e.message})",
+                failure.code, failure.instance,
+            ) from None  # fmt: skip
+        self.attempt = Attempt(self.state, route, self.path, body, self.headers)
+        self.attempt.start()
+
     # -- the request --------------------------------------------------------------------------------------------
 
     async def run(self) -> Response:
-        self.start()
-        is_streaming = False
+        self.watcher = asyncio.create_task(_wait_disconnect(self.receive))
+        self.watcher.add_done_callback(self._on_watcher_done)
+        self.attempt.start()
         try:
-            resp = await self._wait(self._open(self.route.primary, self.primary_body))
-            if resp.status >= 300:
-                data = await self._wait(self._read(resp.read))
-                raise Failure.answer(self.route.primary, resp.status, data)
-            headers = {"content-type": resp.headers.get("Content-Type", "application/json")}
-            if not self.is_stream:
-                data = await self._wait(self._read(resp.read))
-                self.is_complete = True
-                return Response(data, resp.status, headers=headers)
-            first = await self._wait(self._read(resp.content.readany))
-            if not first:
-                self.is_complete = True
-                return Response(b"", resp.status, headers=headers)
-            is_streaming = True
-            return StreamingResponse(self._stream(first), resp.status, headers={**headers, "cache-control": "no-cache"})
+            while True:
+                try:
+                    return await self._answer()
+                except Failure as f:
+                    if not (f.is_instance_fault and self.num_retries < min(1, self.state.settings.max_migrations)):
+                        raise
+                    self.num_retries += 1
+                    self.state.metrics.count_retry()
+                    self._move(f, self.body)
         except Failure as f:
             return self.fail(f).response()
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         finally:
-            if not is_streaming:
+            if not self.is_streaming:
                 self.close()
 
+    async def _answer(self) -> Response:
+        """The current attempt's answer: a whole body, or a stream once its first bytes came."""
+        first = await self._open()
+        resp = self.attempt.resp
+        assert resp is not None
+        headers = {"content-type": resp.headers.get("Content-Type", "application/json")}
+        if not self.is_stream:
+            self.attempt.is_complete = True
+            return Response(first, resp.status, headers=headers)
+        if not first:
+            self.attempt.is_complete = True
+            return Response(b"", resp.status, headers=headers)
+        self.is_streaming = True
+        return StreamingResponse(self._stream(first), resp.status, headers={**headers, "cache-control": "no-cache"})
+
+    async def _open(self) -> bytes:
+        """Open the current attempt: its first relayed bytes (streaming) or its whole body; Failure for an error."""
+        attempt = self.attempt
+        resp = await self._wait(attempt.open())
+        if resp.status >= 300:
+            raise Failure.answer(attempt.route.primary, resp.status, await self._wait(attempt.read(resp.read)))
+        if not self.is_stream:
+            return await self._wait(attempt.read(resp.read))
+        self.relay.restart()
+        while True:  # to the first bytes worth relaying: a keepalive, or a chunk with more than token ids
+            data = await self._wait(attempt.read(resp.content.readany))
+            if not data:
+                return self._relay_end()
+            out = self._relay(data)
+            if out:
+                return out
+
+    def _relay(self, data: bytes) -> bytes:
+        try:
+            return self.relay.feed(data)
+        except InstanceFailed as e:
+            raise Failure(502, e.error, self.attempt.route.primary.url) from None
+
+    def _relay_end(self) -> bytes:
+        """The primary's stream ended: fine after [DONE]; otherwise it died mid-answer."""
+        if self.relay.is_done:
+            self.attempt.is_complete = True
+            return b""
+        primary = self.attempt.route.primary
+        self.state.registry.mark_failed(primary, "it ended a stream before [DONE]")
+        raise Failure.make(
+            502,
+            f"{primary.role} instance {primary.url} closed the stream before its end",
+            "instance_unavailable",
+            primary.url,
+        )
+
     async def _stream(self, first: bytes) -> AsyncIterator[bytes]:
-        """D's bytes as they arrive; a failure after the first byte becomes an SSE error event and [DONE]."""
-        assert self.resp is not None
-        resp = self.resp
+        """The client's stream: the primary's relayed events; after an instance fault, the next attempt's (a
+        migration); a failure that cannot move becomes an SSE error event and [DONE]."""
         try:
             yield first
-            while not self.is_closed:
+            while not self.is_closed and not self.relay.is_done:
                 try:
-                    chunk = await self._wait(self._read(resp.content.readany))
+                    data = await self._wait(self.attempt.read(self.attempt.resp.content.readany))  # type: ignore[union-attr]
+                    out = self._relay(data) if data else self._relay_end()
                 except Failure as f:
-                    self.fail(f)
-                    self.close()  # abort D before telling the client
-                    yield f.sse()
-                    return
+                    try:
+                        out = await self._migrate(f)
+                    except Failure as final:
+                        self.fail(final)
+                        self.close()  # abort upstream before telling the client
+                        yield final.sse()
+                        return
                 except ClientGone:
                     return
-                if not chunk:
-                    self.is_complete = True
-                    return
-                yield chunk
+                if out:
+                    yield out
+            self.attempt.is_complete = self.relay.is_done
         finally:
             self.close()
 
+    async def _migrate(self, failure: Failure) -> bytes:
+        """Move the stream to a fresh route, resuming after the tokens the client has; its first relayed bytes.
+        Raises the Failure to report when the request cannot move (or fails again past --max-migrations)."""
+        while True:
+            if not failure.is_instance_fault or self.num_migrations >= self.state.settings.max_migrations:
+                raise failure
+            self.num_migrations += 1
+            self.state.metrics.count_migration("stalled" if failure.code.endswith("stalled") else "failed")
+            body = {**self.body, "resume_token_ids": list(self.relay.token_ids)}
+            self._move(failure, body)
+            logger.info("request %s: resumed after %d tokens", self.attempt.room, len(self.relay.token_ids))
+            try:
+                return await self._open()
+            except Failure as again:
+                failure = again
+
     async def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
-        """`coro`'s result, unless P fails first (its Failure), the client leaves (ClientGone) or time runs out."""
+        """`coro`'s result, unless P fails first (its Failure), the attempt stalls (Failure), the client leaves
+        (ClientGone) or time runs out (Failure)."""
         assert self.watcher is not None
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
+        settings = self.state.settings
         try:
             while True:
                 self._raise_if_prefill_failed()
                 waiting: set[asyncio.Future[Any]] = {task, self.watcher}
-                if self.p_task is not None and not self.p_task.done():
-                    waiting.add(self.p_task)
-                remaining = max(0.0, self.deadline - loop.time())
-                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                p_task = self.attempt.p_task
+                if p_task is not None and not p_task.done():
+                    waiting.add(p_task)
+                remaining = self.deadline - loop.time()
+                if remaining <= 0:
+                    raise self._timeout()
+                timeout = min(remaining, settings.stall_timeout_s / 4)
+                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if self.watcher in done:
                     raise ClientGone
                 self._raise_if_prefill_failed()
                 if task in done:
                     return task.result()
-                if not done:
-                    raise self._timeout()
+                stall = self.attempt.stall(loop.time(), settings.stall_timeout_s, self.is_streaming)
+                if stall is not None:
+                    raise stall
         finally:
             if not task.done():
                 task.cancel()
 
     def _raise_if_prefill_failed(self) -> None:
-        if self.p_task is not None and self.p_task.done() and not self.p_task.cancelled():
-            failure = self.p_task.result()
-            # P fails with aborted_by_decode when D gave the request up: D's own answer (503 no_capacity, ...)
-            # is the client's, and it comes through the primary
-            if failure is not None and failure.code != "aborted_by_decode":
-                raise failure
+        failure = self.attempt.prefill_failure()
+        if failure is not None:
+            raise failure
 
     def _timeout(self) -> Failure:
-        primary = self.route.primary
+        primary = self.attempt.route.primary
         return Failure.make(
             504,
             f"no complete answer from {primary.role} instance {primary.url} within the "
@@ -296,42 +305,3 @@ class Exchange:
             "request_timeout",
             primary.url,
         )
-
-    def _unreachable(self, inst: Instance, e: BaseException) -> Failure:
-        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        self.state.registry.mark_failed(inst, reason)
-        return Failure.make(
-            502, f"{inst.role} instance {inst.url} is unavailable ({reason})", "instance_unavailable", inst.url
-        )
-
-    async def _post(self, inst: Instance, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        assert self.state.session is not None
-        return await self.state.session.post(
-            f"{inst.url}{self.path}", data=json.dumps(body).encode(), headers=self.headers
-        )
-
-    async def _open(self, inst: Instance, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        try:
-            self.resp = await self._post(inst, body)  # kept at once: close() must reach it even if we are cancelled
-        except (aiohttp.ClientError, OSError) as e:
-            raise self._unreachable(inst, e) from None
-        return self.resp
-
-    async def _read(self, read: Callable[[], Awaitable[bytes]]) -> bytes:
-        try:
-            return await read()
-        except (aiohttp.ClientError, OSError) as e:
-            raise self._unreachable(self.route.primary, e) from None
-
-    async def _prefill(self, inst: Instance, body: dict[str, Any]) -> Failure | None:
-        """P's side: None when it answered 2xx (the body is discarded), else its Failure. Never raises."""
-        resp: aiohttp.ClientResponse | None = None
-        try:
-            resp = await self._post(inst, body)
-            data = await resp.read()
-            return None if resp.status < 300 else Failure.answer(inst, resp.status, data)
-        except (aiohttp.ClientError, OSError) as e:
-            return self._unreachable(inst, e)
-        finally:
-            if resp is not None:
-                resp.close()  # a no-op after a complete read; an abort for P otherwise

@@ -36,6 +36,14 @@ class RouterMetrics:
         self.bucket_counts = [0] * len(REQUEST_BUCKETS)  # per bucket (not cumulative)
         self.seconds_sum = 0.0
         self.seconds_count = 0
+        self.migrations: Counter[str] = Counter()  # reason -> streams moved to another instance mid-answer
+        self.num_retries = 0  # requests retried on a fresh route before their first byte
+
+    def count_migration(self, reason: str) -> None:
+        self.migrations[reason] += 1
+
+    def count_retry(self) -> None:
+        self.num_retries += 1
 
     def count_request(self, inst: Instance) -> None:
         self.requests[(inst.url, inst.role)] += 1
@@ -68,6 +76,20 @@ class RouterMetrics:
         ]
         lines += [
             f"pdserve_router_errors_total{_labels(instance=u, code=c)} {n}" for (u, c), n in sorted(self.errors.items())
+        ]
+        lines += [
+            "# HELP pdserve_router_migrations_total Streams moved to another instance mid-answer, resuming after "
+            "the tokens the client had, by why the first instance was left (stalled, failed)",
+            "# TYPE pdserve_router_migrations_total counter",
+        ]
+        lines += [
+            f"pdserve_router_migrations_total{_labels(reason=r)} {self.migrations[r]}" for r in ("failed", "stalled")
+        ]
+        lines += [
+            "# HELP pdserve_router_retries_total Requests retried on a fresh route after an instance failed before "
+            "the client had a byte",
+            "# TYPE pdserve_router_retries_total counter",
+            f"pdserve_router_retries_total {self.num_retries}",
         ]
         lines += [
             "# HELP pdserve_router_in_flight Requests the router has open on an instance",

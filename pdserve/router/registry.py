@@ -5,7 +5,10 @@ registered ones join through POST /register (re-posting is the heartbeat) and
 are dropped after missing `num_missed_heartbeats` intervals. One background
 task checks every instance (GET /health, then GET /v1/pd/info) concurrently
 with short timeouts; requests only read the state it keeps and never wait for
-a check. This module knows nothing about request bodies or routing policy.
+a check. An instance that refuses, answers non-200 or fails is unhealthy at
+once; one that is only slow must time out twice in a row (a busy machine is
+not a hung instance). This module knows nothing about request bodies or
+routing policy.
 """
 
 from __future__ import annotations
@@ -116,6 +119,12 @@ class Instance:
     num_failures: int = 0  # failed checks and failed requests since it was last healthy
     heartbeat_interval_s: float = 0.0  # registered only
     last_heartbeat: float = field(default_factory=time.monotonic)
+    unhealthy_since: float | None = None  # monotonic time it last went from healthy (or unknown) to unhealthy
+    num_slow_checks: int = 0  # health checks in a row that timed out while it was healthy (one is forgiven)
+
+    def unhealthy_for(self, now: float) -> float:
+        """Seconds it has been unhealthy without a break (0 while healthy)."""
+        return 0.0 if self.is_healthy or self.unhealthy_since is None else now - self.unhealthy_since
 
     @property
     def incarnation(self) -> str | None:
@@ -297,7 +306,12 @@ class Registry:
                     return
                 info = InstanceInfo.from_json(await r.json(content_type=None))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-            self._set_unhealthy(inst, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if isinstance(e, asyncio.TimeoutError) and inst.is_healthy and inst.num_slow_checks == 0:
+                inst.num_slow_checks = 1  # one slow answer is a busy machine, not a hung instance: check again
+                logger.debug("instance %s was slow to answer its health check (%s)", inst.url, reason)
+                return
+            self._set_unhealthy(inst, reason)
             return
         if info.role != inst.role:
             self._set_unhealthy(inst, f"it reports role {info.role} but was added as {inst.role}")
@@ -319,10 +333,14 @@ class Registry:
         inst.is_healthy = True
         inst.last_error = None
         inst.num_failures = 0
+        inst.num_slow_checks = 0
+        inst.unhealthy_since = None
 
     def _set_unhealthy(self, inst: Instance, reason: str) -> None:
         inst.num_failures += 1
         if inst.is_healthy or inst.last_error is None:
             logger.warning("instance %s (%s) is unhealthy: %s", inst.url, inst.role, reason)
+        if inst.is_healthy or inst.unhealthy_since is None:
+            inst.unhealthy_since = time.monotonic()
         inst.is_healthy = False
         inst.last_error = reason

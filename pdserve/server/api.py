@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.engine.async_client import AsyncEngineClient, EngineDeadError, RequestRejected
 from pdserve.http.auth import require_api_key
 from pdserve.http.errors import add_error_handlers, error_response
-from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S
+from pdserve.http.json_body import JsonBodyRoute
+from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S, RequestSizeLimit
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.serving import Event, Prepared, Serving, sse, usage
@@ -41,6 +42,13 @@ class ServerSettings:
     heartbeat_interval: float = 2.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body is a 413 before it is read
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # an engine core silent this long has stalled
+    num_tokenizer_threads: int = 2  # tokenizing and chat templating run here, off the event loop
+
+    @property
+    def keepalive_s(self) -> float:
+        """How long a stream may go without a byte: an SSE comment is sent then, so the router can tell a quiet
+        stream (a long prefill, a preempted request) from a hung instance."""
+        return self.stall_timeout_s / 4
 
 
 def _rejection(exc: RequestRejected) -> JSONResponse:
@@ -53,8 +61,19 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
     """The API server's app. Its lifespan starts the engine client and, with --register-with, the heartbeat."""
     metrics = Metrics()
     max_open = client.config.scheduler.max_num_seqs + settings.max_queue_len
-    serving = Serving(client, tokenizer, metrics, settings.model_name, max_open, settings.role, settings.kv_transfer)
+    serving = Serving(
+        client,
+        tokenizer,
+        metrics,
+        settings.model_name,
+        max_open,
+        settings.role,
+        settings.kv_transfer,
+        settings.num_tokenizer_threads,
+    )
     app = FastAPI(title="pdserve", version="0.1.0", lifespan=_lifespan(client, settings))
+    app.router.route_class = JsonBodyRoute  # JSON bodies through parse_json_body: depth, NaN, UTF-8 are a 400
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)  # 413, before the body is read
     add_error_handlers(app, logger, "server")
     _add_engine_error_handlers(app)
     _add_control_routes(app, client, settings, metrics)
@@ -74,7 +93,14 @@ def _lifespan(
             from pdserve.server.heartbeat import heartbeat
 
             beat = asyncio.create_task(
-                heartbeat(settings.register_with, settings.public_url, settings.role, settings.heartbeat_interval, stop)
+                heartbeat(
+                    settings.register_with,
+                    settings.public_url,
+                    settings.role,
+                    settings.heartbeat_interval,
+                    stop,
+                    cluster_secret=client.config.disagg.cluster_secret,
+                )
             )
         yield
         stop.set()
@@ -99,9 +125,16 @@ def _add_engine_error_handlers(app: FastAPI) -> None:
 def _add_control_routes(app: FastAPI, client: AsyncEngineClient, settings: ServerSettings, metrics: Metrics) -> None:
     @app.get("/health")
     async def health() -> Response:
+        """200 while the engine core lives and makes progress (it steps, or idles by choice); 503 while it loads,
+        after it failed, and while it is stalled (docs/server.md). Never waits on the tokenizer or the engine."""
         if client.is_healthy:
             return JSONResponse({"status": "ok"})
-        status = "failed: " + client.failure if client.failure else "loading"
+        if client.failure:
+            status = "failed: " + client.failure
+        elif client.stall:
+            status = "stalled: " + client.stall
+        else:
+            status = "loading"
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/v1/pd/info")
@@ -153,15 +186,20 @@ def _add_openai_routes(app: FastAPI, serving: Serving, settings: ServerSettings,
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _respond(serving, serving.prepare_completion(body), body, request, is_chat=False)
+        return await _respond(serving, await serving.prepare_completion(body), body, request, settings, is_chat=False)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(serving, serving.prepare_chat(body), body, request, is_chat=True)
+        return await _respond(serving, await serving.prepare_chat(body), body, request, settings, is_chat=True)
 
 
 async def _respond(
-    serving: Serving, p: Prepared, body: CompletionRequest | ChatCompletionRequest, request: Request, is_chat: bool
+    serving: Serving,
+    p: Prepared,
+    body: CompletionRequest | ChatCompletionRequest,
+    request: Request,
+    settings: ServerSettings,
+    is_chat: bool,
 ) -> Response:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
@@ -173,7 +211,8 @@ async def _respond(
         except RequestRejected as exc:
             return _rejection(exc)
         return StreamingResponse(
-            _stream(serving, p, first, events, include_usage, is_chat), media_type="text/event-stream"
+            _stream(serving, p, first, events, include_usage, is_chat, settings.keepalive_s),
+            media_type="text/event-stream",
         )
     collected = await serving.collect(p, request)
     text = "".join(e.text for e in collected)
@@ -194,8 +233,8 @@ async def _respond(
     )
 
 
-def _chunk(serving: Serving, head: dict[str, Any], e: Event, is_chat: bool) -> dict[str, Any]:
-    """One streamed chunk of `e`: a chat delta or a completion's text."""
+def _chunk(serving: Serving, head: dict[str, Any], e: Event, is_chat: bool, with_ids: bool) -> dict[str, Any]:
+    """One streamed chunk of `e`: a chat delta or a completion's text (and its token ids, for the router)."""
     if is_chat:
         choice = {
             "index": 0,
@@ -210,7 +249,28 @@ def _chunk(serving: Serving, head: dict[str, Any], e: Event, is_chat: bool) -> d
             "finish_reason": e.finish_reason,
             "logprobs": serving.logprobs_completion([e]),
         }
+    if with_ids:
+        choice["token_ids"] = e.token_ids
     return {**head, "choices": [choice]}
+
+
+KEEPALIVE = ": keepalive\n\n"  # an SSE comment: clients skip it
+
+
+async def _with_keepalives(events: AsyncIterator[Event], every_s: float) -> AsyncIterator[Event | None]:
+    """`events`, with a None whenever `every_s` passes without one."""
+    while True:
+        pending = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
+        try:
+            while not (await asyncio.wait({pending}, timeout=every_s))[0]:
+                yield None
+        except BaseException:
+            pending.cancel()
+            raise
+        try:
+            yield pending.result()
+        except StopAsyncIteration:
+            return
 
 
 async def _stream(
@@ -220,6 +280,7 @@ async def _stream(
     events: AsyncIterator[Event],
     include_usage: bool,
     is_chat: bool,
+    keepalive_s: float,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     head = {
@@ -229,19 +290,22 @@ async def _stream(
         "model": serving.model_name,
     }
     num_out = 0
-    if is_chat:
+    if is_chat and not p.resume_token_ids:  # a migrated stream's client has had its role chunk
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
         yield sse({**head, "choices": [role]})
     try:
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             if first is not None:
                 num_out += len(first.token_ids)
-                if first.text or first.finish_reason or first.logprobs:
-                    yield sse(_chunk(serving, head, first, is_chat))
-            async for e in events:
+                if _is_worth_a_chunk(first, p):
+                    yield sse(_chunk(serving, head, first, is_chat, p.stream_token_ids))
+            async for e in _with_keepalives(events, keepalive_s):
+                if e is None:
+                    yield KEEPALIVE
+                    continue
                 num_out += len(e.token_ids)
-                if e.text or e.finish_reason or e.logprobs:
-                    yield sse(_chunk(serving, head, e, is_chat))
+                if _is_worth_a_chunk(e, p):
+                    yield sse(_chunk(serving, head, e, is_chat, p.stream_token_ids))
     except RequestRejected as exc:
         yield sse({"error": {"message": str(exc), "type": "server_error", "code": exc.code or "generation_failed"}})
     except EngineDeadError as exc:
@@ -249,3 +313,8 @@ async def _stream(
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(p, num_out)})
     yield "data: [DONE]\n\n"
+
+
+def _is_worth_a_chunk(e: Event, p: Prepared) -> bool:
+    """Text, an end or logprobs; or, for the router, any token (it must see every token id)."""
+    return bool(e.text or e.finish_reason or e.logprobs or (p.stream_token_ids and e.token_ids))

@@ -2,6 +2,15 @@
 
 Text lives here (the engine core sees token ids only): stop strings are
 matched by the detokenizer and end the request with finish_reason "stop".
+Tokenizing and chat templating run on a small thread pool, never on the event
+loop, so /health and every other request keep being answered while a long
+prompt is tokenized; a prompt whose length in characters alone proves it too
+long for the context is refused before it is tokenized.
+
+A request the router moved here from a failed instance (`resume_token_ids`)
+continues its completion: the prompt is followed by the completion so far, the
+detokenizer starts from it (so the text continues exactly where the client's
+stream stopped), and seeded sampling continues at its index.
 """
 
 from __future__ import annotations
@@ -11,7 +20,8 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +49,13 @@ class Prepared:
     stop: list[str]
     num_logprobs: int | None
     transfer: TransferHandle | None = None
+    resume_token_ids: list[int] = field(default_factory=list)  # the completion so far of a migrated request
+    stream_token_ids: bool = False  # streamed chunks carry their token ids (for the router)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The client's prompt, without a migrated request's completion so far."""
+        return len(self.prompt_token_ids) - len(self.resume_token_ids)
 
 
 @dataclass
@@ -59,8 +76,11 @@ class Serving:
         max_open_requests: int,
         role: str = "mixed",
         kv_transfer: str = "direct",
+        num_tokenizer_threads: int = 2,
     ) -> None:
         self.client = client
+        self._tokenizer_pool = ThreadPoolExecutor(num_tokenizer_threads, thread_name_prefix="pdserve-tokenizer")
+        self._max_token_chars = _longest_token_chars(tokenizer)
         self.role = role
         self.kv_transfer = kv_transfer
         self.tokenizer = tokenizer
@@ -73,6 +93,8 @@ class Serving:
     def check_ready(self, body: SamplingFields) -> None:
         if self.client.failure is not None:
             raise ApiError(503, f"the engine failed: {self.client.failure}", "engine_dead", "server_error")
+        if self.client.stall is not None:
+            raise ApiError(503, f"the engine is stalled: {self.client.stall}", "engine_stalled", "server_error")
         if not self.client.is_ready:
             raise ApiError(
                 503, "the model is still loading; retry when /health answers 200", "model_loading", "server_error"
@@ -101,6 +123,12 @@ class Serving:
         """`max_tokens` None means: the rest of the context."""
         info = self.client.info
         assert info is not None
+        resume = list(body.resume_token_ids or [])
+        if resume:
+            if max_tokens is not None and len(resume) >= max_tokens:
+                raise ApiError(400, f"resume_token_ids has {len(resume)} tokens; max_tokens is {max_tokens}")
+            max_tokens = None if max_tokens is None else max_tokens - len(resume)
+            prompt_token_ids = [*prompt_token_ids, *resume]
         _check_prompt(prompt_token_ids, info.max_model_len, info.vocab_size)
         n = len(prompt_token_ids)
         max_tokens = max_tokens or info.max_model_len - n
@@ -123,6 +151,7 @@ class Serving:
                 stop_token_ids=list(body.stop_token_ids or []),
                 ignore_eos=body.ignore_eos,
                 logprobs=num_logprobs,
+                output_offset=len(resume),
             ).to_wire()
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from e
@@ -142,27 +171,55 @@ class Serving:
                 )
             transfer = TransferHandle(room=kt.room, peer=kt.peer, peer_incarnation=kt.peer_incarnation, mode=kt.mode)
         return Prepared(
-            f"{prefix}-{uuid.uuid4().hex}", prompt_token_ids, sampling, list(body.stop or []), num_logprobs, transfer
+            f"{prefix}-{uuid.uuid4().hex}",
+            prompt_token_ids,
+            sampling,
+            list(body.stop or []),
+            num_logprobs,
+            transfer,
+            resume,
+            body.stream_token_ids,
         )
 
-    def prepare_completion(self, body: CompletionRequest) -> Prepared:
+    def _check_text_length(self, num_chars: int, what: str) -> None:
+        """Refuse, before tokenizing, text with more characters than the context holds tokens of the longest."""
+        info = self.client.info
+        assert info is not None
+        if num_chars > info.max_model_len * self._max_token_chars:
+            raise ApiError(
+                400,
+                f"{what} has {num_chars} characters: at least {num_chars // self._max_token_chars} tokens, more than "
+                f"this model's maximum context length of {info.max_model_len} tokens; shorten it",
+                "context_length_exceeded",
+            )
+
+    async def _in_pool(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)
+
+    async def prepare_completion(self, body: CompletionRequest) -> Prepared:
         self.check_ready(body)
         prompt = body.prompt
         if isinstance(prompt, str):
             _check_utf8(prompt, "the prompt")
-        ids: list[int] = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+            self._check_text_length(len(prompt), "the prompt")
+            ids: list[int] = await self._in_pool(lambda: self.tokenizer.encode(prompt))
+        else:
+            ids = list(prompt)  # type: ignore[arg-type]
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text")
         return self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl")
 
-    def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
+    async def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         self.check_ready(body)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             for i, m in enumerate(messages):
                 _check_utf8(m["content"], f"message {i}")
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            self._check_text_length(sum(len(m["content"]) for m in messages), "the messages' text")
+            ids = await self._in_pool(
+                lambda: self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
             )
         except ApiError:
             raise
@@ -181,6 +238,7 @@ class Serving:
     async def events(self, p: Prepared) -> AsyncIterator[Event]:
         """Text deltas of one request; records metrics; a stop string ends it as 'stop'."""
         detok = Detokenizer(self.tokenizer, p.stop)
+        detok.append(p.resume_token_ids)  # a migrated request: the client has this text already
         start = time.monotonic()
         first: float | None = None
         reason = "abort"
@@ -279,8 +337,18 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def usage(p: Prepared, num_output: int) -> dict[str, int]:
-    n = len(p.prompt_token_ids)
+    """Token counts as the client sees them: a migrated request's completion includes what came before the move."""
+    n = p.num_prompt_tokens
+    num_output += len(p.resume_token_ids)
     return {"prompt_tokens": n, "completion_tokens": num_output, "total_tokens": n + num_output}
+
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token decodes to: the longest vocabulary entry (at least 1)."""
+    try:
+        return max(1, max(len(token) for token in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError):
+        return 1 << 20  # unknown: never refuse on length alone
 
 
 def _check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> None:

@@ -264,7 +264,7 @@ def sse_events(text: str) -> list[Any]:
     events: list[Any] = []
     for block in text.split("\n\n"):
         block = block.strip()
-        if not block:
+        if not block or block == ": keepalive":  # a quiet stream's keepalive comment (docs/server.md)
             continue
         assert block.startswith("data: "), f"not an SSE data line: {block!r}"
         data = block[len("data: ") :]

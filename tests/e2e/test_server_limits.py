@@ -1,6 +1,7 @@
-"""A real `pdserve serve --max-num-seqs 1 --max-queue-len 0`: a full queue is a 503; a dead engine is reported.
+"""A real `pdserve serve --max-num-seqs 1 --max-queue-len 0 --stall-timeout 2`: a full queue is a 503; a stalled
+engine ends its streams and recovers; a dead engine is reported.
 
-The tests run in file order on one server: the queue test first, then the ones
+The tests run in file order on one server: the queue test first, the stall test, then the ones
 that kill the engine core process (each kills it itself if an earlier one did not).
 """
 
@@ -28,6 +29,7 @@ from server_fixtures import (  # noqa: E402
 pytest_plugins = ["server_fixtures"]  # the server fixtures, shared by the test_server_* modules
 
 LONG = {"prompt": "Tell me a very long story.", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}
+STALL_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
     log = tmp_path_factory.mktemp("small-server") / "pdserve-serve.log"
     # this module kills the engine on purpose, and a server whose engine died does not exit on SIGTERM
     # (see test_server_exits_after_engine_death), so a clean exit is not required here
-    yield from server_process(["--max-num-seqs", "1", "--max-queue-len", "0"], log, require_clean_exit=False)
+    flags = ["--max-num-seqs", "1", "--max-queue-len", "0", "--stall-timeout", f"{STALL_S:g}"]
+    yield from server_process(flags, log, require_clean_exit=False)
 
 
 def test_full_queue_returns_503(small_server: ServerProcess) -> None:
@@ -63,6 +66,38 @@ def test_full_queue_returns_503(small_server: ServerProcess) -> None:
     assert m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"]
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_stalled_engine_ends_its_streams_and_recovers(small_server: ServerProcess) -> None:
+    """SIGSTOP the engine core mid-stream: keepalives, then an engine_stalled error event within the stall timeout
+    (+ 2 s); /health and new requests say stalled; after SIGCONT it is healthy again and every block is free."""
+    url = small_server.url
+    engine = psutil.Process(small_server.engine_core_pid())
+    lines: list[str] = []
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}) as held:
+            it = held.iter_lines()
+            next(line for line in it if line.startswith("data: "))
+            engine.suspend()
+            stopped = time.monotonic()
+            try:
+                for line in it:
+                    lines.append(line)
+                    if '"engine_stalled"' in line:
+                        break
+                seconds = time.monotonic() - stopped
+                health = client.get(f"{url}/health")
+                refused = client.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+            finally:
+                engine.resume()
+    assert ": keepalive" in lines, lines[-5:]
+    assert '"engine_stalled"' in lines[-1] and STALL_S <= seconds < STALL_S + 2, (seconds, lines[-3:])
+    assert health.status_code == 503 and health.json()["status"].startswith("stalled: "), health.text
+    assert_openai_error(refused, 503, "engine_stalled", "no progress")
+    wait_health(url, 200)
+    m = wait_idle(url, timeout_s=15)
+    assert m["pdserve_kv_blocks_free"] == m["pdserve_kv_blocks_total"]
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
 
 
 def kill_engine(server: ServerProcess) -> None:

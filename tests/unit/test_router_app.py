@@ -42,9 +42,14 @@ if __name__ != "__main__":  # a fake-instance subprocess needs nothing of pdserv
 INTERVAL = 0.2  # router health interval in these tests
 
 
-def stream_bytes(num_chunks: int) -> bytes:
-    """What a fake D streams for `num_chunks`, byte for byte."""
-    chunks = [f'data: {{"choices": [{{"index": 0, "text": "t{i}"}}]}}\n\n' for i in range(num_chunks)]
+def stream_bytes(num_chunks: int, start: int = 0, with_ids: bool = False) -> bytes:
+    """What a fake D streams for `num_chunks` (from chunk `start`, a resumed stream's), byte for byte. Chunk i is
+    token 100 + i, text "t<i>"; with the router's `stream_token_ids`, its choice carries the token id."""
+    ids = ', "token_ids": [{}]'
+    chunks = [
+        f'data: {{"choices": [{{"index": 0, "text": "t{i}"{ids.format(100 + i) if with_ids else ""}}}]}}\n\n'
+        for i in range(start, num_chunks)
+    ]
     return ("".join(chunks) + "data: [DONE]\n\n").encode()
 
 
@@ -114,7 +119,8 @@ class Fake:
         body = await request.json()
         rec = Record(request.url.path, body)
         self.records.append(rec)
-        cfg = body.get("fake", {}).get(self.role, {})
+        fake = body.get("fake", {})
+        cfg = fake.get(f"{self.role}:{self.port}", fake.get(self.role, {}))  # one instance's, else its role's
         gone = asyncio.create_task(_wait_disconnect(request.receive))
         if await _pause(gone, cfg.get("delay", 0)):
             rec.closed_early = True
@@ -170,7 +176,8 @@ class Fake:
 
     async def _chunks(self, rec: Record, cfg: dict[str, Any], gone: asyncio.Task[None]) -> AsyncIterator[bytes]:
         num_chunks, delay = cfg.get("chunks", 3), cfg.get("chunk_delay", 0)
-        data = stream_bytes(num_chunks).split(b"\n\n")[:-1]
+        start = len(rec.body.get("resume_token_ids") or [])
+        data = stream_bytes(num_chunks, start, rec.body.get("stream_token_ids", False)).split(b"\n\n")[:-1]
         try:
             kv = await self._await_kv(rec.body, cfg, gone)
             if kv == "gone":
@@ -179,7 +186,12 @@ class Fake:
                 yield b'data: {"error": {"message": "no KV", "code": "kv_transfer_timeout"}}\n\ndata: [DONE]\n\n'
                 rec.finished = True
                 return
-            for i, event in enumerate(data):
+            for i, event in enumerate(data, start):
+                if i == cfg.get("hang_at"):  # silent, like a SIGSTOPped instance
+                    await _pause(gone, 3600)
+                    return
+                if i == cfg.get("cut_at"):  # the body ends without [DONE], like a killed instance's
+                    return
                 if i < num_chunks and await _pause(gone, delay):
                     return
                 yield event + b"\n\n"
@@ -254,12 +266,13 @@ def router(
     policy: str = "least_loaded",
     api_key: str | None = None,
     request_timeout: float = 30.0,
+    **settings: Any,
 ) -> Iterator[Router]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     registry = Registry(HealthSettings(interval_s=INTERVAL, timeout_s=1.0), headers)
     for role, url in instances:
         registry.add(url, role)
-    app = build_router_app(registry, make_policy(policy), RouterSettings(request_timeout, api_key))
+    app = build_router_app(registry, make_policy(policy), RouterSettings(request_timeout, api_key, **settings))
     with ThreadServer(app) as server:
         yield Router(server.url, registry)
 
@@ -540,7 +553,7 @@ def test_mixed_only_routing_passes_body_unchanged() -> None:
             with httpx.stream("POST", f"{r.url}/v1/completions", json=pd_body(True), timeout=20) as resp:
                 assert b"".join(resp.iter_raw()) == stream_bytes(3)
         assert [len(m.records) for m in ms] == [1, 1]
-        assert ms[0].records[0].body == pd_body(True)
+        assert ms[0].records[0].body == {**pd_body(True), "stream_token_ids": True}  # the router's only change
 
 
 def test_no_healthy_instance_and_pair_mismatch() -> None:

@@ -129,13 +129,14 @@ def check_peer(engine: TransferEngine, peer: KVRegion, dst_block_ids: Sequence[i
 
 
 def open_engines(
-    kind: str, kv_cache: torch.Tensor, shm_path: str | None, receive: bool = False
+    kind: str, kv_cache: torch.Tensor, shm_path: str | None, receive: bool = False, host: str = "127.0.0.1"
 ) -> dict[str, TransferEngine]:
     """The engines this rank runs for `--kv-transfer-engine kind` ("auto" | "shm" | "cuda_ipc" | "mooncake").
 
     auto: shm on CPU (receiving too when the cache lives in the shared-memory file `shm_path`), cuda_ipc
     on CUDA (exporting the cache when `receive`), plus mooncake when it is installed; a sender picks per
-    peer by locality (pick_region).
+    peer by locality (pick_region). Mooncake listens on, and advertises, `host` (the instance's
+    --control-host: loopback unless the deployment spans hosts).
     """
     engines: dict[str, TransferEngine] = {}
     if kind in ("auto", "cuda_ipc") and kv_cache.device.type == "cuda":
@@ -154,7 +155,7 @@ def open_engines(
         try:
             from pdserve.disagg.transfer.mooncake import MooncakeEngine
 
-            engines["mooncake"] = MooncakeEngine(kv_cache)
+            engines["mooncake"] = MooncakeEngine(kv_cache, host)
         except (ImportError, TransferError) as e:
             if kind == "mooncake":
                 raise ValueError(
