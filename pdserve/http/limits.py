@@ -135,8 +135,10 @@ class RequestSizeLimit:
     """Pure ASGI middleware (it never buffers a response, so streams still stream): a request body larger than
     `max_bytes` is answered 413 request_too_large in the OpenAI error shape.
 
-    A Content-Length over the limit is refused before the app is called and before a byte of the body is read, and
-    the connection is closed (a client that writes its whole body before it reads may see a reset instead). A body
+    A Content-Length over the limit is refused before the app is called: nothing of the body is kept or parsed. So
+    that a client that writes its whole body before it reads its answer gets the 413 rather than a reset, what it
+    sends meanwhile is read and thrown away, for at most DRAIN_S seconds and DRAIN_BYTES bytes; then the 413 goes
+    out and the connection is closed. A body
     without one (chunked) is counted as the app reads it: past the limit `receive` raises RequestTooLarge, whatever
     the app then sends is dropped, and the 413 goes out instead; the server discards the rest of that body unread
     and keeps the connection, so the client gets its answer."""
@@ -154,6 +156,7 @@ class RequestSizeLimit:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             message = f"the request body has {declared} bytes; this server accepts at most {self.max_bytes}"
+            await _drain(receive)
             await _send_too_large(send, message + " (--max-request-bytes)", close=True)
             return
         guard = _BodyGuard(receive, send, self.max_bytes)
@@ -196,6 +199,30 @@ class _BodyGuard:
         if message["type"] == "http.response.start":
             self.is_started = True
         await self._send(message)
+
+
+DRAIN_S = 2.0  # the longest a refused body is read (and thrown away) before its 413 goes out
+DRAIN_BYTES = 64 * 1024 * 1024  # the most of it that is read
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and discard a refused request's body until it ends, DRAIN_S pass or DRAIN_BYTES were read."""
+    import asyncio
+
+    async def discard() -> None:
+        num_bytes = 0
+        while num_bytes < DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            num_bytes += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(discard(), DRAIN_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 def _content_length(scope: Scope) -> int | None:
