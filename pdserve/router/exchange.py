@@ -230,6 +230,8 @@ class Exchange:
                 except Failure as f:
                     try:
                         out = await self._migrate(f)
+                    except ClientGone:
+                        return
                     except Failure as final:
                         self.fail(final)
                         self.close()  # abort upstream before telling the client

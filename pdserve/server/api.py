@@ -99,6 +99,7 @@ def _lifespan(
                     settings.role,
                     settings.heartbeat_interval,
                     stop,
+                    api_key=settings.api_key,  # a router with --api-key takes registrations made with the same key
                     cluster_secret=client.config.disagg.cluster_secret,
                 )
             )
