@@ -261,12 +261,12 @@ def add_bench_parser(
     common: argparse.ArgumentParser,
 ) -> None:
     """`pdserve bench <name>`: the one place outside pdserve.bench that imports it (here, not at module level)."""
-    from pdserve.bench import gpu, kv_tiers, offline, pd, storage, sweep, transfer
+    from pdserve.bench import gpu, kv_tiers, offline, pd, soak, storage, sweep, transfer
     from pdserve.bench import serve as bench_serve
 
     bench = sub.add_parser("bench", help="benchmarks (results under bench/results/)", parents=[common])
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    for module in (offline, bench_serve, kv_tiers, transfer, storage, pd, sweep, gpu):
+    for module in (offline, bench_serve, kv_tiers, transfer, storage, pd, sweep, gpu, soak):
         module.add_parser(bench_sub)
 
 
