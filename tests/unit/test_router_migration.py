@@ -1,6 +1,6 @@
 """The router when an instance dies or stalls: retries before the first byte, migration mid-stream, and the error
 event when a request cannot move. Fake instances over real HTTP on 127.0.0.1 (test_router_app's), no model; the
-real-model versions are tests/e2e/test_migration.py.
+real-model versions are tests/e2e/test_resilience.py.
 
 A fake D's chunk i is token 100 + i with text "t<i>"; a resumed request starts at chunk len(resume_token_ids).
 """
