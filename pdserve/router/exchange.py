@@ -24,7 +24,7 @@ from pdserve.router.failure import ClientGone, Failure
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Route, RouteError, RouterPolicy, plan_route, request_key
 from pdserve.router.registry import Registry
-from pdserve.router.stream import InstanceFailed, StreamRelay
+from pdserve.router.stream import StreamRelay
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,6 +132,9 @@ class Exchange:
         """A new attempt for `body` on a fresh route (Failure if there is none); the failed one is closed."""
         self.attempt.close()
         logger.warning("request %s: %s; moving it", self.attempt.room, failure.error.get("message"))
+        failed = self.state.registry.get(failure.instance)
+        if failed is not None and failed.is_healthy:  # it reported its own fault: off the routes until checked
+            self.state.registry.mark_failed(failed, str(failure.error.get("message")))
         try:
             route = plan_route(self.state.registry.instances(), self.state.policy, request_key(body))
         except RouteError as e:
@@ -196,13 +199,17 @@ class Exchange:
                 return self._relay_end()
             out = self._relay(data)
             if out:
-                return out
+                return out  # a fault after it is raised at the stream's next read
+            self._raise_fault()
 
     def _relay(self, data: bytes) -> bytes:
-        try:
-            return self.relay.feed(data)
-        except InstanceFailed as e:
-            raise Failure(502, e.error, self.attempt.route.primary.url) from None
+        return self.relay.feed(data)
+
+    def _raise_fault(self) -> None:
+        """The Failure of an instance-fault error event the relay met, if it met one."""
+        if self.relay.fault is not None:
+            error, self.relay.fault = self.relay.fault, None
+            raise Failure(502, error, self.attempt.route.primary.url)
 
     def _relay_end(self) -> bytes:
         """The primary's stream ended: fine after [DONE]; otherwise it died mid-answer."""
@@ -225,8 +232,11 @@ class Exchange:
             yield first
             while not self.is_closed and not self.relay.is_done:
                 try:
+                    self._raise_fault()
                     data = await self._wait(self.attempt.read(self.attempt.resp.content.readany))  # type: ignore[union-attr]
                     out = self._relay(data) if data else self._relay_end()
+                    if not out:
+                        self._raise_fault()
                 except Failure as f:
                     try:
                         out = await self._migrate(f)

@@ -4,7 +4,8 @@ The router asks an instance for `stream_token_ids`: each chunk's choice then car
 `StreamRelay` takes them out (the client never sees them), keeps the completion's token ids so far (what a
 migration resumes after), drops the chunks that carried only token ids, notices the end (`data: [DONE]`), and turns
 an instance's error event that says the instance failed (not the request) into `InstanceFailed`, so the router can
-move the request instead of ending it. Pure Python; knows nothing about HTTP or instances.
+move the request instead of ending it: `feed` then returns what came before that event and keeps the error in
+`fault`. Pure Python; knows nothing about HTTP or instances.
 """
 
 from __future__ import annotations
@@ -17,14 +18,6 @@ INSTANCE_FAULT_CODES = frozenset({"engine_dead", "engine_stalled", "instance_una
 DONE = b"data: [DONE]"
 
 
-class InstanceFailed(Exception):
-    """An instance's error event for a failure of its own (its `error` object, as sent)."""
-
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(str(error.get("message", "")))
-        self.error = error
-
-
 class StreamRelay:
     """One client stream's events, across the instances that serve it (a migration feeds a new instance's bytes
     into the same relay). `token_ids` is the completion so far of choice 0."""
@@ -32,20 +25,25 @@ class StreamRelay:
     def __init__(self) -> None:
         self.token_ids: list[int] = []
         self.is_done = False  # [DONE] went by
+        self.fault: dict[str, Any] | None = None  # an instance-fault error event's error; the stream ends there
         self._buf = b""
 
     def restart(self) -> None:
-        """A new instance's stream begins: a partial event of the old one is dropped."""
+        """A new instance's stream begins: a partial event of the old one, and its fault, are dropped."""
         self._buf = b""
+        self.fault = None
 
     def feed(self, data: bytes) -> bytes:
-        """The bytes to pass on for `data` (complete events only; a partial one waits for more).
-        Raises InstanceFailed for an instance-fault error event (nothing of that event is passed on)."""
+        """The bytes to pass on for `data` (complete events only; a partial one waits for more). At an
+        instance-fault error event it stops: `fault` holds the error, and nothing of it or after it is passed on."""
         events = (self._buf + data).split(b"\n\n")
         self._buf = events.pop()
         out = []
         for event in events:
             relayed = self._event(event)
+            if self.fault is not None:
+                self._buf = b""
+                break
             if relayed is not None:
                 out.append(relayed + b"\n\n")
         return b"".join(out)
@@ -66,7 +64,8 @@ class StreamRelay:
         error = payload.get("error")
         if isinstance(error, dict):
             if error.get("code") in INSTANCE_FAULT_CODES:
-                raise InstanceFailed(error)
+                self.fault = error
+                return None
             return event
         return self._chunk(payload)
 

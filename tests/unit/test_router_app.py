@@ -192,6 +192,10 @@ class Fake:
                     return
                 if i == cfg.get("cut_at"):  # the body ends without [DONE], like a killed instance's
                     return
+                if i == cfg.get("stall_error_at"):  # like an instance whose engine core stalled
+                    yield b'data: {"error": {"message": "stuck", "code": "engine_stalled"}}\n\ndata: [DONE]\n\n'
+                    rec.finished = True
+                    return
                 if i < num_chunks and await _pause(gone, delay):
                     return
                 yield event + b"\n\n"

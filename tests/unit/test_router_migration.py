@@ -18,7 +18,7 @@ import pytest
 pytest.register_assert_rewrite("test_router_app")
 from test_router_app import fakes, pd_body, router, scrape, stream_bytes, subprocess_fake, wait_until  # noqa: E402
 
-from pdserve.router.stream import InstanceFailed, StreamRelay  # noqa: E402
+from pdserve.router.stream import StreamRelay  # noqa: E402
 
 STALL_S = 1.0
 
@@ -53,19 +53,21 @@ def test_relay_takes_token_ids_out_and_drops_chunks_of_ids_only() -> None:
     assert relay.feed(b"NE]\n\n") == b"data: [DONE]\n\n" and relay.is_done
 
 
-def test_relay_raises_for_an_instance_fault_and_passes_request_errors() -> None:
+def test_relay_stops_at_an_instance_fault_and_passes_request_errors() -> None:
     relay = StreamRelay()
     request_error = b'data: {"error": {"message": "no", "code": "kv_transfer_timeout"}}\n\n'
-    assert relay.feed(request_error) == request_error
-    with pytest.raises(InstanceFailed) as e:
-        relay.feed(b'data: {"error": {"message": "stuck", "code": "engine_stalled"}}\n\n')
-    assert e.value.error["code"] == "engine_stalled"
+    assert relay.feed(request_error) == request_error and relay.fault is None
+    before = b'data: {"choices": [{"index": 0, "text": "b", "token_ids": [9]}]}\n\n'
+    fault = b'data: {"error": {"message": "stuck", "code": "engine_stalled"}}\n\ndata: [DONE]\n\n'
+    assert relay.feed(before + fault) == b'data: {"choices": [{"index": 0, "text": "b"}]}\n\n'
+    assert relay.fault is not None and relay.fault["code"] == "engine_stalled"
+    assert relay.token_ids == [9] and not relay.is_done
 
 
 # -- migration mid-stream ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["hang_at", "cut_at"])
+@pytest.mark.parametrize("how", ["hang_at", "cut_at", "stall_error_at"])
 def test_stream_moves_to_another_decode_and_continues(how: str) -> None:
     with (
         fakes(("prefill", {}), ("decode", {}), ("decode", {})) as (p, d1, d2),
@@ -82,9 +84,10 @@ def test_stream_moves_to_another_decode_and_continues(how: str) -> None:
         assert "stream_token_ids" not in p.records[-1].body
         if how == "hang_at":
             assert STALL_S <= seconds < STALL_S + 5
-        reason = "stalled" if how == "hang_at" else "failed"
+        reason = "failed" if how == "cut_at" else "stalled"
         assert scrape(r.url)[f'pdserve_router_migrations_total{{reason="{reason}"}}'] == 1
-        wait_until(lambda: first.records[0].closed_early, 3, "the first D's connection closed")
+        if how != "stall_error_at":  # (that D ended its stream itself)
+            wait_until(lambda: first.records[0].closed_early, 3, "the first D's connection closed")
         wait_until(lambda: all(i.num_in_flight == 0 for i in r.registry.instances()), 5, "in-flight back to 0")
 
 
