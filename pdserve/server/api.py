@@ -124,6 +124,12 @@ def _add_engine_error_handlers(app: FastAPI) -> None:
 
 
 def _add_control_routes(app: FastAPI, client: AsyncEngineClient, settings: ServerSettings, metrics: Metrics) -> None:
+    @app.get("/live")
+    async def live() -> Response:
+        """200 whenever this API process answers at all: liveness, kept apart from /health (readiness and the
+        engine core's progress). A process that stops answering this is hung; one whose /health is 503 is not."""
+        return JSONResponse({"status": "ok"})
+
     @app.get("/health")
     async def health() -> Response:
         """200 while the engine core lives and makes progress (it steps, or idles by choice); 503 while it loads,

@@ -87,12 +87,14 @@ def test_stalled_engine_ends_its_streams_and_recovers(small_server: ServerProces
                         break
                 seconds = time.monotonic() - stopped
                 health = client.get(f"{url}/health")
+                live = client.get(f"{url}/live")
                 refused = client.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1})
             finally:
                 engine.resume()
     assert ": keepalive" in lines, lines[-5:]
     assert '"engine_stalled"' in lines[-1] and STALL_S <= seconds < STALL_S + 2, (seconds, lines[-3:])
     assert health.status_code == 503 and health.json()["status"].startswith("stalled: "), health.text
+    assert live.status_code == 200  # liveness: the API process itself answers
     assert_openai_error(refused, 503, "engine_stalled", "no progress")
     wait_health(url, 200)
     m = wait_idle(url, timeout_s=15)
