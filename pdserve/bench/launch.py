@@ -43,20 +43,18 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "pdserve.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *self.flags,
-        ]
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "pdserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def env(self) -> dict[str, str] | None:
+        """The child's environment (None: this process's)."""
         env = {k: v for k, v in os.environ.items() if k != "PDSERVE_API_KEY"}  # the client sends no key
         env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        return env
+
+    def start(self) -> None:
+        args = [*self.argv(), *self.flags]
+        env = self.env()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             log.write(f"$ {shlex.join(args)}\n".encode())

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +56,6 @@ from pdserve.bench.soak_report import (
     wait_idle,
 )
 from pdserve.bench.sse import SSEDecoder, parse_chunk
-from pdserve.procs import sigterm_on_parent_death
 
 ARRIVALS = ("poisson", "fixed")
 MODES = ("plain", "stream", "disconnect")  # a request's mode: not streaming, streaming, closing mid-stream
@@ -311,21 +309,12 @@ async def drive(config: SoakConfig, target: ServeBenchConfig, watch: ProcessWatc
 class LaunchProcess(ServerProcess):
     """`pdserve launch` in its own session, its router on `port`; the parts' logs go beside its own log."""
 
-    def start(self) -> None:
+    def argv(self) -> list[str]:
         log_dir = self.log_path.parent / "parts"
-        args = [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(self.port), "--log-dir", str(log_dir)]
-        args += self.flags
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            log.write(f"$ {shlex.join(args)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=sigterm_on_parent_death(),  # SIGTERM if the benchmark dies unstopped
-            )
+        return [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(self.port), "--log-dir", str(log_dir)]
+
+    def env(self) -> dict[str, str] | None:
+        return None  # the launcher makes its children's environment (and reads PDSERVE_API_KEY for its router)
 
 
 # ---- command line ------------------------------------------------------------------------------------------
