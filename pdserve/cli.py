@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tokenizer-threads",
         type=int,
-        default=2,
-        help="threads that tokenize prompts and apply chat templates, off the event loop (default: 2)",
+        default=1,
+        help="threads that tokenize prompts and apply chat templates, off the event loop (default: 1; more only for a tokenizer safe to share between threads)",
     )
     from pdserve.http.limits import add_robustness_args
 

@@ -369,6 +369,8 @@ WorkerToEngine = Union[ForwardOutput, PoolLoaded, RankReport, WorkerReady, Worke
 ControlMessage = Union[KVDest, KVDone, KVAbort]
 EngineToWorker = Union[StepPlan, LoadFromPool, Shutdown]
 ApiToEngine = Union[AddRequest, AbortRequest, Shutdown]
+
+
 class EngineHeartbeat(Message):
     """The engine core process is alive (sent every second by a thread of its own, during long steps too)."""
 

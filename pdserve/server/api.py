@@ -42,7 +42,9 @@ class ServerSettings:
     heartbeat_interval: float = 2.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body is a 413 before it is read
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # an engine core silent this long has stalled
-    num_tokenizer_threads: int = 2  # tokenizing and chat templating run here, off the event loop
+    # tokenizing and chat templating run here, off the event loop; one by default: an HF fast tokenizer that two
+    # threads call while one changes its truncation settings raises 'Already borrowed'
+    num_tokenizer_threads: int = 1
 
     @property
     def keepalive_s(self) -> float:

@@ -76,7 +76,7 @@ class Serving:
         max_open_requests: int,
         role: str = "mixed",
         kv_transfer: str = "direct",
-        num_tokenizer_threads: int = 2,
+        num_tokenizer_threads: int = 1,
     ) -> None:
         self.client = client
         self._tokenizer_pool = ThreadPoolExecutor(num_tokenizer_threads, thread_name_prefix="pdserve-tokenizer")
