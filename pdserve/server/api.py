@@ -275,6 +275,7 @@ async def _with_keepalives(events: AsyncIterator[Event], every_s: float) -> Asyn
                 yield None
         except BaseException:
             pending.cancel()
+            await asyncio.wait({pending})  # `events` stops running before anyone closes it
             raise
         try:
             yield pending.result()
