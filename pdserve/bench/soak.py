@@ -412,7 +412,24 @@ def run_launched(args: argparse.Namespace, config: SoakConfig) -> Measured:
                 measured["deployment"] |= {"alive_at_end": False, "log_tail": launch.log_tail()}
         finally:
             launch.stop()
+        measured["deployment"]["log_tracebacks"], first = count_tracebacks(Path(tmp))
+        if first:
+            measured["deployment"]["first_traceback"] = first
     return measured, watch
+
+
+def count_tracebacks(log_dir: Path) -> tuple[dict[str, int], str]:
+    """Tracebacks in each log under `log_dir` (the launcher's and its parts'), and the first one's text: any is a
+    defect, even one that no client saw."""
+    marker = "Traceback (most recent call last)"
+    counts, first = {}, ""
+    for log in sorted(log_dir.rglob("*.log")):
+        text = log.read_text(errors="replace")
+        counts[str(log.relative_to(log_dir))] = text.count(marker)
+        if not first and marker in text:
+            start = text.index(marker)
+            first = text[max(0, text.rfind("\n", 0, start - 200)) : start + 4000]
+    return counts, first
 
 
 def run(args: argparse.Namespace) -> int:

@@ -293,10 +293,15 @@ def find_problems(result: dict[str, Any]) -> list[str]:
         out.append(f"processes exited during the run: {', '.join(result['processes']['processes_gone'])}")
     if not result["deployment"].get("alive_at_end", True):
         out.append("the launched deployment was not running at the end")
+    tracebacks = {log: n for log, n in result["deployment"].get("log_tracebacks", {}).items() if n}
+    if tracebacks:
+        out.append(f"tracebacks in the deployment's logs: {tracebacks}")
     return out
 
 
 NOTES = {
+    "log_tracebacks": "per log file of the launched deployment (the launcher's and each part's): how many Python "
+    "tracebacks it holds at the end; any is a problem, even one no client saw",
     "anon_rss_growth_pct": "per process: (last - first) / first of its anonymous RSS (RssAnon: heap, tensors) "
     "over the samples after warm-up; the last sample is taken idle, after the drain and --idle-wait",
     "rss_growth_pct": "the same of the whole RSS. A P engine core's RSS counts each page of D's KV cache "

@@ -227,8 +227,10 @@ class AsyncEngineClient:
         prompt_token_ids: list[int],
         sampling: WireSamplingParams,
         transfer: TransferHandle | None = None,
-    ) -> AsyncGenerator[RequestDelta, None]:
-        """Yield deltas until the request finishes. Leaving the loop early aborts the request."""
+        idle_s: float | None = None,
+    ) -> AsyncGenerator[RequestDelta | None, None]:
+        """Yield deltas until the request finishes, and a None whenever `idle_s` passes without one (a stream's cue
+        for a keepalive). Leaving the loop early aborts the request."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
         if self.stall is not None:
@@ -243,7 +245,11 @@ class AsyncEngineClient:
                 )
             )
             while not finished:
-                item = await stream.queue.get()
+                try:
+                    item = await asyncio.wait_for(stream.queue.get(), idle_s)  # a cancelled get() takes no item
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
                 if isinstance(item, Exception):
                     raise item
                 if item.error is not None:

@@ -214,13 +214,13 @@ async def _respond(
     if body.stream:
         # wait for the first token before answering, so that a failure before it (no capacity, a failed
         # KV transfer) is an HTTP status, not an error event in a 200 stream
-        events = serving.events(p)
+        events = serving.events(p, settings.keepalive_s)
         try:
             first = await serving.first(events, request)
         except RequestRejected as exc:
             return _rejection(exc)
         return StreamingResponse(
-            _stream(serving, p, first, events, include_usage, is_chat, settings.keepalive_s),
+            _stream(serving, p, first, events, include_usage, is_chat),
             media_type="text/event-stream",
         )
     collected = await serving.collect(p, request)
@@ -266,31 +266,13 @@ def _chunk(serving: Serving, head: dict[str, Any], e: Event, is_chat: bool, with
 KEEPALIVE = ": keepalive\n\n"  # an SSE comment: clients skip it
 
 
-async def _with_keepalives(events: AsyncIterator[Event], every_s: float) -> AsyncIterator[Event | None]:
-    """`events`, with a None whenever `every_s` passes without one."""
-    while True:
-        pending = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
-        try:
-            while not (await asyncio.wait({pending}, timeout=every_s))[0]:
-                yield None
-        except BaseException:
-            pending.cancel()
-            await asyncio.wait({pending})  # `events` stops running before anyone closes it
-            raise
-        try:
-            yield pending.result()
-        except StopAsyncIteration:
-            return
-
-
 async def _stream(
     serving: Serving,
     p: Prepared,
     first: Event | None,
-    events: AsyncIterator[Event],
+    events: AsyncIterator[Event | None],
     include_usage: bool,
     is_chat: bool,
-    keepalive_s: float,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     head = {
@@ -309,8 +291,8 @@ async def _stream(
                 num_out += len(first.token_ids)
                 if _is_worth_a_chunk(first, p):
                     yield sse(_chunk(serving, head, first, is_chat, p.stream_token_ids))
-            async for e in _with_keepalives(events, keepalive_s):
-                if e is None:
+            async for e in events:
+                if e is None:  # nothing for a while: a keepalive
                     yield KEEPALIVE
                     continue
                 num_out += len(e.token_ids)

@@ -235,8 +235,9 @@ class Serving:
 
     # ---- generation ----------------------------------------------------------------
 
-    async def events(self, p: Prepared) -> AsyncIterator[Event]:
-        """Text deltas of one request; records metrics; a stop string ends it as 'stop'."""
+    async def events(self, p: Prepared, keepalive_s: float | None = None) -> AsyncIterator[Event | None]:
+        """Text deltas of one request, and a None whenever `keepalive_s` passes without one; records metrics; a stop
+        string ends it as 'stop'."""
         detok = Detokenizer(self.tokenizer, p.stop)
         detok.append(p.resume_token_ids)  # a migrated request: the client has this text already
         start = time.monotonic()
@@ -244,9 +245,12 @@ class Serving:
         reason = "abort"
         try:
             async with contextlib.aclosing(
-                self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer)
+                self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer, keepalive_s)
             ) as deltas:
                 async for delta in deltas:
+                    if delta is None:
+                        yield None
+                        continue
                     if first is None and delta.token_ids:
                         first = time.monotonic() - start
                     text = detok.append(delta.token_ids)
@@ -300,11 +304,11 @@ class Serving:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    async def first(self, events: AsyncIterator[Event], request: Request) -> Event | None:
-        """The first event of `events` (None if there is none); a client that disconnects meanwhile aborts.
-        On any failure `events` is closed (which aborts the request in the engine)."""
+    async def first(self, events: AsyncIterator[Event | None], request: Request) -> Event | None:
+        """The first event of `events` (None if there is none; keepalive cues are skipped); a client that
+        disconnects meanwhile aborts. On any failure `events` is closed (which aborts the request in the engine)."""
         try:
-            return await _unless_disconnected(anext(events, None), request)  # type: ignore[arg-type]
+            return await _unless_disconnected(_first_event(events), request)
         except BaseException:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
@@ -315,7 +319,14 @@ class Serving:
         return await _unless_disconnected(self._collect(p), request)
 
     async def _collect(self, p: Prepared) -> list[Event]:
-        return [e async for e in self.events(p)]
+        return [e async for e in self.events(p) if e is not None]
+
+
+async def _first_event(events: AsyncIterator[Event | None]) -> Event | None:
+    async for e in events:
+        if e is not None:
+            return e
+    return None
 
 
 async def _unless_disconnected(work: Awaitable[T], request: Request) -> T:

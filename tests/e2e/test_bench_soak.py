@@ -124,6 +124,8 @@ def test_bench_soak(tmp_path: Path, block_bytes: int, capsys: pytest.CaptureFixt
     assert (tmp_path / "soak-e2e.png").stat().st_size > 10_000
     assert result["benchmark"] == "soak" and result["model"] == "SmolLM2-135M-Instruct"
     assert result["deployment"]["alive_at_end"]
+    tracebacks = result["deployment"]["log_tracebacks"]
+    assert "parts/router.log" in tracebacks and not any(tracebacks.values()), tracebacks
 
     requests = result["requests"]
     assert requests["num_errors"] == 0, requests["errors_by_message"]
