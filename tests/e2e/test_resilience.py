@@ -38,7 +38,14 @@ pytest_plugins = ["server_fixtures"]
 pytestmark = pytest.mark.slow
 
 STALL_S = 4.0
-FLAGS = ["--max-model-len", "1024", "--stall-timeout", f"{STALL_S:g}"]
+FLAGS = [
+    "--max-model-len",
+    "1024",
+    "--num-blocks",
+    "256",
+    "--stall-timeout",
+    f"{STALL_S:g}",
+]  # four engine cores: a small KV cache each
 P_FLAGS = [*FLAGS, "--max-num-batched-tokens", "32"]  # a long prompt takes many steps on P: time to kill it
 LONG = {"max_tokens": 96, "ignore_eos": True, "stream": True}
 BIG = {"prompt": "hello " * 1_400_000, "max_tokens": 4}  # 8.4 MB of JSON
