@@ -246,6 +246,15 @@ def cmd_store_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _master_env(host: str) -> dict[str, str]:
+    """The master's environment: the bind-address shim, since its HTTP metadata server ignores
+    --http_metadata_server_host and binds every interface (pdserve.native)."""
+    try:
+        return preload_env(host)
+    except ShimUnavailable as e:
+        raise StoreError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m pdserve.store.master store start ...`: the same as `pdserve store start ...`."""
     parser = argparse.ArgumentParser(prog="python -m pdserve.store.master")
@@ -256,12 +265,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _master_env(host: str) -> dict[str, str]:
-    """The master's environment: the bind-address shim, since its HTTP metadata server ignores
-    --http_metadata_server_host and binds every interface (pdserve.native)."""
-    try:
-        return preload_env(host)
-    except ShimUnavailable as e:
-        raise StoreError(str(e)) from None

@@ -74,11 +74,12 @@ def test_decode_reserve_holds_new_requests_back(tmp_path: Path) -> None:
 
 def test_killed_decode_gives_502_and_a_restarted_one_is_used_again(tmp_path: Path) -> None:
     # random delays before each of P's per-layer send batches stretch the transfer to seconds
+    others = set(glob.glob("/dev/shm/pdserve-kv-*"))  # other deployments' on this machine, if any
     p = start_instance("prefill", tmp_path, [*SMALL, "--fault-delay-ms", "150"])
     d = start_instance("decode", tmp_path, SMALL)
     ready(p, d)
     router = router_for(tmp_path, p, d)
-    d_files = set(glob.glob("/dev/shm/pdserve-kv-*"))
+    d_files = set(glob.glob("/dev/shm/pdserve-kv-*")) - others
     try:
 
         async def killed_mid_transfer() -> httpx.Response:
