@@ -27,3 +27,6 @@ def require_api_key(api_key: str | None) -> Callable[[Request], Awaitable[None]]
             raise ApiError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     return check_api_key
+
+
+SECRET_HEADER = "X-PDServe-Cluster-Secret"  # a deployment's cluster secret on /register and /unregister

@@ -24,10 +24,9 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.http.auth import SECRET_HEADER
 from pdserve.http.errors import ApiError
 from pdserve.router.registry import Registry
-
-SECRET_HEADER = "X-PDServe-Cluster-Secret"
 
 
 def add_membership_routes(

@@ -18,10 +18,11 @@ import logging
 
 import aiohttp
 
+from pdserve.http.auth import SECRET_HEADER
+
 logger = logging.getLogger(__name__)
 
 UNREGISTER_TIMEOUT_S = 2.0
-SECRET_HEADER = "X-PDServe-Cluster-Secret"  # the router's name for it: pdserve.router.membership.SECRET_HEADER
 
 
 async def _post(
