@@ -197,13 +197,10 @@ class Exchange:
             data = await self._wait(attempt.read(resp.content.readany))
             if not data:
                 return self._relay_end()
-            out = self._relay(data)
+            out = self.relay.feed(data)
             if out:
                 return out  # a fault after it is raised at the stream's next read
             self._raise_fault()
-
-    def _relay(self, data: bytes) -> bytes:
-        return self.relay.feed(data)
 
     def _raise_fault(self) -> None:
         """The Failure of an instance-fault error event the relay met, if it met one."""
@@ -234,7 +231,7 @@ class Exchange:
                 try:
                     self._raise_fault()
                     data = await self._wait(self.attempt.read(self.attempt.resp.content.readany))  # type: ignore[union-attr]
-                    out = self._relay(data) if data else self._relay_end()
+                    out = self.relay.feed(data) if data else self._relay_end()
                     if not out:
                         self._raise_fault()
                 except Failure as f:
