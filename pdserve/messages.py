@@ -33,6 +33,40 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     # the sampled token's index in the completion: a seeded sample is keyed on (seed, sample_index), so a request
     # continues the same sequence wherever its next token is sampled (P then D, after a preemption or a migration)
     sample_index: int = 0
+    # logits processors, applied in this order to a copy of the logits (logprobs stay those of the raw model):
+    # logit_bias (token id, bias) pairs; repetition_penalty over penalty_prompt_ids and penalty_output_ids;
+    # frequency and presence penalties over penalty_output_ids (the completion so far); banned_token_ids
+    # (min_tokens, bad_words) and the grammar's allowed tokens (`token_bitmask`: xgrammar's int32 bitmask, one
+    # bit per vocabulary entry, set = allowed) at -inf
+    logit_bias: list[tuple[int, float]] = []
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    penalty_prompt_ids: list[int] = []
+    penalty_output_ids: list[int] = []
+    banned_token_ids: list[int] = []
+    token_bitmask: bytes | None = None
+
+    @property
+    def has_processors(self) -> bool:
+        """Anything beyond temperature and filtering changes this row's logits."""
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.banned_token_ids
+            or self.token_bitmask is not None
+        )
+
+
+class GrammarSpec(msgspec.Struct, frozen=True):
+    """A request's structured-output constraint, compiled by xgrammar in the engine core (engine.grammar).
+    kind: json_schema (text: the schema as JSON), json_object (any JSON object), regex, grammar (xgrammar's
+    EBNF), structural_tag (xgrammar's structural tag as JSON)."""
+
+    kind: str
+    text: str = ""
 
 
 class ScheduledSeq(msgspec.Struct, frozen=True):
@@ -228,6 +262,13 @@ class WireSamplingParams(msgspec.Struct, frozen=True):
     ignore_eos: bool = False
     logprobs: int | None = None
     output_offset: int = 0  # completion tokens generated before this request (a migrated request resumes after them)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: list[tuple[int, float]] = []
+    min_tokens: int = 0
+    bad_words_token_ids: list[list[int]] = []
+    grammar: GrammarSpec | None = None
 
 
 class TransferHandle(msgspec.Struct, frozen=True):

@@ -17,7 +17,9 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 
-from pdserve.messages import SamplingSpec, WireSamplingParams
+import msgspec
+
+from pdserve.messages import GrammarSpec, SamplingSpec, WireSamplingParams
 
 
 @dataclass
@@ -37,6 +39,14 @@ class SamplingParams:
     # completion tokens generated before this request began: a migrated request's prompt ends with them, and its
     # first sampled token is the completion's token number `output_offset` (what seeded sampling is keyed on)
     output_offset: int = 0
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token the completion has
+    frequency_penalty: float = 0.0  # subtracted from a token's logit per time the completion has it
+    repetition_penalty: float = 1.0  # CTRL's: a token of the prompt or completion has its logit divided (> 0) or
+    # multiplied (< 0) by it
+    logit_bias: dict[int, float] | list[tuple[int, float]] | None = None  # added to the logits, in [-100, 100]
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until the completion has this many tokens
+    bad_words_token_ids: list[list[int]] | None = None  # token sequences never completed
+    grammar: GrammarSpec | None = None  # structured output (engine.grammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +73,22 @@ class SamplingParams:
             raise ValueError("stop strings must not be empty")
         if not isinstance(self.output_offset, int) or self.output_offset < 0:
             raise ValueError(f"output_offset must be an integer >= 0, got {self.output_offset!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10] (1 is off), got {self.repetition_penalty}")
+        self.logit_bias = self.bias_pairs
+        for token_id, b in self.logit_bias:
+            if token_id < 0 or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias: token {token_id} has bias {b}; biases are in [-100, 100]")
+        most = self.max_tokens + (self.output_offset if isinstance(self.output_offset, int) else 0)
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= most:
+            raise ValueError(f"min_tokens must be in [0, max_tokens ({most})], got {self.min_tokens!r}")
+        self.bad_words_token_ids = [list(w) for w in self.bad_words_token_ids or []]
+        if any(not w for w in self.bad_words_token_ids):
+            raise ValueError("bad_words: a bad word encodes to no tokens")
 
     @property
     def is_greedy(self) -> bool:
@@ -81,6 +107,13 @@ class SamplingParams:
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs,
             output_offset=self.output_offset,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.bias_pairs,
+            min_tokens=self.min_tokens,
+            bad_words_token_ids=list(self.bad_words_token_ids or []),
+            grammar=self.grammar,
         )
 
     @classmethod
@@ -88,16 +121,53 @@ class SamplingParams:
         """Rebuild and re-validate; raises ValueError naming the bad field."""
         return cls(**{f.name: getattr(wire, f.name) for f in dataclasses.fields(cls) if hasattr(wire, f.name)})
 
-    def to_spec(self, num_output_tokens: int = 0) -> SamplingSpec:
-        """What a worker needs to sample the request's next token, when it has `num_output_tokens` already."""
-        return SamplingSpec(
+    @property
+    def bias_pairs(self) -> list[tuple[int, float]]:
+        """logit_bias as sorted (token id, bias) pairs."""
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or [])
+        return sorted((int(t), float(b)) for t, b in bias)
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    def to_spec(self, request: Request | None = None) -> SamplingSpec:
+        """What a worker needs to sample `request`'s next token (with no request: its first)."""
+        num_output = len(request.output_token_ids) if request is not None else 0
+        spec = SamplingSpec(
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             min_p=self.min_p,
             seed=self.seed,
             num_logprobs=-1 if self.logprobs is None else self.logprobs,
-            sample_index=self.output_offset + num_output_tokens,
+            sample_index=self.output_offset + num_output,
+        )
+        if request is None or not (
+            self.logit_bias
+            or self.uses_penalties
+            or self.bad_words_token_ids
+            or self.min_tokens > self.output_offset + num_output
+        ):
+            return spec
+        completion = request.completion_token_ids  # a migrated request's completion began elsewhere
+        banned: set[int] = set()
+        if len(completion) < self.min_tokens:
+            banned.update(self.stop_token_ids or [])
+            if request.eos_token_id is not None:
+                banned.add(request.eos_token_id)
+        for word in self.bad_words_token_ids or []:  # ban the last token of a word whose other tokens were just made
+            if len(word) == 1 or completion[len(completion) - len(word) + 1 :] == word[:-1]:
+                banned.add(word[-1])
+        return msgspec.structs.replace(
+            spec,
+            logit_bias=self.bias_pairs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            penalty_prompt_ids=request.unique_prompt_ids if self.repetition_penalty != 1.0 else [],
+            penalty_output_ids=list(completion) if self.uses_penalties else [],
+            banned_token_ids=sorted(banned),
         )
 
 
@@ -142,10 +212,26 @@ class Request:
     block_keys: list[bytes] = field(default_factory=list)
     # the most tokens ever computed: work below it after a preemption is recompute
     num_computed_high: int = 0
+    _unique_prompt_ids: list[int] | None = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        """The completion so far, a migrated request's tokens from before the move (its prompt's tail) included."""
+        offset = self.sampling.output_offset
+        resumed = list(self.prompt_token_ids[len(self.prompt_token_ids) - offset :]) if offset else []
+        return [*resumed, *self.output_token_ids]
+
+    @property
+    def unique_prompt_ids(self) -> list[int]:
+        """The client's prompt's distinct token ids (repetition_penalty's), computed once."""
+        if self._unique_prompt_ids is None:
+            num_prompt = len(self.prompt_token_ids) - self.sampling.output_offset
+            self._unique_prompt_ids = sorted(set(self.prompt_token_ids[:num_prompt]))
+        return self._unique_prompt_ids
 
     @property
     def num_tokens(self) -> int:

@@ -14,13 +14,15 @@ import time
 
 from pdserve.config import DEFAULT_CPU_KV_CACHE_MEMORY, EngineConfig
 from pdserve.disagg.role import PDRole, RoleContext, make_role
+from pdserve.engine.grammar import Grammars
+from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.kvcache import KVCacheManager
 from pdserve.kvcache.keys import ModelFingerprint
 from pdserve.messages import EngineStats, StoreCounters, TransferHandle
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource, load_arch, resolve_model, weights_id
 from pdserve.request import FinishReason, Request, SamplingParams
-from pdserve.scheduler.scheduler import RequestUpdate, Scheduler
+from pdserve.scheduler.scheduler import RequestError, RequestUpdate, Scheduler
 from pdserve.validation import validate_prompt_token_ids
 from pdserve.worker.executor import Executor, MultiProcExecutor, UniProcExecutor
 
@@ -130,6 +132,11 @@ class EngineCore:
             read_pool=lambda loads: self.executor.load_from_pool(loads)[0],
         )
         self.pd: PDRole = make_role(ctx, config.disagg)
+        self.grammars = Grammars(
+            lambda: load_tokenizer(self.source),
+            config.model.sampled_vocab_size or self.arch.vocab_size,
+            list(self.arch.eos_token_ids),
+        )
 
     @property
     def control_address(self) -> str:
@@ -145,10 +152,10 @@ class EngineCore:
         """Queue a request; with `transfer` it is one half of a PD pair (what half: this instance's role)."""
         self.validate_prompt(prompt_token_ids)
         request = Request(req_id, tuple(prompt_token_ids), sampling, self.eos_token_id, time.time())
-        if transfer is not None:
-            self.pd.add(request, transfer)
+        if sampling.grammar is not None:
+            self.grammars.hold(request, transfer)  # queued once its grammar compiles
         else:
-            self.scheduler.add_request(request)
+            self._queue(request, transfer)
         logger.info(
             "request %s added: %d prompt tokens, max_tokens %d%s",
             req_id,
@@ -158,11 +165,19 @@ class EngineCore:
         )
         return request
 
+    def _queue(self, request: Request, transfer: TransferHandle | None) -> None:
+        if transfer is not None:
+            self.pd.add(request, transfer)
+        else:
+            self.scheduler.add_request(request)
+
     def abort(self, req_id: str) -> None:
         self.finish(req_id, FinishReason.ABORT)
 
     def finish(self, req_id: str, reason: FinishReason) -> None:
         """End a request from outside (abort, a stop string matched by the API server); frees its blocks."""
+        if self.grammars.drop(req_id):
+            return
         if self.pd.abort(req_id):
             return
         request = self.scheduler.requests.get(req_id)
@@ -188,14 +203,17 @@ class EngineCore:
 
     @property
     def is_waiting_on_peers(self) -> bool:
-        """PD requests wait for a peer (KVDest, KVDone) or a deadline: poll often, no step needed."""
-        return self.pd.num_pending > 0
+        """PD requests wait for a peer (KVDest, KVDone) or a deadline, or requests for their grammar to compile:
+        poll often, no step needed."""
+        return self.pd.num_pending > 0 or bool(self.grammars.held)
 
     def step(self) -> list[RequestUpdate]:
-        updates = self.pd.before_step()
+        updates = self._take_compiled()
+        updates += self.pd.before_step()
         updates += self._step()
         for update in updates:
             if update.finished:
+                self.grammars.drop(update.request.req_id)
                 r = update.request
                 logger.info(
                     "request %s finished (%s): %d output tokens, %d preemptions",
@@ -206,17 +224,29 @@ class EngineCore:
                 )
         return updates
 
+    def _take_compiled(self) -> list[RequestUpdate]:
+        """Queue the requests whose grammar compiled; fail (400) those whose grammar did not."""
+        ready, failed = self.grammars.take_ready()
+        for held in ready:
+            self._queue(held.request, held.transfer)
+        return [
+            RequestUpdate(held.request, [], finished=True, error=RequestError(400, "invalid_grammar", why))
+            for held, why in failed
+        ]
+
     def _step(self) -> list[RequestUpdate]:
         """One round trip to the workers: the plan carries the forward, the cache copies, the PD sends and the
         pool reads of requests next in line."""
         sched = self.scheduler.schedule(pool_reads=True)
         self.pd.plan(sched)
+        rejected = self.grammars.fill(sched.plan, self.scheduler.requests)
         if sched.plan.is_empty:
             return []
         output = self.executor.execute(sched.plan)
         self.store_counters = output.store
         failed = self.pd.after_step(sched, output)
         updates = self.scheduler.update(sched, output)
+        failed += [(req_id, RequestError(500, "grammar_rejected_token", why)) for req_id, why in rejected]
         for req_id, error in failed:
             update = self.scheduler.fail(req_id, error) if req_id in self.scheduler.requests else None
             if update is not None:
@@ -228,7 +258,7 @@ class EngineCore:
         c = self.kv.stats
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.parked),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.parked) + len(self.grammars.held),
             num_blocks_total=self.kv.num_blocks,
             num_blocks_free=self.kv.num_free_blocks,
             num_preemptions=s.num_preemptions,
@@ -250,3 +280,4 @@ class EngineCore:
     def shutdown(self) -> None:
         self.executor.shutdown()
         self.pd.close()
+        self.grammars.close()

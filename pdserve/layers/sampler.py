@@ -1,7 +1,12 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs, and the logits
+processors a request may ask for: logit bias, repetition / frequency / presence penalties, banned tokens
+(min_tokens, bad words) and a grammar's token bitmask (structured output).
 
-Logprobs are those of the raw model distribution (before temperature and
-filtering), as OpenAI and vLLM report them. A seeded sample draws its noise from
+Logprobs are those of the raw model distribution (before processors, temperature and
+filtering), as OpenAI and vLLM report them. The processors run batched on the device,
+on the rows that have any, in one order (`SamplingSpec`): logit bias, repetition
+penalty, frequency and presence penalties, then banned and grammar-disallowed tokens
+at -inf. A seeded sample draws its noise from
 a generator seeded with (the request's seed, the token's index in the completion):
 it depends on nothing else in the batch, and the sampler keeps no per-request state,
 so a request continues the same sequence on another instance (P then D, a migration).
@@ -45,6 +50,9 @@ class Sampler:
         """Everything on the device, with no host sync: [num_seqs, 1 + 2 * (1 + k)] float64 rows of (token id,
         its logprob, top-k logprobs, top-k ids) where any spec asks for logprobs (k = the most asked), else
         [num_seqs] token ids."""
+        raw = logits
+        if any(s.has_processors for s in specs):
+            logits = process_logits(logits, specs)
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, s in enumerate(specs) if s.temperature >= MIN_TEMPERATURE]
         if len(random_rows) == len(specs):
@@ -57,7 +65,7 @@ class Sampler:
             token_ids.index_copy_(0, rows, sampled)
         if all(s.num_logprobs < 0 for s in specs):
             return token_ids
-        logprobs = logits.log_softmax(dim=-1)
+        logprobs = raw.log_softmax(dim=-1)
         k = max(1, max(s.num_logprobs for s in specs))
         top_values, top_ids = logprobs.topk(k, dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None])
@@ -123,3 +131,66 @@ def sample_seed(seed: int, sample_index: int) -> int:
     """The generator seed of a request's token number `sample_index`: a 63-bit hash of both."""
     digest = hashlib.blake2b(struct.pack("<QQ", seed & (2**64 - 1), sample_index), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def process_logits(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """A copy of `logits` [rows, vocab] with each row's processors applied (see SamplingSpec for the order)."""
+    rows = [i for i, s in enumerate(specs) if s.has_processors]
+    device, vocab = logits.device, logits.shape[-1]
+    sub = logits.index_select(0, to_device(rows, device, torch.int64)) if len(rows) < len(specs) else logits.clone()
+    picked = [specs[i] for i in rows]
+
+    def scatter_rows(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = [(r, t) for r, t in pairs if 0 <= t < vocab]
+        return (
+            to_device([r for r, _ in flat], device, torch.int64),
+            to_device([t for _, t in flat], device, torch.int64),
+        )
+
+    bias = [(r, t, b) for r, s in enumerate(picked) for t, b in s.logit_bias if 0 <= t < vocab]
+    if bias:
+        r, t = scatter_rows([(r, t) for r, t, _ in bias])
+        sub.index_put_((r, t), to_device([b for *_, b in bias], device, sub.dtype), accumulate=True)
+    rep = [r for r, s in enumerate(picked) if s.repetition_penalty != 1.0]
+    if rep:
+        seen = torch.zeros(len(picked), vocab, dtype=torch.bool, device=device)
+        r, t = scatter_rows(
+            [(r, t) for r in rep for t in (*picked[r].penalty_prompt_ids, *picked[r].penalty_output_ids)]
+        )
+        seen[r, t] = True
+        penalty = to_device([s.repetition_penalty for s in picked], device, sub.dtype)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    freq = [r for r, s in enumerate(picked) if s.frequency_penalty or s.presence_penalty]
+    if freq:
+        counts = torch.zeros(len(picked), vocab, dtype=sub.dtype, device=device)
+        r, t = scatter_rows([(r, t) for r in freq for t in picked[r].penalty_output_ids])
+        counts.index_put_((r, t), torch.ones(len(t), dtype=sub.dtype, device=device), accumulate=True)
+        frequency = to_device([s.frequency_penalty for s in picked], device, sub.dtype)[:, None]
+        presence = to_device([s.presence_penalty for s in picked], device, sub.dtype)[:, None]
+        sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
+    banned = [(r, t) for r, s in enumerate(picked) for t in s.banned_token_ids]
+    if banned:
+        r, t = scatter_rows(banned)
+        sub[r, t] = float("-inf")
+    masked = [r for r, s in enumerate(picked) if s.token_bitmask is not None]
+    if masked:
+        sub = apply_bitmasks(sub, masked, [picked[r].token_bitmask for r in masked])  # type: ignore[misc]
+    if len(rows) == len(specs):
+        return sub
+    out = logits.clone()
+    out.index_copy_(0, to_device(rows, device, torch.int64), sub)
+    return out
+
+
+def apply_bitmasks(logits: torch.Tensor, rows: list[int], bitmasks: list[bytes]) -> torch.Tensor:
+    """-inf where the grammar's bitmask (int32 words, bit set = allowed) disallows the token, in `rows`."""
+    words = torch.frombuffer(bytearray(b"".join(bitmasks)), dtype=torch.int32).view(len(rows), -1)
+    words = words.to(logits.device, non_blocking=True)
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, : logits.shape[-1]]
+    if allowed.shape[1] < logits.shape[-1]:  # a bitmask shorter than the vocabulary allows nothing past it
+        pad = torch.zeros(len(rows), logits.shape[-1] - allowed.shape[1], dtype=torch.bool, device=logits.device)
+        allowed = torch.cat([allowed, pad], dim=1)
+    index = to_device(rows, logits.device, torch.int64)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits

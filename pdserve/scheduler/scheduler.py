@@ -323,7 +323,7 @@ class Scheduler:
                     start_pos=start,
                     block_ids=list(self.kv.block_ids(request.req_id)),
                     sample=start + n == request.num_tokens,
-                    sampling=request.sampling.to_spec(len(request.output_token_ids)),
+                    sampling=request.sampling.to_spec(request),
                 )
             )
         self._step_id += 1

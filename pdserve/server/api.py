@@ -23,6 +23,7 @@ from pdserve.http.auth import require_api_key
 from pdserve.http.errors import add_error_handlers, error_response
 from pdserve.http.json_body import JsonBodyRoute
 from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S, RequestSizeLimit
+from pdserve.server import tools
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.serving import Event, Prepared, Serving, sse, usage
@@ -227,7 +228,14 @@ async def _respond(
     text = "".join(e.text for e in collected)
     choice: dict[str, Any] = {"index": 0, "finish_reason": collected[-1].finish_reason if collected else "abort"}
     if is_chat:
-        choice.update(message={"role": "assistant", "content": text}, logprobs=serving.logprobs_chat(collected))
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if p.parse_tools:
+            message["content"], calls = tools.parse_tool_calls(text)
+            if calls:
+                message["tool_calls"] = calls
+                if choice["finish_reason"] == "stop":
+                    choice["finish_reason"] = "tool_calls"
+        choice.update(message=message, logprobs=serving.logprobs_chat(collected))
     else:
         choice.update(text=text, logprobs=serving.logprobs_completion(collected))
     return JSONResponse(
@@ -242,13 +250,33 @@ async def _respond(
     )
 
 
-def _chunk(serving: Serving, head: dict[str, Any], e: Event, is_chat: bool, with_ids: bool) -> dict[str, Any]:
-    """One streamed chunk of `e`: a chat delta or a completion's text (and its token ids, for the router)."""
+def _chunk(
+    serving: Serving,
+    head: dict[str, Any],
+    e: Event,
+    is_chat: bool,
+    with_ids: bool,
+    calls: tools.ToolCallStream | None = None,
+) -> dict[str, Any]:
+    """One streamed chunk of `e`: a chat delta or a completion's text (and its token ids, for the router). With
+    `calls`, the chat text goes through the tool-call parser: tool calls come as `tool_calls` deltas."""
     if is_chat:
+        delta: dict[str, Any] = {"content": e.text} if e.text else {}
+        finish_reason = e.finish_reason
+        if calls is not None:
+            content, new_calls = calls.feed(e.text)
+            if e.finish_reason is not None:
+                tail, last_calls = calls.finish()
+                content, new_calls = content + tail, new_calls + last_calls
+                if calls.called and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            delta = {"content": content} if content else {}
+            if new_calls:
+                delta["tool_calls"] = new_calls
         choice = {
             "index": 0,
-            "delta": {"content": e.text} if e.text else {},
-            "finish_reason": e.finish_reason,
+            "delta": delta,
+            "finish_reason": finish_reason,
             "logprobs": serving.logprobs_chat([e]),
         }
     else:
@@ -282,6 +310,7 @@ async def _stream(
         "model": serving.model_name,
     }
     num_out = 0
+    calls = tools.ToolCallStream() if is_chat and p.parse_tools else None
     if is_chat and not p.resume_token_ids:  # a migrated stream's client has had its role chunk
         role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
         yield sse({**head, "choices": [role]})
@@ -290,14 +319,14 @@ async def _stream(
             if first is not None:
                 num_out += len(first.token_ids)
                 if _is_worth_a_chunk(first, p):
-                    yield sse(_chunk(serving, head, first, is_chat, p.stream_token_ids))
+                    yield sse(_chunk(serving, head, first, is_chat, p.stream_token_ids, calls))
             async for e in events:
                 if e is None:  # nothing for a while: a keepalive
                     yield KEEPALIVE
                     continue
                 num_out += len(e.token_ids)
                 if _is_worth_a_chunk(e, p):
-                    yield sse(_chunk(serving, head, e, is_chat, p.stream_token_ids))
+                    yield sse(_chunk(serving, head, e, is_chat, p.stream_token_ids, calls))
     except RequestRejected as exc:
         yield sse({"error": {"message": str(exc), "type": "server_error", "code": exc.code or "generation_failed"}})
     except EngineDeadError as exc:

@@ -30,10 +30,12 @@ from fastapi import Request
 from pdserve.engine.async_client import AsyncEngineClient
 from pdserve.engine.tokenizer import Detokenizer
 from pdserve.http.errors import ApiError
-from pdserve.messages import TransferHandle, WireSamplingParams
+from pdserve.messages import GrammarSpec, TransferHandle, WireSamplingParams
 from pdserve.request import SamplingParams
+from pdserve.server import tools
 from pdserve.server.metrics import Metrics
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from pdserve.server.structured import grammar_of
 from pdserve.validation import PromptTooLongError, validate_prompt_token_ids
 
 T = TypeVar("T")
@@ -51,6 +53,7 @@ class Prepared:
     transfer: TransferHandle | None = None
     resume_token_ids: list[int] = field(default_factory=list)  # the completion so far of a migrated request
     stream_token_ids: bool = False  # streamed chunks carry their token ids (for the router)
+    parse_tools: bool = False  # the completion may hold tool calls (server.tools)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -119,8 +122,11 @@ class Serving:
         max_tokens: int | None,
         num_logprobs: int | None,
         prefix: str,
+        grammar: GrammarSpec | None = None,
+        bad_words: list[list[int]] | None = None,
     ) -> Prepared:
-        """`max_tokens` None means: the rest of the context."""
+        """`max_tokens` None means: the rest of the context. `grammar`: one the request's fields do not name
+        (a forced tool call); `bad_words`: body.bad_words tokenized."""
         info = self.client.info
         assert info is not None
         resume = list(body.resume_token_ids or [])
@@ -140,6 +146,12 @@ class Serving:
                 f"lower max_tokens to at most {info.max_model_len - n}",
                 "context_length_exceeded",
             )
+        try:
+            grammar = grammar if grammar is not None else grammar_of(body)
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_request") from None
+        if grammar is not None and body.ignore_eos:
+            raise ApiError(400, "ignore_eos cannot be combined with structured output (the grammar ends the text)")
         try:  # the one conversion chain: request fields -> SamplingParams -> wire (request.py)
             sampling = SamplingParams(
                 max_tokens=max_tokens,
@@ -152,6 +164,13 @@ class Serving:
                 ignore_eos=body.ignore_eos,
                 logprobs=num_logprobs,
                 output_offset=len(resume),
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                logit_bias=self._logit_bias(body.logit_bias, info.vocab_size),
+                min_tokens=body.min_tokens,
+                bad_words_token_ids=bad_words,
+                grammar=grammar,
             ).to_wire()
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from e
@@ -181,6 +200,26 @@ class Serving:
             body.stream_token_ids,
         )
 
+    @staticmethod
+    def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+        out = {int(k): v for k, v in (bias or {}).items()}
+        for token_id in out:
+            if token_id >= vocab_size:
+                raise ApiError(400, f"logit_bias names token {token_id}, outside the vocabulary [0, {vocab_size})")
+        return out
+
+    def _bad_words(self, words: list[str] | None) -> list[list[int]]:
+        """Each bad word's token ids, as the word starts a text and as it follows a space (tokenizers differ)."""
+        sequences: list[list[int]] = []
+        for word in words or []:
+            if not word:
+                raise ApiError(400, "bad_words: a bad word is empty")
+            for text in (word, " " + word):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
+
     def _check_text_length(self, num_chars: int, what: str) -> None:
         """Refuse, before tokenizing, text with more characters than the context holds tokens of the longest."""
         info = self.client.info
@@ -207,18 +246,33 @@ class Serving:
             ids = list(prompt)  # type: ignore[arg-type]
         if not ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text")
-        return self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl")
+        bad_words = await self._in_pool(lambda: self._bad_words(body.bad_words))
+        return self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl", bad_words=bad_words)
 
     async def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         self.check_ready(body)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            tools.check_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_request") from None
+        use_tools = bool(body.tools) and body.tool_choice != "none"
+        forced = tools.tool_call_grammar(body.tools, body.tool_choice, body.parallel_tool_calls) if use_tools else None
+        if forced is not None and grammar_of(body) is not None:
+            raise ApiError(400, "tool_choice required (or a named function) cannot be combined with response_format")
+        try:
+            renders = tools.template_renders_tools(getattr(self.tokenizer, "chat_template", None))
+            messages = [_template_message(m, renders) for m in body.messages]
             for i, m in enumerate(messages):
                 _check_utf8(m["content"], f"message {i}")
             self._check_text_length(sum(len(m["content"]) for m in messages), "the messages' text")
+            extra = dict(body.chat_template_kwargs or {})
+            if use_tools and renders:
+                extra["tools"] = body.tools
+            elif use_tools:  # the template knows no tools: tell the model in a system message
+                messages.insert(0, {"role": "system", "content": tools.tool_system_prompt(body.tools or [])})
             ids = await self._in_pool(
                 lambda: self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False, **extra
                 )
             )
         except ApiError:
@@ -231,7 +285,18 @@ class Serving:
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true")
         max_tokens = body.max_tokens or body.max_completion_tokens
-        return self.prepare(body, list(ids), max_tokens, (top or 0) if body.logprobs else None, "chatcmpl")
+        bad_words = await self._in_pool(lambda: self._bad_words(body.bad_words))
+        prepared = self.prepare(
+            body,
+            list(ids),
+            max_tokens,
+            (top or 0) if body.logprobs else None,
+            "chatcmpl",
+            grammar=GrammarSpec("structural_tag", forced) if forced is not None else None,
+            bad_words=bad_words,
+        )
+        prepared.parse_tools = use_tools
+        return prepared
 
     # ---- generation ----------------------------------------------------------------
 
@@ -375,6 +440,33 @@ def _check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> 
         ) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+
+
+def _template_message(m: ChatMessage, renders_tools: bool) -> dict[str, Any]:
+    """A message as chat templates take it. For a template that does not render tools, an assistant's tool calls
+    and a tool's answer are written into the content in the Hermes form the model was told (server.tools)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = [{"name": c.function.name, "arguments": _json_or_text(c.function.arguments)} for c in m.tool_calls]
+        if renders_tools:
+            out["tool_calls"] = [{"type": "function", "id": c.id, "function": f} for c, f in zip(m.tool_calls, calls)]
+        else:
+            text = "\n".join(f"<tool_call>\n{json.dumps(f, ensure_ascii=False)}\n</tool_call>" for f in calls)
+            out["content"] = f"{out['content']}\n{text}" if out["content"] else text
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+        if not renders_tools:
+            out["content"] = f"<tool_response>\n{out['content']}\n</tool_response>"
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 def _check_utf8(text: str, what: str) -> None:
