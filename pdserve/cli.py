@@ -174,6 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         stall_timeout_s=args.stall_timeout,
         num_tokenizer_threads=args.tokenizer_threads,
+        tool_call_parser=args.tool_call_parser,
     )
     client = AsyncEngineClient(config, args.log_level.upper(), stall_timeout_s=args.stall_timeout)
     app = build_app(client, tokenizer, settings)
@@ -228,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="requests that may wait beyond --max-num-seqs before new ones get 503",
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        choices=("hermes", "none"),
+        default="hermes",
+        help="how tool calls are written and parsed: hermes (<tool_call> JSON blocks, as Hermes, Qwen2.5 and Qwen3 "
+        "write them); none: requests with tools are a 400 (default: hermes)",
     )
     serve.add_argument(
         "--tokenizer-threads",

@@ -35,9 +35,9 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     sample_index: int = 0
     # logits processors, applied in this order to a copy of the logits (logprobs stay those of the raw model):
     # logit_bias (token id, bias) pairs; repetition_penalty over penalty_prompt_ids and penalty_output_ids;
-    # frequency and presence penalties over penalty_output_ids (the completion so far); banned_token_ids
-    # (min_tokens, bad_words) and the grammar's allowed tokens (`token_bitmask`: xgrammar's int32 bitmask, one
-    # bit per vocabulary entry, set = allowed) at -inf
+    # frequency and presence penalties over penalty_output_ids (the completion so far); the grammar's allowed
+    # tokens (`token_bitmask`: xgrammar's int32 bitmask, one bit per vocabulary entry, set = allowed) and
+    # banned_token_ids (min_tokens, bad_words) at -inf, unless the bans leave nothing the grammar allows
     logit_bias: list[tuple[int, float]] = []
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -81,6 +81,11 @@ class ScheduledSeq(msgspec.Struct, frozen=True):
     block_ids: list[int]
     sample: bool
     sampling: SamplingSpec
+    # prompt logprobs (echo, prompt_logprobs): with k >= 0 the worker scores each prompt token this chunk predicts,
+    # returning its logprob, its rank and the top k; the token after the chunk is `prompt_next_token` (-1: the
+    # chunk ends the prompt)
+    prompt_logprobs: int = -1
+    prompt_next_token: int = -1
 
 
 class CacheOps(msgspec.Struct, frozen=True):
@@ -208,6 +213,14 @@ class PoolLoaded(Message):
     store: StoreCounters = StoreCounters()
 
 
+class PromptLogprob(msgspec.Struct, array_like=True, frozen=True):
+    """One prompt token's score: its logprob and rank under the model given the tokens before it, and the top k."""
+
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]] = []
+
+
 class ForwardOutput(Message):
     """What rank 0 returns for a step: one sampled token per sampling request."""
 
@@ -220,6 +233,8 @@ class ForwardOutput(Message):
     kv_sent: list[KVSendReport] = []  # one per rank when the plan had kv_sends or pool_sends
     # per PoolRead of the plan: leading blocks counted / read, the least any rank answered
     pool_read: list[int] = []
+    # per request with prompt logprobs in the plan: (the first prompt position scored, one PromptLogprob each)
+    prompt_logprobs: dict[str, tuple[int, list[PromptLogprob]]] = {}
 
 
 class RankReport(Message):
@@ -269,6 +284,7 @@ class WireSamplingParams(msgspec.Struct, frozen=True):
     min_tokens: int = 0
     bad_words_token_ids: list[list[int]] = []
     grammar: GrammarSpec | None = None
+    prompt_logprobs: int | None = None  # score the prompt: its tokens' logprobs and the top k at each
 
 
 class TransferHandle(msgspec.Struct, frozen=True):
@@ -286,6 +302,9 @@ class AddRequest(Message):
     prompt_token_ids: list[int]
     sampling: WireSamplingParams
     transfer: TransferHandle | None = None
+    # a sibling choice of the same prompt (n > 1): queued once that request's prompt is computed, so its full
+    # blocks come from the prefix cache and only the last partial block is computed again
+    after: str | None = None
 
 
 class AbortRequest(Message):
@@ -300,6 +319,7 @@ class RequestDelta(msgspec.Struct, frozen=True):
     token_ids: list[int]
     logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None  # prompt tokens 1.. (token 0 has none), with the first tokens
     error: str | None = None
     error_code: str | None = None  # set with error: "kv_transfer_timeout", "no_capacity", ...
     error_status: int = 400  # the HTTP status the error maps to

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from pdserve.messages import GrammarSpec, SamplingSpec, WireSamplingParams
+from pdserve.messages import GrammarSpec, PromptLogprob, SamplingSpec, WireSamplingParams
 
 
 @dataclass
@@ -47,6 +47,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are banned until the completion has this many tokens
     bad_words_token_ids: list[list[int]] | None = None  # token sequences never completed
     grammar: GrammarSpec | None = None  # structured output (engine.grammar)
+    prompt_logprobs: int | None = None  # score the prompt (echo + logprobs): each token's logprob and the top k
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +88,10 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= most:
             raise ValueError(f"min_tokens must be in [0, max_tokens ({most})], got {self.min_tokens!r}")
         self.bad_words_token_ids = [list(w) for w in self.bad_words_token_ids or []]
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs!r}")
         if any(not w for w in self.bad_words_token_ids):
             raise ValueError("bad_words: a bad word encodes to no tokens")
 
@@ -114,6 +119,7 @@ class SamplingParams:
             min_tokens=self.min_tokens,
             bad_words_token_ids=list(self.bad_words_token_ids or []),
             grammar=self.grammar,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     @classmethod
@@ -213,6 +219,9 @@ class Request:
     # the most tokens ever computed: work below it after a preemption is recompute
     num_computed_high: int = 0
     _unique_prompt_ids: list[int] | None = field(default=None, repr=False)
+    # prompt logprobs: prompt positions scored so far (position 0 has none), and those not yet sent
+    num_prompt_scored: int = 1
+    unsent_prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -228,9 +228,10 @@ class AsyncEngineClient:
         sampling: WireSamplingParams,
         transfer: TransferHandle | None = None,
         idle_s: float | None = None,
+        after: str | None = None,
     ) -> AsyncGenerator[RequestDelta | None, None]:
         """Yield deltas until the request finishes, and a None whenever `idle_s` passes without one (a stream's cue
-        for a keepalive). Leaving the loop early aborts the request."""
+        for a keepalive). Leaving the loop early aborts the request. `after`: a sibling choice (AddRequest.after)."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
         if self.stall is not None:
@@ -241,7 +242,13 @@ class AsyncEngineClient:
         try:
             await self._to_core.send(
                 encode(
-                    AddRequest(req_id=req_id, prompt_token_ids=prompt_token_ids, sampling=sampling, transfer=transfer)
+                    AddRequest(
+                        req_id=req_id,
+                        prompt_token_ids=prompt_token_ids,
+                        sampling=sampling,
+                        transfer=transfer,
+                        after=after,
+                    )
                 )
             )
             while not finished:

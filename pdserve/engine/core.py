@@ -132,6 +132,7 @@ class EngineCore:
             read_pool=lambda loads: self.executor.load_from_pool(loads)[0],
         )
         self.pd: PDRole = make_role(ctx, config.disagg)
+        self._siblings: list[tuple[Request, Request, TransferHandle | None]] = []  # (leader, waiting, its PD half)
         self.grammars = Grammars(
             lambda: load_tokenizer(self.source),
             config.model.sampled_vocab_size or self.arch.vocab_size,
@@ -147,12 +148,21 @@ class EngineCore:
         validate_prompt_token_ids(prompt_token_ids, self.max_model_len, self.arch.vocab_size)
 
     def add_request(
-        self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, transfer: TransferHandle | None = None
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        transfer: TransferHandle | None = None,
+        after: str | None = None,
     ) -> Request:
-        """Queue a request; with `transfer` it is one half of a PD pair (what half: this instance's role)."""
+        """Queue a request; with `transfer` it is one half of a PD pair (what half: this instance's role). `after`:
+        the request it is a sibling choice of (n > 1): it waits until that one's prompt is computed."""
         self.validate_prompt(prompt_token_ids)
         request = Request(req_id, tuple(prompt_token_ids), sampling, self.eos_token_id, time.time())
-        if sampling.grammar is not None:
+        leader = self._find(after) if after is not None else None
+        if leader is not None:
+            self._siblings.append((leader, request, transfer))
+        elif sampling.grammar is not None:
             self.grammars.hold(request, transfer)  # queued once its grammar compiles
         else:
             self._queue(request, transfer)
@@ -165,6 +175,25 @@ class EngineCore:
         )
         return request
 
+    def _find(self, req_id: str) -> Request | None:
+        """An unfinished request of this core, wherever it waits."""
+        held = self.grammars.held.get(req_id)
+        request = held.request if held else self.scheduler.requests.get(req_id) or self.scheduler.parked.get(req_id)
+        return request if request is not None and not request.is_finished else None
+
+    def _release_siblings(self) -> None:
+        """Queue the sibling choices whose leader's prompt is computed (or that ended)."""
+        waiting = []
+        for leader, request, transfer in self._siblings:
+            if self._find(leader.req_id) is None or leader.num_computed_tokens >= leader.num_prompt_tokens:
+                if request.sampling.grammar is not None:
+                    self.grammars.hold(request, transfer)
+                else:
+                    self._queue(request, transfer)
+            else:
+                waiting.append((leader, request, transfer))
+        self._siblings = waiting
+
     def _queue(self, request: Request, transfer: TransferHandle | None) -> None:
         if transfer is not None:
             self.pd.add(request, transfer)
@@ -176,6 +205,9 @@ class EngineCore:
 
     def finish(self, req_id: str, reason: FinishReason) -> None:
         """End a request from outside (abort, a stop string matched by the API server); frees its blocks."""
+        if any(r.req_id == req_id for _, r, _ in self._siblings):
+            self._siblings = [s for s in self._siblings if s[1].req_id != req_id]
+            return
         if self.grammars.drop(req_id):
             return
         if self.pd.abort(req_id):
@@ -205,9 +237,10 @@ class EngineCore:
     def is_waiting_on_peers(self) -> bool:
         """PD requests wait for a peer (KVDest, KVDone) or a deadline, or requests for their grammar to compile:
         poll often, no step needed."""
-        return self.pd.num_pending > 0 or bool(self.grammars.held)
+        return self.pd.num_pending > 0 or bool(self.grammars.held) or bool(self._siblings)
 
     def step(self) -> list[RequestUpdate]:
+        self._release_siblings()
         updates = self._take_compiled()
         updates += self.pd.before_step()
         updates += self._step()
@@ -258,7 +291,10 @@ class EngineCore:
         c = self.kv.stats
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.parked) + len(self.grammars.held),
+            num_waiting=len(self.scheduler.waiting)
+            + len(self.scheduler.parked)
+            + len(self.grammars.held)
+            + len(self._siblings),
             num_blocks_total=self.kv.num_blocks,
             num_blocks_free=self.kv.num_free_blocks,
             num_preemptions=s.num_preemptions,

@@ -60,7 +60,9 @@ class CoreLoop:
         if isinstance(message, AddRequest):
             try:
                 params = SamplingParams.from_wire(message.sampling)
-                self.core.add_request(message.req_id, message.prompt_token_ids, params, message.transfer)
+                self.core.add_request(
+                    message.req_id, message.prompt_token_ids, params, message.transfer, after=message.after
+                )
             except ValueError as e:
                 self.pending.append(RequestDelta(message.req_id, [], finish_reason="abort", error=str(e)))
         else:
@@ -127,7 +129,13 @@ def _delta(update: RequestUpdate) -> RequestDelta:
             error_code=update.error.code,
             error_status=update.error.status,
         )
-    return RequestDelta(r.req_id, update.new_token_ids, update.new_logprobs, finish_reason=reason)
+    return RequestDelta(
+        r.req_id,
+        update.new_token_ids,
+        update.new_logprobs,
+        finish_reason=reason,
+        prompt_logprobs=update.prompt_logprobs,
+    )
 
 
 def core_main(spec_json: bytes) -> None:

@@ -119,7 +119,10 @@ class KVCacheManager:
         return keys
 
     def _can_match(self, request: Request) -> bool:
-        return self.enable_prefix_caching or request.req_id in self._saved
+        if request.req_id in self._saved:
+            return True  # its own blocks, saved on preemption: their prompt logprobs, if any, were scored before
+        # a request that scores its prompt needs every prompt position's logits: it computes the whole prompt
+        return self.enable_prefix_caching and request.sampling.prompt_logprobs is None
 
     def _matchable_keys(self, request: Request) -> list[bytes]:
         # A full hit still recomputes the last token (for its logits): never match the block holding it.

@@ -1,12 +1,12 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs, and the logits
-processors a request may ask for: logit bias, repetition / frequency / presence penalties, banned tokens
-(min_tokens, bad words) and a grammar's token bitmask (structured output).
+processors a request may ask for: logit bias, repetition / frequency / presence penalties, a grammar's
+token bitmask (structured output) and banned tokens (min_tokens, bad words).
 
 Logprobs are those of the raw model distribution (before processors, temperature and
 filtering), as OpenAI and vLLM report them. The processors run batched on the device,
 on the rows that have any, in one order (`SamplingSpec`): logit bias, repetition
-penalty, frequency and presence penalties, then banned and grammar-disallowed tokens
-at -inf. A seeded sample draws its noise from
+penalty, frequency and presence penalties, then grammar-disallowed and banned tokens
+at -inf (bans that would leave no token the grammar allows are lifted: the grammar wins). A seeded sample draws its noise from
 a generator seeded with (the request's seed, the token's index in the completion):
 it depends on nothing else in the batch, and the sampler keeps no per-request state,
 so a request continues the same sequence on another instance (P then D, a migration).
@@ -168,13 +168,18 @@ def process_logits(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Ten
         frequency = to_device([s.frequency_penalty for s in picked], device, sub.dtype)[:, None]
         presence = to_device([s.presence_penalty for s in picked], device, sub.dtype)[:, None]
         sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
-    banned = [(r, t) for r, s in enumerate(picked) for t in s.banned_token_ids]
-    if banned:
-        r, t = scatter_rows(banned)
-        sub[r, t] = float("-inf")
     masked = [r for r, s in enumerate(picked) if s.token_bitmask is not None]
     if masked:
         sub = apply_bitmasks(sub, masked, [picked[r].token_bitmask for r in masked])  # type: ignore[misc]
+    banned = [(r, t) for r, s in enumerate(picked) for t in s.banned_token_ids]
+    if banned:
+        r, t = scatter_rows(banned)
+        allowed = sub
+        sub = sub.clone()
+        sub[r, t] = float("-inf")
+        # where the bans leave nothing the grammar allows (it wants EOS, min_tokens bans it), the grammar wins
+        nothing_left = torch.isneginf(sub).all(dim=-1, keepdim=True)
+        sub = torch.where(nothing_left, allowed, sub)
     if len(rows) == len(specs):
         return sub
     out = logits.clone()

@@ -92,6 +92,11 @@ class Exchange:
     ) -> None:
         self.state, self.path, self.headers, self.receive = state, path, headers, receive
         self.is_stream = body.get("stream") is True
+        prompt = body.get("prompt")
+        # a stream resumes one choice's tokens: one with several choices (n > 1, a list of prompts) cannot move
+        self.can_migrate = body.get("n", 1) == 1 and not (
+            isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt)
+        )
         body = {k: v for k, v in body.items() if k not in ROUTER_FIELDS}  # the router's to set, never the client's
         self.body = {**body, "stream_token_ids": True} if self.is_stream else body
         self.started = asyncio.get_running_loop().time()
@@ -256,7 +261,11 @@ class Exchange:
         """Move the stream to a fresh route, resuming after the tokens the client has; its first relayed bytes.
         Raises the Failure to report when the request cannot move (or fails again past --max-migrations)."""
         while True:
-            if not failure.is_instance_fault or self.num_migrations >= self.state.settings.max_migrations:
+            if (
+                not failure.is_instance_fault
+                or not self.can_migrate
+                or self.num_migrations >= self.state.settings.max_migrations
+            ):
                 raise failure
             self.num_migrations += 1
             self.state.metrics.count_migration("stalled" if failure.code.endswith("stalled") else "failed")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from pdserve.config import SchedulerConfig
 from pdserve.kvcache.manager import KVCacheManager, PoolLoad
-from pdserve.messages import CacheOps, ForwardOutput, PoolRead, ScheduledSeq, StepPlan
+from pdserve.messages import CacheOps, ForwardOutput, PoolRead, PromptLogprob, ScheduledSeq, StepPlan
 from pdserve.request import FinishReason, Request, RequestState, RequestStatus
 from pdserve.scheduler.pool_reads import PoolReads
 
@@ -67,6 +67,7 @@ class RequestUpdate:
     new_logprobs: list[list[tuple[int, float]]] | None = None
     finished: bool = False
     error: RequestError | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None  # scored prompt tokens not sent before
 
 
 @dataclass
@@ -316,14 +317,22 @@ class Scheduler:
             if n is None:
                 continue
             start = request.num_computed_tokens
+            end = start + n
+            # the chunk's logits score prompt tokens start + 1 ... end: any not scored yet?
+            scores_prompt = (
+                request.sampling.prompt_logprobs is not None
+                and min(end, request.num_prompt_tokens - 1) >= request.num_prompt_scored
+            )
             seqs.append(
                 ScheduledSeq(
                     req_id=request.req_id,
-                    token_ids=request.token_ids_slice(start, start + n),
+                    token_ids=request.token_ids_slice(start, end),
                     start_pos=start,
                     block_ids=list(self.kv.block_ids(request.req_id)),
-                    sample=start + n == request.num_tokens,
+                    sample=end == request.num_tokens,
                     sampling=request.sampling.to_spec(request),
+                    prompt_logprobs=request.sampling.prompt_logprobs if scores_prompt else -1,  # type: ignore[arg-type]
+                    prompt_next_token=request.prompt_token_ids[end] if end < request.num_prompt_tokens else -1,
                 )
             )
         self._step_id += 1
@@ -347,6 +356,12 @@ class Scheduler:
         if sched.plan.pool_reads:
             self.pool_reads.finish(sched.plan.pool_reads, output.pool_read, self.requests)
         sampled = dict(zip(output.req_ids, range(len(output.req_ids))))
+        for req_id, (first, scores) in output.prompt_logprobs.items():
+            request = self.requests.get(req_id)
+            if request is not None:  # positions scored before a preemption are not sent again
+                skip = request.num_prompt_scored - first
+                request.unsent_prompt_logprobs += scores[max(skip, 0) :]
+                request.num_prompt_scored = max(request.num_prompt_scored, first + len(scores))
         updates = []
         for req_id, n in sched.num_new_tokens.items():
             request = self.requests.get(req_id)
@@ -371,7 +386,11 @@ class Scheduler:
             reason = self._stop_reason(request, token_id)
             if reason is not None:
                 self._finish(request, reason)
-            updates.append(RequestUpdate(request, [token_id], logprobs, finished=reason is not None))
+            scored = request.unsent_prompt_logprobs or None
+            request.unsent_prompt_logprobs = []
+            updates.append(
+                RequestUpdate(request, [token_id], logprobs, finished=reason is not None, prompt_logprobs=scored)
+            )
         return updates
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:

@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,10 +23,13 @@ from pdserve.http.auth import require_api_key
 from pdserve.http.errors import add_error_handlers, error_response
 from pdserve.http.json_body import JsonBodyRoute
 from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT_S, RequestSizeLimit
+from pdserve.messages import PromptLogprob
 from pdserve.server import tools
 from pdserve.server.metrics import Metrics
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.server.serving import Event, Prepared, Serving, sse, usage
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class ServerSettings:
     # tokenizing and chat templating run here, off the event loop; one by default: an HF fast tokenizer that two
     # threads call while one changes its truncation settings raises 'Already borrowed'
     num_tokenizer_threads: int = 1
+    tool_call_parser: str = "hermes"  # server.tools; "none": tools are refused
 
     @property
     def keepalive_s(self) -> float:
@@ -73,6 +77,7 @@ def build_app(client: AsyncEngineClient, tokenizer: Any, settings: ServerSetting
         settings.role,
         settings.kv_transfer,
         settings.num_tokenizer_threads,
+        settings.tool_call_parser,
     )
     app = FastAPI(title="pdserve", version="0.1.0", lifespan=_lifespan(client, settings))
     app.router.route_class = JsonBodyRoute  # JSON bodies through parse_json_body: depth, NaN, UTF-8 are a 400
@@ -205,49 +210,94 @@ def _add_openai_routes(app: FastAPI, serving: Serving, settings: ServerSettings,
 
 async def _respond(
     serving: Serving,
-    p: Prepared,
+    choices: list[Prepared],
     body: CompletionRequest | ChatCompletionRequest,
     request: Request,
     settings: ServerSettings,
     is_chat: bool,
 ) -> Response:
+    """One response for the request's choices (n for each prompt), generated concurrently."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        # wait for the first token before answering, so that a failure before it (no capacity, a failed
+        # wait for every choice's first token before answering, so that a failure before it (no capacity, a failed
         # KV transfer) is an HTTP status, not an error event in a 200 stream
-        events = serving.events(p, settings.keepalive_s)
+        streams = [serving.events(p, settings.keepalive_s) for p in choices]
         try:
-            first = await serving.first(events, request)
+            firsts = await _all([serving.first(events, request) for events in streams])
         except RequestRejected as exc:
+            await _close_all(streams)
             return _rejection(exc)
+        except BaseException:
+            await _close_all(streams)
+            raise
         return StreamingResponse(
-            _stream(serving, p, first, events, include_usage, is_chat),
+            _stream(serving, choices, firsts, streams, include_usage, is_chat),
             media_type="text/event-stream",
         )
-    collected = await serving.collect(p, request)
-    text = "".join(e.text for e in collected)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": collected[-1].finish_reason if collected else "abort"}
-    if is_chat:
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if p.parse_tools:
-            message["content"], calls = tools.parse_tool_calls(text)
-            if calls:
-                message["tool_calls"] = calls
-                if choice["finish_reason"] == "stop":
-                    choice["finish_reason"] = "tool_calls"
-        choice.update(message=message, logprobs=serving.logprobs_chat(collected))
-    else:
-        choice.update(text=text, logprobs=serving.logprobs_completion(collected))
+    collected = await _all([serving.collect(p, request) for p in choices])
     return JSONResponse(
         {
-            "id": p.req_id,
+            "id": choices[0].req_id,
             "object": "chat.completion" if is_chat else "text_completion",
             "created": int(time.time()),
             "model": serving.model_name,
-            "choices": [choice],
-            "usage": usage(p, sum(len(e.token_ids) for e in collected)),
+            "choices": [
+                _choice(serving, p, events, is_chat, _scores(choices, collected, p))
+                for p, events in zip(choices, collected)
+            ],
+            "usage": usage(choices, [sum(len(e.token_ids) for e in events) for events in collected]),
         }
     )
+
+
+def _scores(choices: list[Prepared], collected: list[list[Event]], p: Prepared) -> list[PromptLogprob]:
+    """The prompt scores of `p`'s prompt: its own, or its choice 0's (a sibling's prompt is scored once)."""
+    leader = next(i for i, c in enumerate(choices) if c.req_id == (p.after or p.req_id))
+    return [s for e in collected[leader] for s in e.prompt_logprobs]
+
+
+def _choice(
+    serving: Serving, p: Prepared, events: list[Event], is_chat: bool, scores: list[PromptLogprob]
+) -> dict[str, Any]:
+    text = "".join(e.text for e in events)
+    choice: dict[str, Any] = {"index": p.index, "finish_reason": events[-1].finish_reason if events else "abort"}
+    if p.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = serving.prompt_logprobs(p.prompt_token_ids, scores)
+    if not is_chat:
+        prompt = (p.prompt_token_ids, scores) if p.echo is not None and p.num_logprobs is not None else None
+        logprobs = serving.logprobs_completion(events, prompt) if p.num_logprobs is not None else None
+        return {**choice, "text": (p.echo or "") + text, "logprobs": logprobs}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if p.parse_tools:
+        message["content"], calls = tools.parse_tool_calls(text)
+        if calls:
+            message["tool_calls"] = calls
+            if choice["finish_reason"] == "stop":
+                choice["finish_reason"] = "tool_calls"
+    return {**choice, "message": message, "logprobs": serving.logprobs_chat(events)}
+
+
+async def _all(work: list[Awaitable[T]]) -> list[T]:
+    """Await all of `work` concurrently; the first to fail cancels the others and raises."""
+    if len(work) == 1:
+        return [await work[0]]
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close_all(streams: list[AsyncIterator[Event | None]]) -> None:
+    for events in streams:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
 
 
 def _chunk(
@@ -255,11 +305,13 @@ def _chunk(
     head: dict[str, Any],
     e: Event,
     is_chat: bool,
-    with_ids: bool,
+    p: Prepared,
     calls: tools.ToolCallStream | None = None,
+    scores: list[PromptLogprob] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk of `e`: a chat delta or a completion's text (and its token ids, for the router). With
-    `calls`, the chat text goes through the tool-call parser: tool calls come as `tool_calls` deltas."""
+    `calls`, the chat text goes through the tool-call parser: tool calls come as `tool_calls` deltas. `scores`
+    (the choice's first chunk only): the prompt's, for echo and prompt_logprobs."""
     if is_chat:
         delta: dict[str, Any] = {"content": e.text} if e.text else {}
         finish_reason = e.finish_reason
@@ -274,19 +326,23 @@ def _chunk(
             if new_calls:
                 delta["tool_calls"] = new_calls
         choice = {
-            "index": 0,
+            "index": p.index,
             "delta": delta,
             "finish_reason": finish_reason,
             "logprobs": serving.logprobs_chat([e]),
         }
     else:
+        echo = p.echo if scores is not None else None
+        prompt = (p.prompt_token_ids, scores) if echo is not None and scores is not None else None
         choice = {
-            "index": 0,
-            "text": e.text,
+            "index": p.index,
+            "text": (echo or "") + e.text,
             "finish_reason": e.finish_reason,
-            "logprobs": serving.logprobs_completion([e]),
+            "logprobs": serving.logprobs_completion([e], prompt) if p.num_logprobs is not None else None,
         }
-    if with_ids:
+    if scores is not None and p.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = serving.prompt_logprobs(p.prompt_token_ids, scores)
+    if p.stream_token_ids:
         choice["token_ids"] = e.token_ids
     return {**head, "choices": [choice]}
 
@@ -296,44 +352,87 @@ KEEPALIVE = ": keepalive\n\n"  # an SSE comment: clients skip it
 
 async def _stream(
     serving: Serving,
-    p: Prepared,
-    first: Event | None,
-    events: AsyncIterator[Event | None],
+    choices: list[Prepared],
+    firsts: list[Event | None],
+    streams: list[AsyncIterator[Event | None]],
     include_usage: bool,
     is_chat: bool,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     head = {
-        "id": p.req_id,
+        "id": choices[0].req_id,
         "object": "chat.completion.chunk" if is_chat else "text_completion",
         "created": created,
         "model": serving.model_name,
     }
-    num_out = 0
-    calls = tools.ToolCallStream() if is_chat and p.parse_tools else None
-    if is_chat and not p.resume_token_ids:  # a migrated stream's client has had its role chunk
-        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-        yield sse({**head, "choices": [role]})
+    num_out = [0] * len(choices)
+    by_id = {p.req_id: first.prompt_logprobs if first is not None else [] for p, first in zip(choices, firsts)}
+    unscored = {i for i, p in enumerate(choices) if p.echo is not None or p.prompt_logprobs is not None}
+    calls = [tools.ToolCallStream() if is_chat and p.parse_tools else None for p in choices]
+    for p in choices:
+        if is_chat and not p.resume_token_ids:  # a migrated stream's client has had its role chunk
+            role = {"index": p.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            yield sse({**head, "choices": [{**role, "logprobs": None}]})
     try:
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            if first is not None:
-                num_out += len(first.token_ids)
-                if _is_worth_a_chunk(first, p):
-                    yield sse(_chunk(serving, head, first, is_chat, p.stream_token_ids, calls))
-            async for e in events:
-                if e is None:  # nothing for a while: a keepalive
-                    yield KEEPALIVE
-                    continue
-                num_out += len(e.token_ids)
-                if _is_worth_a_chunk(e, p):
-                    yield sse(_chunk(serving, head, e, is_chat, p.stream_token_ids, calls))
+        async for i, e in _merged(firsts, streams):
+            if e is None:  # nothing for a while: a keepalive
+                yield KEEPALIVE
+                continue
+            p = choices[i]
+            num_out[i] += len(e.token_ids)
+            if _is_worth_a_chunk(e, p) or i in unscored:
+                scores = by_id.get(p.after or p.req_id, []) if i in unscored else None
+                unscored.discard(i)
+                yield sse(_chunk(serving, head, e, is_chat, p, calls[i], scores))
     except RequestRejected as exc:
         yield sse({"error": {"message": str(exc), "type": "server_error", "code": exc.code or "generation_failed"}})
     except EngineDeadError as exc:
         yield sse({"error": {"message": str(exc), "type": "server_error", "code": "engine_dead"}})
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(p, num_out)})
+        yield sse({**head, "choices": [], "usage": usage(choices, num_out)})
     yield "data: [DONE]\n\n"
+
+
+async def _merged(
+    firsts: list[Event | None], streams: list[AsyncIterator[Event | None]]
+) -> AsyncIterator[tuple[int, Event | None]]:
+    """(choice, event) of every stream as they come, each stream's first event first; a None event only when no
+    stream has anything (a keepalive cue). All streams are closed at the end (which aborts unfinished ones)."""
+    for i, first in enumerate(firsts):
+        if first is not None:
+            yield i, first
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):  # type: ignore[type-var]
+            async for e in streams[0]:
+                yield 0, e
+        return
+    queue: asyncio.Queue[tuple[int, Event | None] | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for e in streams[i]:
+                await queue.put((i, e))
+        except BaseException as exc:  # noqa: BLE001 - handed to the merged stream, which raises it
+            await queue.put(exc)
+            return
+        await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            elif item[1] is not None or queue.empty():  # a keepalive only while nothing else is waiting
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close_all(streams)
 
 
 def _is_worth_a_chunk(e: Event, p: Prepared) -> bool:

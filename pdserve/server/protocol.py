@@ -43,7 +43,6 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "skip_special_tokens": "special tokens are always skipped in the text",
     "spaces_between_special_tokens": "special tokens are always skipped in the text",
     "truncate_prompt_tokens": "prompts are never truncated; shorten the prompt",
-    "prompt_logprobs": "prompt logprobs are not supported yet",
     "allowed_token_ids": "allowed_token_ids is not supported; use logit_bias or a guided_* constraint",
     "add_generation_prompt": "the generation prompt is always added",
     "continue_final_message": "continue_final_message is not supported",
@@ -65,6 +64,26 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
 }
 
 
+# unsupported fields sent with the value that asks for what pdserve does anyway (vLLM clients send its defaults)
+SAME_AS_PDSERVE: dict[str, Any] = {
+    "best_of": 1,
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "return_tokens_as_token_ids": False,
+    "return_token_ids": False,
+}
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """JSON equality that keeps true apart from 1."""
+    return value == expected and isinstance(value, bool) == isinstance(expected, bool)
+
+
 def _check_fields(model: type[BaseModel], data: Any) -> Any:
     """The 400 for a field pdserve does not honour; IGNORED_FIELDS are dropped."""
     if not isinstance(data, dict):
@@ -75,9 +94,14 @@ def _check_fields(model: type[BaseModel], data: Any) -> Any:
         if key in UNSUPPORTED_FIELDS:
             if value is None:
                 continue  # a null is the same as leaving it out
+            if key in SAME_AS_PDSERVE and _same(value, SAME_AS_PDSERVE[key]):
+                continue
             raise ValueError(f"`{key}` is not supported by pdserve: {UNSUPPORTED_FIELDS[key]}")
         raise ValueError(f"`{key}` is not a field pdserve knows; remove it (docs/server.md lists the fields)")
     return {k: v for k, v in data.items() if k in model.model_fields}
+
+
+MAX_CHOICES = 64  # choices of one request: n times the prompts of a completion
 
 
 class StreamOptions(BaseModel):
@@ -136,10 +160,9 @@ class SamplingFields(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     kv_transfer_params: KVTransferParams | None = None
     # set by the router (docs/server.md, "Migration"); clients leave them out:
     # a streamed chunk's choice carries the `token_ids` of its delta
@@ -160,6 +183,7 @@ class SamplingFields(BaseModel):
     guided_choice: list[str] | None = Field(default=None, min_length=1)
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: each prompt token scored, top k
 
     @model_validator(mode="before")
     @classmethod
@@ -190,7 +214,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[TokenId], list[str], list[list[TokenId]]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's tokens scored too)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -205,16 +229,24 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Union[str, list[int]]:
-        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
-            if len(v) != 1:
-                raise ValueError("one prompt per request is supported; send a string or one list of token ids")
-            v = v[0]
-        if isinstance(v, str) and not v:
-            raise ValueError("the prompt is empty")
-        if isinstance(v, list) and not v:
-            raise ValueError("the prompt is an empty list of token ids")
-        return v
+    def _prompts(cls, v: Any) -> list[Union[str, list[int]]]:
+        """Always a list of prompts (each a string or token ids): a completion has a choice per prompt."""
+        prompts = v if isinstance(v, list) and v and isinstance(v[0], (str, list)) else [v]
+        if len(prompts) > MAX_CHOICES:
+            raise ValueError(f"{len(prompts)} prompts; at most {MAX_CHOICES} in one request")
+        for i, p in enumerate(prompts):
+            where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            if isinstance(p, str) and not p:
+                raise ValueError(f"{where} is empty")
+            if isinstance(p, list) and not p:
+                raise ValueError(f"{where} is an empty list of token ids")
+        return prompts
+
+    @model_validator(mode="after")
+    def _num_choices(self) -> CompletionRequest:
+        if len(self.prompt) * self.n > MAX_CHOICES:
+            raise ValueError(f"{len(self.prompt)} prompts times n={self.n} is more than {MAX_CHOICES} choices")
+        return self
 
 
 class ToolCallFunction(BaseModel):

@@ -17,20 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, Union, cast
 
+import msgspec
 from fastapi import Request
 
 from pdserve.engine.async_client import AsyncEngineClient
 from pdserve.engine.tokenizer import Detokenizer
 from pdserve.http.errors import ApiError
-from pdserve.messages import GrammarSpec, TransferHandle, WireSamplingParams
+from pdserve.messages import GrammarSpec, PromptLogprob, RequestDelta, TransferHandle, WireSamplingParams
 from pdserve.request import SamplingParams
 from pdserve.server import tools
 from pdserve.server.metrics import Metrics
@@ -54,6 +59,10 @@ class Prepared:
     resume_token_ids: list[int] = field(default_factory=list)  # the completion so far of a migrated request
     stream_token_ids: bool = False  # streamed chunks carry their token ids (for the router)
     parse_tools: bool = False  # the completion may hold tool calls (server.tools)
+    index: int = 0  # the choice's index in the response
+    echo: str | None = None  # the prompt's text, sent before the completion (echo)
+    prompt_logprobs: int | None = None  # the prompt is scored: each token's logprob and the top k
+    after: str | None = None  # the sibling choice whose prompt this one shares (AddRequest.after)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -67,6 +76,7 @@ class Event:
     token_ids: list[int]
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
 
 
 class Serving:
@@ -80,7 +90,9 @@ class Serving:
         role: str = "mixed",
         kv_transfer: str = "direct",
         num_tokenizer_threads: int = 1,
+        tool_call_parser: str = "hermes",
     ) -> None:
+        self.tool_call_parser = tool_call_parser
         self.client = client
         self._tokenizer_pool = ThreadPoolExecutor(num_tokenizer_threads, thread_name_prefix="pdserve-tokenizer")
         self._max_token_chars = _longest_token_chars(tokenizer)
@@ -127,6 +139,9 @@ class Serving:
     ) -> Prepared:
         """`max_tokens` None means: the rest of the context. `grammar`: one the request's fields do not name
         (a forced tool call); `bad_words`: body.bad_words tokenized."""
+        prompt_logprobs = body.prompt_logprobs
+        if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None:
+            prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
         info = self.client.info
         assert info is not None
         resume = list(body.resume_token_ids or [])
@@ -171,6 +186,7 @@ class Serving:
                 min_tokens=body.min_tokens,
                 bad_words_token_ids=bad_words,
                 grammar=grammar,
+                prompt_logprobs=prompt_logprobs,
             ).to_wire()
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from e
@@ -198,6 +214,7 @@ class Serving:
             transfer,
             resume,
             body.stream_token_ids,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @staticmethod
@@ -235,30 +252,78 @@ class Serving:
     async def _in_pool(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn)
 
-    async def prepare_completion(self, body: CompletionRequest) -> Prepared:
+    async def prepare_completion(self, body: CompletionRequest) -> list[Prepared]:
+        """One Prepared per choice: n for each prompt, in the order of the response's choices."""
         self.check_ready(body)
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            _check_utf8(prompt, "the prompt")
-            self._check_text_length(len(prompt), "the prompt")
-            ids: list[int] = await self._in_pool(lambda: self.tokenizer.encode(prompt))
-        else:
-            ids = list(prompt)  # type: ignore[arg-type]
-        if not ids:
-            raise ApiError(400, "the prompt encodes to no tokens; send some text")
         bad_words = await self._in_pool(lambda: self._bad_words(body.bad_words))
-        return self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl", bad_words=bad_words)
+        prepared = []
+        prompts = cast(list[Union[str, list[int]]], body.prompt)  # a list of prompts once validated
+        for i, prompt in enumerate(prompts):
+            where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            ids: list[int]
+            if isinstance(prompt, str):
+                _check_utf8(prompt, where)
+                self._check_text_length(len(prompt), where)
+                ids = await self._in_pool(partial(self.tokenizer.encode, prompt))
+            else:
+                ids = list(prompt)
+            if not ids:
+                raise ApiError(400, f"{where} encodes to no tokens; send some text")
+            p = self.prepare(body, ids, body.max_tokens or 16, body.logprobs, "cmpl", bad_words=bad_words)
+            if body.echo:
+                p.echo = prompt if isinstance(prompt, str) else await self._in_pool(partial(self.tokenizer.decode, ids))
+            prepared.append(p)
+        return self.choices(prepared, body.n)
 
-    async def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
+    def choices(self, prepared: list[Prepared], n: int) -> list[Prepared]:
+        """Each prompt's n choices. Choice j > 0 of a prompt is a sibling of its choice 0 (it shares the prompt's
+        blocks), with its own seed (derived from the request's, so n choices differ and are reproducible) and, in
+        PD, its own room (both halves derive the same)."""
+        if n > 1 and any(p.resume_token_ids for p in prepared):
+            raise ApiError(400, "resume_token_ids is for a request with one choice (n = 1, one prompt)")
+        out: list[Prepared] = []
+        for base in prepared:
+            for j in range(n):
+                p = base if j == 0 else self._sibling(base, j)
+                p.index = len(out)
+                out.append(p)
+        return out
+
+    @staticmethod
+    def _sibling(base: Prepared, j: int) -> Prepared:
+        seed = base.sampling.seed
+        sampling = msgspec.structs.replace(  # the prompt is scored once, by choice 0
+            base.sampling, seed=None if seed is None else choice_seed(seed, j), prompt_logprobs=None
+        )
+        transfer = base.transfer
+        if transfer is not None:
+            transfer = msgspec.structs.replace(transfer, room=f"{transfer.room}.{j}")
+        return dataclasses.replace(
+            base, req_id=f"{base.req_id}.{j}", sampling=sampling, transfer=transfer, after=base.req_id
+        )
+
+    async def prepare_chat(self, body: ChatCompletionRequest) -> list[Prepared]:
         self.check_ready(body)
         try:
             tools.check_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from None
         use_tools = bool(body.tools) and body.tool_choice != "none"
+        if use_tools and self.tool_call_parser == "none":
+            raise ApiError(400, "`tools` needs a tool-call parser; this server runs --tool-call-parser none")
         forced = tools.tool_call_grammar(body.tools, body.tool_choice, body.parallel_tool_calls) if use_tools else None
-        if forced is not None and grammar_of(body) is not None:
-            raise ApiError(400, "tool_choice required (or a named function) cannot be combined with response_format")
+        try:
+            named = grammar_of(body)
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_request") from None
+        if forced is not None and named is not None:
+            raise ApiError(
+                400, "tool_choice required (or a named function) cannot be combined with a structured-output field"
+            )
+        if body.chat_template_kwargs:
+            taken = sorted(set(body.chat_template_kwargs) & TEMPLATE_CALL_ARGS)
+            if taken:
+                raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}: pdserve sets them")
         try:
             renders = tools.template_renders_tools(getattr(self.tokenizer, "chat_template", None))
             messages = [_template_message(m, renders) for m in body.messages]
@@ -296,7 +361,7 @@ class Serving:
             bad_words=bad_words,
         )
         prepared.parse_tools = use_tools
-        return prepared
+        return self.choices([prepared], body.n)
 
     # ---- generation ----------------------------------------------------------------
 
@@ -310,7 +375,7 @@ class Serving:
         reason = "abort"
         try:
             async with contextlib.aclosing(
-                self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer, keepalive_s)
+                self.client.generate(p.req_id, p.prompt_token_ids, p.sampling, p.transfer, keepalive_s, p.after)
             ) as deltas:
                 async for delta in deltas:
                     if delta is None:
@@ -322,30 +387,56 @@ class Serving:
                     if detok.stop_reason is not None:
                         await self.client.abort(p.req_id, "stop")
                         reason = "stop"
-                        yield Event(text + detok.flush(), delta.token_ids, delta.logprobs or [], "stop")
+                        yield Event(text + detok.flush(), delta.token_ids, delta.logprobs or [], "stop", scored(delta))
                         return
                     if delta.finish_reason is not None:
                         reason = delta.finish_reason
                         text += detok.flush()
-                    yield Event(text, delta.token_ids, delta.logprobs or [], delta.finish_reason)
+                    yield Event(text, delta.token_ids, delta.logprobs or [], delta.finish_reason, scored(delta))
         finally:
             self.metrics.observe_request(first, time.monotonic() - start, len(detok.token_ids), reason)
 
-    def logprobs_completion(self, events: list[Event]) -> dict[str, Any] | None:
+    def logprobs_completion(
+        self, events: list[Event], prompt: tuple[list[int], list[PromptLogprob]] | None = None
+    ) -> dict[str, Any] | None:
+        """OpenAI's legacy logprobs; with `prompt` (echo: its token ids and their scores) the prompt's tokens come
+        first, the very first with a null logprob."""
         entries = [e for ev in events for e in ev.logprobs]
-        if not entries:
+        if not entries and prompt is None:
             return None
         decode = self._token_text
-        tokens = [decode(e[0][0]) for e in entries]
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        if prompt is not None:
+            ids, scores = prompt
+            tokens += [decode(t) for t in ids]
+            token_logprobs += [None, *(s.logprob for s in scores)]
+            top_logprobs += [None, *({decode(t): lp for t, lp in s.top} for s in scores)]
+        tokens += [decode(e[0][0]) for e in entries]
+        token_logprobs += [e[0][1] for e in entries]
+        top_logprobs += [{decode(t): lp for t, lp in e[1:]} for e in entries]
         offsets = [0]
         for token in tokens[:-1]:
             offsets.append(offsets[-1] + len(token))
         return {
             "tokens": tokens,
-            "token_logprobs": [e[0][1] for e in entries],
-            "top_logprobs": [{decode(t): lp for t, lp in e[1:]} for e in entries],
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
+
+    def prompt_logprobs(self, ids: list[int], scores: list[PromptLogprob]) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token (the first null) its logprob, rank and text, and the top k."""
+        out: list[dict[str, Any] | None] = [None]
+        decode = self._token_text
+        for token_id, s in zip(ids[1:], scores):
+            entry = {
+                str(t): {"logprob": lp, "rank": r + 1, "decoded_token": decode(t)} for r, (t, lp) in enumerate(s.top)
+            }
+            entry[str(token_id)] = {"logprob": s.logprob, "rank": s.rank, "decoded_token": decode(token_id)}
+            out.append(entry)
+        return out
 
     def logprobs_chat(self, events: list[Event]) -> dict[str, Any] | None:
         entries = [e for ev in events for e in ev.logprobs]
@@ -412,11 +503,24 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def usage(p: Prepared, num_output: int) -> dict[str, int]:
-    """Token counts as the client sees them: a migrated request's completion includes what came before the move."""
-    n = p.num_prompt_tokens
-    num_output += len(p.resume_token_ids)
+def usage(choices: list[Prepared], num_outputs: list[int]) -> dict[str, int]:
+    """Token counts as the client sees them: each prompt once (not once per choice); a migrated request's
+    completion includes what came before the move."""
+    n = sum(p.num_prompt_tokens for p in choices if p.after is None)
+    num_output = sum(num_outputs) + sum(len(p.resume_token_ids) for p in choices)
     return {"prompt_tokens": n, "completion_tokens": num_output, "total_tokens": n + num_output}
+
+
+def scored(delta: RequestDelta) -> list[PromptLogprob]:
+    return delta.prompt_logprobs or []
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` > 0 of a seeded request with n > 1: a 63-bit hash of both."""
+    digest = hashlib.blake2b(
+        struct.pack("<QQ", seed & (2**64 - 1), choice), digest_size=8, person=b"pdserve-n"
+    ).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _longest_token_chars(tokenizer: Any) -> int:
@@ -440,6 +544,27 @@ def _check_prompt(token_ids: list[int], max_model_len: int, vocab_size: int) -> 
         ) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+
+
+# apply_chat_template's own parameters: chat_template_kwargs passes only the template's variables
+TEMPLATE_CALL_ARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 def _template_message(m: ChatMessage, renders_tools: bool) -> dict[str, Any]:

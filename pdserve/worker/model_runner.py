@@ -19,7 +19,7 @@ from pdserve.layers.attention import BatchLayout
 from pdserve.layers.device import to_device
 from pdserve.layers.parallel import get_tp_group
 from pdserve.layers.sampler import Sampler
-from pdserve.messages import ForwardOutput, KVRegion, PoolRead, StepPlan, StoreCounters
+from pdserve.messages import ForwardOutput, KVRegion, PoolRead, PromptLogprob, StepPlan, StoreCounters
 from pdserve.models import build_model
 from pdserve.models.arch import ModelArch
 from pdserve.models.loader import ModelSource
@@ -28,6 +28,7 @@ from pdserve.worker.kv_tiers import KVTiers
 if TYPE_CHECKING:
     from pdserve.worker.cuda_graph import DecodeGraphs
 
+PROMPT_SCORE_ROWS = 256  # prompt rows turned into logits at once when scoring a prompt
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -186,7 +187,7 @@ class ModelRunner:
             self.graphs is not None
             and layer_done is None
             and self.graphs.fits(len(plan.seqs))
-            and all(len(s.token_ids) == 1 and s.start_pos > 0 and s.sample for s in plan.seqs)
+            and all(len(s.token_ids) == 1 and s.start_pos > 0 and s.sample and s.prompt_logprobs < 0 for s in plan.seqs)
         ):
             hidden = self.graphs.run(token_ids, positions, slots, [s.block_ids for s in plan.seqs])
             return self._sample(plan, hidden)
@@ -205,9 +206,31 @@ class ModelRunner:
             meta,
             layer_done,
         )
+        scored = self._score_prompts(plan, hidden) if any(s.prompt_logprobs >= 0 for s in plan.seqs) else {}
         if len(sample_rows) != hidden.shape[0]:  # (a decode-only batch samples every row)
             hidden = hidden.index_select(0, to_device(sample_rows, self.device, torch.int64))
-        return self._sample(plan, hidden)
+        output = self._sample(plan, hidden)
+        output.prompt_logprobs = scored
+        return output
+
+    def _score_prompts(self, plan: StepPlan, hidden: torch.Tensor) -> dict[str, tuple[int, list[PromptLogprob]]]:
+        """Each scoring chunk's prompt tokens: the logprob and rank of the token after each row, and the top k."""
+        scored = {}
+        row = 0
+        for seq in plan.seqs:
+            rows = len(seq.token_ids)
+            if seq.prompt_logprobs >= 0:
+                targets = seq.token_ids[1:] + ([seq.prompt_next_token] if seq.prompt_next_token >= 0 else [])
+                scores: list[PromptLogprob] = []
+                for at in range(0, len(targets), PROMPT_SCORE_ROWS):  # bounded [rows, vocab] logits
+                    part = targets[at : at + PROMPT_SCORE_ROWS]
+                    logits = self.model.compute_logits(hidden[row + at : row + at + len(part)]).float()
+                    if self.sampled_vocab_size is not None:
+                        logits = logits[:, : self.sampled_vocab_size]
+                    scores += _prompt_scores(logits.log_softmax(dim=-1), part, seq.prompt_logprobs)
+                scored[seq.req_id] = (seq.start_pos + 1, scores)
+            row += rows
+        return scored
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor) -> ForwardOutput:
         """hidden: [sampled sequences, hidden], in plan order."""
@@ -220,3 +243,18 @@ class ModelRunner:
         req_ids = [s.req_id for s in sampled]
         tokens, logprobs = self.sampler(logits, req_ids, [s.sampling for s in sampled])
         return ForwardOutput(step_id=plan.step_id, req_ids=req_ids, token_ids=tokens, logprobs=logprobs)
+
+
+def _prompt_scores(logprobs: torch.Tensor, targets: list[int], k: int) -> list[PromptLogprob]:
+    """logprobs [rows, vocab]: each row's target token's logprob and rank (1 = the most likely), and the top k;
+    one host copy."""
+    target_ids = torch.tensor(targets, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, target_ids)
+    ranks = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+    top_values, top_ids = logprobs.topk(max(k, 1), dim=-1)
+    packed = torch.cat([chosen.double(), ranks.double(), top_values.double(), top_ids.double()], dim=1).tolist()
+    width = max(k, 1)
+    return [
+        PromptLogprob(r[0], int(r[1]), [(int(i), v) for i, v in zip(r[2 + width : 2 + width + k], r[2 : 2 + k])])
+        for r in packed
+    ]
