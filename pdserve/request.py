@@ -84,9 +84,9 @@ class SamplingParams:
         for token_id, b in self.logit_bias:
             if token_id < 0 or not -100 <= b <= 100:
                 raise ValueError(f"logit_bias: token {token_id} has bias {b}; biases are in [-100, 100]")
-        most = self.max_tokens + (self.output_offset if isinstance(self.output_offset, int) else 0)
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= most:
-            raise ValueError(f"min_tokens must be in [0, max_tokens ({most})], got {self.min_tokens!r}")
+        # (not checked against max_tokens: a prefill instance runs a PD request's first token with max_tokens 1)
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         self.bad_words_token_ids = [list(w) for w in self.bad_words_token_ids or []]
         if self.prompt_logprobs is not None and (
             not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20

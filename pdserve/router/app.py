@@ -20,7 +20,7 @@ from pdserve.http.limits import RequestSizeLimit, parse_json_body
 from pdserve.router.exchange import Exchange, Failure, RouterSettings, RouterState
 from pdserve.router.membership import add_membership_routes
 from pdserve.router.metrics import NO_INSTANCE
-from pdserve.router.policies import RouteError, RouterPolicy, plan_route, request_key
+from pdserve.router.policies import RouteError, RouterPolicy, plan_route, request_key, scores_prompt
 from pdserve.router.registry import Registry
 from pdserve.router.shape import body_shape_problem
 
@@ -84,7 +84,7 @@ def _add_openai_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> Non
     async def proxy(request: Request, path: str) -> Response:
         try:
             body = _parse_body(await request.body(), path)
-            route = plan_route(state.registry.instances(), state.policy, request_key(body))
+            route = plan_route(state.registry.instances(), state.policy, request_key(body), scores_prompt(body))
         except (Failure, RouteError) as e:
             failure = e if isinstance(e, Failure) else Failure.make(e.status, e.message, e.code, NO_INSTANCE)
             state.metrics.count_error(failure.instance, failure.code)

@@ -22,7 +22,7 @@ from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT
 from pdserve.router.attempt import Attempt
 from pdserve.router.failure import ClientGone, Failure
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.policies import Route, RouteError, RouterPolicy, plan_route, request_key
+from pdserve.router.policies import Route, RouteError, RouterPolicy, plan_route, request_key, scores_prompt
 from pdserve.router.registry import Registry
 from pdserve.router.stream import StreamRelay
 
@@ -141,7 +141,9 @@ class Exchange:
         if failed is not None and failed.is_healthy:  # it reported its own fault: off the routes until checked
             self.state.registry.mark_failed(failed, str(failure.error.get("message")))
         try:
-            route = plan_route(self.state.registry.instances(), self.state.policy, request_key(body))
+            route = plan_route(
+                self.state.registry.instances(), self.state.policy, request_key(body), scores_prompt(body)
+            )
         except RouteError as e:
             raise Failure.make(
                 failure.status, f"{failure.error.get('message')}; no other instance can take it over ({e.message})",

@@ -116,6 +116,12 @@ def rendezvous_score(key: str, url: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def scores_prompt(body: dict[str, Any]) -> bool:
+    """Whether the request asks for its prompt's logprobs (echo with logprobs, vLLM's prompt_logprobs)."""
+    echo_scored = body.get("echo") is True and body.get("logprobs") is not None
+    return echo_scored or body.get("prompt_logprobs") is not None
+
+
 def request_key(body: dict[str, Any]) -> str | None:
     """The prefix-affinity key of an OpenAI body: the head of its prompt or of its chat messages; None if neither."""
     prompt = body.get("prompt")
@@ -191,13 +197,19 @@ def pair_problem(p: Instance, d: Instance) -> str | None:
     return None
 
 
-def plan_route(instances: Sequence[Instance], policy: RouterPolicy, key: str | None) -> Route:
+def plan_route(
+    instances: Sequence[Instance], policy: RouterPolicy, key: str | None, scores_prompt: bool = False
+) -> Route:
     """PD when a healthy P and D exist (D among those compatible with the chosen P), else a healthy mixed one.
+    A request that scores its prompt (`scores_prompt`: echo with logprobs, prompt_logprobs) needs every prompt
+    position's logits, which only the instance that computes the prompt has: it runs whole on a P.
 
     Raises RouteError: 500 pd_mismatch when no healthy D can pair with the chosen P;
     503 instance_unavailable when no role combination is healthy.
     """
     healthy = {role: [i for i in instances if i.is_healthy and i.role == role] for role in ROLES}
+    if scores_prompt and healthy["prefill"]:
+        return Route(policy.choose(healthy["prefill"], key))
     if healthy["prefill"] and healthy["decode"]:
         p = policy.choose(healthy["prefill"], key)
         compatible = [d for d in healthy["decode"] if pair_problem(p, d) is None]

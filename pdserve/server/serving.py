@@ -165,6 +165,8 @@ class Serving:
             grammar = grammar if grammar is not None else grammar_of(body)
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from None
+        if body.min_tokens > max_tokens + len(resume):
+            raise ApiError(400, f"min_tokens is {body.min_tokens}, more than max_tokens ({max_tokens + len(resume)})")
         if grammar is not None and body.ignore_eos:
             raise ApiError(400, "ignore_eos cannot be combined with structured output (the grammar ends the text)")
         try:  # the one conversion chain: request fields -> SamplingParams -> wire (request.py)
@@ -277,8 +279,8 @@ class Serving:
 
     def choices(self, prepared: list[Prepared], n: int) -> list[Prepared]:
         """Each prompt's n choices. Choice j > 0 of a prompt is a sibling of its choice 0 (it shares the prompt's
-        blocks), with its own seed (derived from the request's, so n choices differ and are reproducible) and, in
-        PD, its own room (both halves derive the same)."""
+        blocks), with its own seed (derived from the request's, so n choices differ and are reproducible). In PD
+        each choice has its own room (both halves derive the same)."""
         if n > 1 and any(p.resume_token_ids for p in prepared):
             raise ApiError(400, "resume_token_ids is for a request with one choice (n = 1, one prompt)")
         out: list[Prepared] = []
@@ -286,6 +288,9 @@ class Serving:
             for j in range(n):
                 p = base if j == 0 else self._sibling(base, j)
                 p.index = len(out)
+                if p.transfer is not None and p.index > 0:  # one PD room per choice; both halves derive the same
+                    room = prepared[0].transfer.room  # type: ignore[union-attr]
+                    p.transfer = msgspec.structs.replace(p.transfer, room=f"{room}.{p.index}")
                 out.append(p)
         return out
 
@@ -295,12 +300,7 @@ class Serving:
         sampling = msgspec.structs.replace(  # the prompt is scored once, by choice 0
             base.sampling, seed=None if seed is None else choice_seed(seed, j), prompt_logprobs=None
         )
-        transfer = base.transfer
-        if transfer is not None:
-            transfer = msgspec.structs.replace(transfer, room=f"{transfer.room}.{j}")
-        return dataclasses.replace(
-            base, req_id=f"{base.req_id}.{j}", sampling=sampling, transfer=transfer, after=base.req_id
-        )
+        return dataclasses.replace(base, req_id=f"{base.req_id}.{j}", sampling=sampling, after=base.req_id)
 
     async def prepare_chat(self, body: ChatCompletionRequest) -> list[Prepared]:
         self.check_ready(body)

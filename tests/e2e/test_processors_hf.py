@@ -68,7 +68,9 @@ def case_params(name: str) -> SamplingParams:
     return SamplingParams(**{**vars(plain), **fields})
 
 
-def processed(logits: torch.Tensor, prompt: list[int], completion: list[int], sp: SamplingParams, eos: int):
+def processed(
+    logits: torch.Tensor, prompt: list[int], completion: list[int], sp: SamplingParams, eos: int
+) -> torch.Tensor:
     """The processors' formulas, in SamplingSpec's order, one token at a time."""
     out = logits.clone()
     for token_id, bias in sp.bias_pairs:
@@ -155,31 +157,17 @@ def eos(default_llm: Any, tokenizer: Any) -> int:
 
 
 @pytest.fixture(scope="module")
-def plain_references(default_hf_model, eos: int) -> Any:
-    """Plain greedy's reference completions, each computed once: (prompt, stop ids, ignore_eos) -> tokens."""
-    cache: dict[tuple, list[int]] = {}
-
-    def get(prompt: list[int], sp: SamplingParams) -> list[int]:
-        key = (tuple(prompt), tuple(sp.stop_token_ids or []), sp.ignore_eos, sp.max_tokens)
-        if key not in cache:
-            cache[key] = reference_greedy(default_hf_model, prompt, sp, eos)
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def outputs(default_llm: Any, prompts: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
-    """Every case's completions, from one generate call: rows of different processors share the steps."""
-    names = list(CASES)
-    batch = [(name, prompt) for name in names for prompt in prompts[CASES[name][0]]]
-    results = default_llm.generate(
-        [{"prompt_token_ids": prompt} for _, prompt in batch], [case_params(name) for name, _ in batch], use_tqdm=False
-    )
-    by_case: dict[str, list[list[int]]] = {name: [] for name in names}
-    for (name, prompt), result in zip(batch, results):
+def outputs(default_llm: Any, prompts: dict[str, list[list[int]]]) -> dict[tuple[str, bool], list[list[int]]]:
+    """(case, is_plain) -> its completions, from one generate call: rows of different processors and plain rows
+    share the steps. The plain rows are greedy without the processor (test_hf_parity holds them to HF)."""
+    batch = [(name, is_plain) for name in CASES for is_plain in (False, True)]
+    rows = [(key, prompt) for key in batch for prompt in prompts[CASES[key[0]][0]]]
+    params = [plain_params(*CASES[name]) if is_plain else case_params(name) for (name, is_plain), _ in rows]
+    results = default_llm.generate([{"prompt_token_ids": prompt} for _, prompt in rows], params, use_tqdm=False)
+    by_case: dict[tuple[str, bool], list[list[int]]] = {key: [] for key in batch}
+    for (key, prompt), result in zip(rows, results):
         assert result.prompt_token_ids == prompt
-        by_case[name].append(list(result.outputs[0].token_ids))
+        by_case[key].append(list(result.outputs[0].token_ids))
     assert default_llm.engine.kv.num_free_blocks == default_llm.engine.num_blocks
     return by_case
 
@@ -191,18 +179,16 @@ def test_token_ids_decode_as_named(tokenizer: Any) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_processor_matches_hf_reference(
     name: str,
-    outputs: dict[str, list[list[int]]],
+    outputs: dict[tuple[str, bool], list[list[int]]],
     prompts: dict[str, list[list[int]]],
-    plain_references: Any,
-    default_hf_model,
+    default_hf_model: torch.nn.Module,
     eos: int,
 ) -> None:
     group, fields = CASES[name]
     sp = case_params(name)
-    for index, (prompt, ours) in enumerate(zip(prompts[group], outputs[name])):
+    for index, (prompt, ours, plain) in enumerate(zip(prompts[group], outputs[name, False], outputs[name, True])):
         what = f"{name} on {group} prompt {index}"
         expected = reference_greedy(default_hf_model, prompt, sp, eos)
-        plain = plain_references(prompt, plain_params(group, fields))
         assert expected != plain, f"{what}: the processor does not change greedy's output, so this proves nothing"
         assert_equal_but_near_ties(ours, expected, prompt, sp, default_hf_model, eos, what)
         if sp.min_tokens:

@@ -273,6 +273,7 @@ def test_penalties_carry_the_prompt_and_the_completion() -> None:
     spec = only_presence.to_spec(make_request(only_presence, [8, 3], [4]))
     assert spec.penalty_prompt_ids == [], "repetition_penalty 1 needs no prompt ids"
     assert spec.penalty_output_ids == [4]
+    assert (spec.repetition_penalty, spec.frequency_penalty, spec.presence_penalty) == (1.0, 0.0, 0.5)
 
 
 def test_plain_params_build_a_spec_without_processors() -> None:
@@ -350,7 +351,7 @@ def test_processors_from_to_spec_match_the_reference() -> None:
         ({"logit_bias": {-1: 1.0}}, "logit_bias"),
         ({"logit_bias": [(3, 1.0), (4, 200.0)]}, "logit_bias"),
         ({"min_tokens": -1}, "min_tokens"),
-        ({"min_tokens": 17, "max_tokens": 16}, "min_tokens"),
+        ({"min_tokens": True}, "min_tokens"),
         ({"min_tokens": 2.5}, "min_tokens"),
         ({"bad_words_token_ids": [[3], []]}, "bad_words"),
     ],
@@ -372,5 +373,5 @@ def test_validation_accepts_the_bounds() -> None:
     )
     assert params.bad_words_token_ids == [[1, 2]]
     assert params.logit_bias == [(0, -100.0), (5, 100.0)]
-    # a migrated request's min_tokens may count the tokens made before the move
-    assert SamplingParams(max_tokens=4, output_offset=3, min_tokens=7).min_tokens == 7
+    # not bounded by max_tokens: a prefill instance runs a PD request's first token with max_tokens 1
+    assert SamplingParams(max_tokens=1, min_tokens=7).min_tokens == 7
