@@ -184,7 +184,7 @@ def test_processor_matches_hf_reference(
     default_hf_model: torch.nn.Module,
     eos: int,
 ) -> None:
-    group, fields = CASES[name]
+    group = CASES[name][0]
     sp = case_params(name)
     for index, (prompt, ours, plain) in enumerate(zip(prompts[group], outputs[name, False], outputs[name, True])):
         what = f"{name} on {group} prompt {index}"
