@@ -320,6 +320,7 @@ class RequestDelta(msgspec.Struct, frozen=True):
     logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None
     prompt_logprobs: list[PromptLogprob] | None = None  # prompt tokens 1.. (token 0 has none), with the first tokens
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache (on P, for a PD request)
     error: str | None = None
     error_code: str | None = None  # set with error: "kv_transfer_timeout", "no_capacity", ...
     error_status: int = 400  # the HTTP status the error maps to
@@ -409,6 +410,7 @@ class KVDone(Message):
     status: str = "ok"
     first_token: int = -1
     logprobs: list[tuple[int, float]] | None = None
+    num_cached_tokens: int = 0  # prompt tokens P took from its prefix cache (the client's usage reports them)
     error: str = ""
     code: str = ""
     tp_size: int = 0

@@ -219,6 +219,8 @@ class Request:
     # the most tokens ever computed: work below it after a preemption is recompute
     num_computed_high: int = 0
     _unique_prompt_ids: list[int] | None = field(default=None, repr=False)
+    # prompt tokens taken from the prefix cache on first admission (device, host or pool; P's for a PD request)
+    num_cached_tokens: int = 0
     # prompt logprobs: prompt positions scored so far (position 0 has none), and those not yet sent
     num_prompt_scored: int = 1
     unsent_prompt_logprobs: list[PromptLogprob] = field(default_factory=list)

@@ -260,6 +260,7 @@ class DecodeSide(ABC):
         self.kv.cache_computed(request)
         self.stats.observe(self.clock() - incoming.sent_at)
         logger.info("request %s: KV of %d blocks received (room %s)", request.req_id, num_blocks, message.room)
+        request.num_cached_tokens = message.num_cached_tokens
         if request.num_computed_tokens < request.num_prompt_tokens:
             update = self.scheduler.add_computed(request, None)
             return RequestUpdate(update.request, [])

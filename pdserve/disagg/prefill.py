@@ -312,6 +312,7 @@ class PrefillSide(ABC):
                 room=out.room,
                 first_token=out.first_token,
                 logprobs=out.logprobs,
+                num_cached_tokens=out.request.num_cached_tokens,
                 tp_size=self.tp_size,
                 fingerprint=self.fingerprint,
             ),

@@ -135,6 +135,7 @@ def _delta(update: RequestUpdate) -> RequestDelta:
         update.new_logprobs,
         finish_reason=reason,
         prompt_logprobs=update.prompt_logprobs,
+        num_cached_tokens=r.num_cached_tokens,
     )
 
 

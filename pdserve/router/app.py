@@ -104,7 +104,15 @@ def _add_openai_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> Non
 
     @app.get("/v1/models", dependencies=auth)
     async def models(request: Request) -> Response:
-        return await _proxy_models(state, _upstream_headers(state.settings, request))
+        return await _proxy_to_any(state, _upstream_headers(state.settings, request))
+
+    @app.post("/v1/tokenize", dependencies=auth)
+    async def tokenize(request: Request) -> Response:
+        return await _proxy_to_any(state, _upstream_headers(state.settings, request), "/v1/tokenize", request)
+
+    @app.post("/v1/detokenize", dependencies=auth)
+    async def detokenize(request: Request) -> Response:
+        return await _proxy_to_any(state, _upstream_headers(state.settings, request), "/v1/detokenize", request)
 
 
 def _add_control_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> None:
@@ -125,8 +133,11 @@ def _add_control_routes(app: FastAPI, state: RouterState, auth: list[Any]) -> No
     add_membership_routes(app, registry, auth)
 
 
-async def _proxy_models(state: RouterState, headers: dict[str, str]) -> Response:
-    """GET /v1/models of one healthy instance (mixed, then decode, then prefill)."""
+async def _proxy_to_any(
+    state: RouterState, headers: dict[str, str], path: str = "/v1/models", request: Request | None = None
+) -> Response:
+    """GET /v1/models (or POST `request`'s body to `path`: the tokenizer endpoints) of one healthy instance
+    (mixed, then decode, then prefill): any instance answers them alike."""
     candidates = [i for role in ("mixed", "decode", "prefill") for i in state.registry.healthy(role)]
     if not candidates:
         return Failure.make(
@@ -136,7 +147,16 @@ async def _proxy_models(state: RouterState, headers: dict[str, str]) -> Response
     assert state.session is not None
     timeout = aiohttp.ClientTimeout(total=state.registry.health.timeout_s * 5)
     try:
-        async with state.session.get(f"{inst.url}/v1/models", headers=headers, timeout=timeout) as resp:
+        if request is None:
+            call = state.session.get(f"{inst.url}{path}", headers=headers, timeout=timeout)
+        else:
+            call = state.session.post(  # the instance checks the body
+                f"{inst.url}{path}",
+                data=await request.body(),
+                headers={**headers, "content-type": "application/json"},
+                timeout=timeout,
+            )
+        async with call as resp:
             data = await resp.read()
             return Response(data, resp.status, media_type=resp.headers.get("Content-Type", "application/json"))
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:

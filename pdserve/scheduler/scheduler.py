@@ -303,6 +303,8 @@ class Scheduler:
             self.waiting.popleft()
             self._pool_probed.discard(request.req_id)
             request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
             if num_cached:
                 logger.debug("request %s reuses %d cached tokens", request.req_id, num_cached)
             request.status = RequestStatus.RUNNING

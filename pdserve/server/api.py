@@ -26,7 +26,7 @@ from pdserve.http.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_STALL_TIMEOUT
 from pdserve.messages import PromptLogprob
 from pdserve.server import tools
 from pdserve.server.metrics import Metrics
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from pdserve.server.serving import Event, Prepared, Serving, sse, usage
 
 T = TypeVar("T")
@@ -207,6 +207,16 @@ def _add_openai_routes(app: FastAPI, serving: Serving, settings: ServerSettings,
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await _respond(serving, await serving.prepare_chat(body), body, request, settings, is_chat=True)
 
+    @app.post("/v1/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await serving.tokenize(body)
+
+    @app.post("/v1/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return await serving.detokenize(body)
+
 
 async def _respond(
     serving: Serving,
@@ -245,7 +255,11 @@ async def _respond(
                 _choice(serving, p, events, is_chat, _scores(choices, collected, p))
                 for p, events in zip(choices, collected)
             ],
-            "usage": usage(choices, [sum(len(e.token_ids) for e in events) for events in collected]),
+            "usage": usage(
+                choices,
+                [sum(len(e.token_ids) for e in events) for events in collected],
+                [max((e.num_cached_tokens for e in events), default=0) for events in collected],
+            ),
         }
     )
 
@@ -366,6 +380,7 @@ async def _stream(
         "model": serving.model_name,
     }
     num_out = [0] * len(choices)
+    num_cached = [first.num_cached_tokens if first is not None else 0 for first in firsts]
     by_id = {p.req_id: first.prompt_logprobs if first is not None else [] for p, first in zip(choices, firsts)}
     unscored = {i for i, p in enumerate(choices) if p.echo is not None or p.prompt_logprobs is not None}
     calls = [tools.ToolCallStream() if is_chat and p.parse_tools else None for p in choices]
@@ -389,7 +404,7 @@ async def _stream(
     except EngineDeadError as exc:
         yield sse({"error": {"message": str(exc), "type": "server_error", "code": "engine_dead"}})
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(choices, num_out)})
+        yield sse({**head, "choices": [], "usage": usage(choices, num_out, num_cached)})
     yield "data: [DONE]\n\n"
 
 

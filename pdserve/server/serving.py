@@ -39,7 +39,14 @@ from pdserve.messages import GrammarSpec, PromptLogprob, RequestDelta, TransferH
 from pdserve.request import SamplingParams
 from pdserve.server import tools
 from pdserve.server.metrics import Metrics
-from pdserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from pdserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from pdserve.server.structured import grammar_of
 from pdserve.validation import PromptTooLongError, validate_prompt_token_ids
 
@@ -77,6 +84,7 @@ class Event:
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logprobs: list[PromptLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
 
 class Serving:
@@ -363,6 +371,57 @@ class Serving:
         prepared.parse_tools = use_tools
         return self.choices([prepared], body.n)
 
+    # ---- tokenizer endpoints -----------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(
+                404, f"model {model!r} does not exist; this server serves {self.model_name!r}", "model_not_found"
+            )
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer; send token ids", "no_tokenizer")
+
+    async def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's /tokenize: the token ids of a prompt, or of messages through the chat template."""
+        self._check_model(body.model)
+        info = self.client.info
+        if body.prompt is not None:
+            prompt = body.prompt
+            _check_utf8(prompt, "the prompt")
+            if info is not None:
+                self._check_text_length(len(prompt), "the prompt")
+            ids = await self._in_pool(
+                lambda: list(self.tokenizer.encode(prompt, add_special_tokens=body.add_special_tokens))
+            )
+        else:
+            renders = tools.template_renders_tools(getattr(self.tokenizer, "chat_template", None))
+            try:
+                messages = [_template_message(m, renders) for m in body.messages or []]
+                ids = await self._in_pool(
+                    lambda: list(
+                        self.tokenizer.apply_chat_template(
+                            messages, add_generation_prompt=body.add_generation_prompt, tokenize=True, return_dict=False
+                        )
+                    )
+                )
+            except ValueError as e:
+                raise ApiError(400, str(e)) from None
+            except Exception as e:  # noqa: BLE001 - template errors come as jinja exceptions
+                raise ApiError(400, f"the chat template rejected these messages: {e}") from None
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": info.max_model_len if info else None, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = self.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's /detokenize: the text of token ids."""
+        self._check_model(body.model)
+        vocab = self.client.info.vocab_size if self.client.info else len(self.tokenizer)
+        bad = next((t for t in body.tokens if t >= vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return {"prompt": await self._in_pool(partial(self.tokenizer.decode, body.tokens))}
+
     # ---- generation ----------------------------------------------------------------
 
     async def events(self, p: Prepared, keepalive_s: float | None = None) -> AsyncIterator[Event | None]:
@@ -387,12 +446,12 @@ class Serving:
                     if detok.stop_reason is not None:
                         await self.client.abort(p.req_id, "stop")
                         reason = "stop"
-                        yield Event(text + detok.flush(), delta.token_ids, delta.logprobs or [], "stop", scored(delta))
+                        yield Event(text + detok.flush(), delta.token_ids, delta.logprobs or [], "stop", *extras(delta))
                         return
                     if delta.finish_reason is not None:
                         reason = delta.finish_reason
                         text += detok.flush()
-                    yield Event(text, delta.token_ids, delta.logprobs or [], delta.finish_reason, scored(delta))
+                    yield Event(text, delta.token_ids, delta.logprobs or [], delta.finish_reason, *extras(delta))
         finally:
             self.metrics.observe_request(first, time.monotonic() - start, len(detok.token_ids), reason)
 
@@ -503,16 +562,23 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def usage(choices: list[Prepared], num_outputs: list[int]) -> dict[str, int]:
-    """Token counts as the client sees them: each prompt once (not once per choice); a migrated request's
-    completion includes what came before the move."""
+def usage(choices: list[Prepared], num_outputs: list[int], num_cached: list[int]) -> dict[str, Any]:
+    """Token counts as the client sees them: each prompt once (not once per choice), with the tokens of it that
+    came from the prefix cache; a migrated request's completion includes what came before the move."""
     n = sum(p.num_prompt_tokens for p in choices if p.after is None)
+    cached = sum(min(c, p.num_prompt_tokens) for p, c in zip(choices, num_cached) if p.after is None)
     num_output = sum(num_outputs) + sum(len(p.resume_token_ids) for p in choices)
-    return {"prompt_tokens": n, "completion_tokens": num_output, "total_tokens": n + num_output}
+    return {
+        "prompt_tokens": n,
+        "completion_tokens": num_output,
+        "total_tokens": n + num_output,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
-def scored(delta: RequestDelta) -> list[PromptLogprob]:
-    return delta.prompt_logprobs or []
+def extras(delta: RequestDelta) -> tuple[list[PromptLogprob], int]:
+    """An Event's fields beyond the text and tokens: prompt scores and cached prompt tokens."""
+    return delta.prompt_logprobs or [], delta.num_cached_tokens
 
 
 def choice_seed(seed: int, choice: int) -> int:
