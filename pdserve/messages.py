@@ -95,10 +95,12 @@ class CacheOps(msgspec.Struct, frozen=True):
     swap_out: list[tuple[int, int]] = []  # (device block, host block): save before the device block is reused
     swap_in: list[tuple[int, int]] = []  # (host block, device block)
     pool_put: list[tuple[int, str]] = []  # (host block, key): write through to the pool
+    # (device block, device block): copy-on-write of a forked prompt's last block (n > 1), after swap_out
+    device_copy: list[tuple[int, int]] = []
 
     @property
     def is_empty(self) -> bool:
-        return not (self.swap_out or self.swap_in or self.pool_put)
+        return not (self.swap_out or self.swap_in or self.pool_put or self.device_copy)
 
 
 # ---- PD disaggregation: the data plane's part of a step ----------------------------

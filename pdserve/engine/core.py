@@ -133,6 +133,7 @@ class EngineCore:
         )
         self.pd: PDRole = make_role(ctx, config.disagg)
         self._siblings: list[tuple[Request, Request, TransferHandle | None]] = []  # (leader, waiting, its PD half)
+        self._leader_of: dict[str, Request] = {}  # released siblings, until queued
         self.grammars = Grammars(
             lambda: load_tokenizer(self.source),
             config.model.sampled_vocab_size or self.arch.vocab_size,
@@ -186,6 +187,7 @@ class EngineCore:
         waiting = []
         for leader, request, transfer in self._siblings:
             if self._find(leader.req_id) is None or leader.num_computed_tokens >= leader.num_prompt_tokens:
+                self._leader_of[request.req_id] = leader
                 if request.sampling.grammar is not None:
                     self.grammars.hold(request, transfer)
                 else:
@@ -195,9 +197,10 @@ class EngineCore:
         self._siblings = waiting
 
     def _queue(self, request: Request, transfer: TransferHandle | None) -> None:
+        leader = self._leader_of.pop(request.req_id, None)
         if transfer is not None:
             self.pd.add(request, transfer)
-        else:
+        elif leader is None or not self.scheduler.fork(leader, request):  # a sibling runs on its leader's blocks
             self.scheduler.add_request(request)
 
     def abort(self, req_id: str) -> None:
@@ -205,6 +208,7 @@ class EngineCore:
 
     def finish(self, req_id: str, reason: FinishReason) -> None:
         """End a request from outside (abort, a stop string matched by the API server); frees its blocks."""
+        self._leader_of.pop(req_id, None)
         if any(r.req_id == req_id for _, r, _ in self._siblings):
             self._siblings = [s for s in self._siblings if s[1].req_id != req_id]
             return

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from pdserve.kvcache.block_pool import BlockPool
 from pdserve.kvcache.keys import chain_keys
 from pdserve.kvcache.tiers import HostTiers, PoolLoad
@@ -82,6 +84,7 @@ class KVCacheManager:
         self._holds: dict[str, list[int]] = {}  # holder -> device blocks it references (see hold())
         self._num_named: dict[str, int] = {}  # leading blocks of a table already offered to the index
         self._saved: set[str] = set()  # preempted requests whose blocks were saved
+        self._device_copies: list[tuple[int, int]] = []  # forks' copy-on-write, for the next plan
 
     # ---- sizes ---------------------------------------------------------------------
 
@@ -234,6 +237,36 @@ class KVCacheManager:
             self.device.cache(table[i], keys[i])
         self._num_named[request.req_id] = num_full
 
+    def fork(self, leader: Request, sibling: Request, reserve: int = 0) -> int:
+        """Give `sibling` (another choice of the leader's prompt, not admitted yet) the leader's computed prompt:
+        the blocks before the one holding the last prompt token shared, that block copied (copy-on-write: each
+        writes its own completion after the prompt in it). Returns how many prompt tokens the sibling has
+        computed now (all but the last, whose logits it needs), or 0 (nothing changed: the leader's prompt is
+        not computed, or no block is free beyond `reserve`)."""
+        bs = self.block_size
+        n = sibling.num_prompt_tokens
+        table = self._tables.get(leader.req_id)
+        last = (n - 1) // bs  # the block holding the last prompt token
+        if sibling.req_id in self._tables:
+            raise RuntimeError(f"request {sibling.req_id} already holds blocks; only a new request is forked")
+        if (
+            not table
+            or len(table) <= last
+            or leader.num_computed_tokens < n
+            or leader.prompt_token_ids != sibling.prompt_token_ids
+        ):
+            return 0
+        if 1 + reserve > self.device.num_free_blocks:
+            return 0
+        shared = table[:last]
+        self.device.ref(shared)
+        new_ids, evicted = self.device.allocate(1)
+        self._save(evicted, to_host=self.enable_prefix_caching)  # (its swap_out runs before the copy)
+        self._device_copies.append((table[last], new_ids[0]))
+        self._tables[sibling.req_id] = [*shared, *new_ids]
+        self._num_named[sibling.req_id] = min(self._num_named.get(leader.req_id, 0), len(shared))
+        return n - 1
+
     # ---- holds: blocks kept past their request (e.g. while P sends them to D) ---------
 
     def hold(self, holder: str, req_id: str) -> list[int]:
@@ -295,11 +328,15 @@ class KVCacheManager:
 
     @property
     def has_pending_ops(self) -> bool:
-        return self.tiers.has_pending_ops
+        return self.tiers.has_pending_ops or bool(self._device_copies)
 
     def take_ops(self) -> CacheOps:
         """The ops recorded since the last plan; their host blocks stay held until end_step."""
-        return self.tiers.take_ops()
+        ops = self.tiers.take_ops()
+        if self._device_copies:
+            ops = msgspec.structs.replace(ops, device_copy=self._device_copies)
+            self._device_copies = []
+        return ops
 
     def end_step(self) -> None:
         """The plan carrying the last taken ops has run: release its host blocks."""

@@ -264,6 +264,24 @@ class Scheduler:
             self._admit(budget, num_new)
         return self._build_plan(num_new, reads)
 
+    def fork(self, leader: Request, request: Request) -> bool:
+        """Run `request`, another choice of `leader`'s prompt (n > 1), on the leader's computed prompt blocks
+        (kvcache.manager.fork): it computes only the last prompt token. False: it was not forked (the leader's
+        prompt is not in its blocks, no slot or no block); queue it instead."""
+        if leader not in self.running or len(self.running) >= self.config.max_num_seqs:
+            return False
+        reserve = self._admission_reserve if self.running else 0
+        num_computed = self.kv.fork(leader, request, reserve)
+        if not num_computed:
+            return False
+        self.check_unused(request.req_id)
+        self.requests[request.req_id] = request
+        request.num_computed_tokens = num_computed
+        request.num_cached_tokens = num_computed
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return True
+
     def _allocate_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Allocate for `request`, preempting the most recently admitted until it fits.
 

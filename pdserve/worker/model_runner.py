@@ -124,6 +124,8 @@ class ModelRunner:
     def _execute(self, plan: StepPlan) -> ForwardOutput:
         if self.tiers is not None:
             self.tiers.copy(plan.cache_ops)
+        for src, dst in plan.cache_ops.device_copy:  # after the swap-outs: dst may have held an evicted block
+            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         if plan.kv_sends and self.sender is None:
             raise RuntimeError(
                 "the plan has KV sends but this instance runs no transfer engine (is it a prefill instance?)"

@@ -322,8 +322,11 @@ def assert_p_idle(env: PEnv) -> None:
     assert not env.kv._holds
 
 
-def done_ok(room: str = "r1", token: int = 7) -> tuple[str, KVDone]:
-    return (D_ADDR, KVDone(room=room, first_token=token, tp_size=1, fingerprint=FP))
+def done_ok(room: str = "r1", token: int = 7, num_cached_tokens: int = 0) -> tuple[str, KVDone]:
+    return (
+        D_ADDR,
+        KVDone(room=room, first_token=token, num_cached_tokens=num_cached_tokens, tp_size=1, fingerprint=FP),
+    )
 
 
 def test_p_dest_before_prefill_one_step_sends_all_blocks_layerwise() -> None:
@@ -458,7 +461,7 @@ def test_p_prefix_cache_hit_catches_up_the_cached_blocks() -> None:
     assert env.side.on_output(sched.plan, output) == []
     env.scheduler.update(sched, output)
     assert request.is_finished
-    assert env.control.take() == [done_ok()]
+    assert env.control.take() == [done_ok(num_cached_tokens=8)]  # D reports them in the client's usage
     assert_p_idle(env)
 
 

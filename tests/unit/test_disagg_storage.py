@@ -521,7 +521,7 @@ def test_p_prefix_hit_stages_the_shared_blocks_too() -> None:
     assert env.plans[-1].plan.seqs[0].start_pos == 8  # blocks 0 and 1 are device hits
     assert send.device_block_ids == env.plans[-1].plan.seqs[0].block_ids and len(send.device_block_ids) == 3
     assert send.keys == KEYS
-    assert request.is_finished and env.control.take() == [done_ok()]
+    assert request.is_finished and env.control.take() == [done_ok(num_cached_tokens=8)]
     assert_p_idle(env)
 
 

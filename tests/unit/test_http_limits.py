@@ -398,9 +398,9 @@ def test_prompt_token_ids_are_strict(prompt: Any, fragment: str) -> None:
 
 
 def test_valid_prompts_still_pass() -> None:
-    assert CompletionRequest(prompt=[1, 2]).prompt == [1, 2]
-    assert CompletionRequest(prompt=[[3]]).prompt == [3]
-    assert CompletionRequest(prompt=["1"]).prompt == "1"  # a batch of one string, not an id
+    assert CompletionRequest(prompt=[1, 2]).prompt == [[1, 2]]  # always a list of prompts once validated
+    assert CompletionRequest(prompt=[[3]]).prompt == [[3]]
+    assert CompletionRequest(prompt=["1"]).prompt == ["1"]  # a batch of one string, not an id
 
 
 @pytest.mark.parametrize("value", [True, 1.0, "1"])

@@ -85,6 +85,8 @@ class FakeWorker:
             self.host[host_id] = list(self.device[device_id])
         for host_id, device_id in ops.swap_in:
             self.device[device_id] = list(self.host[host_id])
+        for src, dst in ops.device_copy:
+            self.device[dst] = list(self.device[src])
         req_ids, token_ids = [], []
         for seq in plan.seqs:
             for i, token in enumerate(seq.token_ids):
@@ -413,3 +415,69 @@ def test_check_integrity_holds_between_steps_with_pool_writes_pending() -> None:
     s.update(sched, w.execute(sched.plan))
     assert s.has_work  # the writes are queued for the next plan, as documented
     s.check_integrity()
+
+
+# ---- n > 1: a sibling forked onto its leader's computed prompt --------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_len", [10, 8, 3])  # the last prompt token in a partial block, a full one, the first
+def test_a_forked_sibling_computes_one_token_and_generates_as_without_cache(prompt_len: int) -> None:
+    s = make_scheduler(num_blocks=16)
+    worker = FakeWorker(s)
+    prompt = list(range(100, 100 + prompt_len))
+    leader = make_request("leader", prompt, 6)
+    s.add_request(leader)
+    run_step(s, worker)  # the whole prompt, and the leader's first token
+    computed = worker.num_tokens_computed
+    siblings = [make_request(f"sibling-{i}", prompt, 6) for i in range(2)]
+    for sibling in siblings:
+        assert s.fork(leader, sibling)
+        assert sibling.num_computed_tokens == sibling.num_cached_tokens == prompt_len - 1
+    s.check_integrity()
+    sched = run_step(s, worker)
+    assert sched.plan.cache_ops.device_copy, "the block holding the last prompt token is copied, not shared"
+    assert worker.num_tokens_computed - computed == 1 + 2  # the leader's decode token, one prompt token each
+    run_all(s, worker)
+    for r in [leader, *siblings]:
+        assert r.output_token_ids == reference(prompt, 6), r.req_id
+    assert_all_free(s)
+
+
+def test_a_fork_needs_the_leaders_blocks() -> None:
+    s = make_scheduler(num_blocks=16)
+    worker = FakeWorker(s)
+    leader = make_request("leader", list(range(10)), 1)
+    early = make_request("early", list(range(10)), 1)
+    s.add_request(leader)
+    assert not s.fork(leader, early)  # its prompt is not computed yet
+    run_all(s, worker)  # max_tokens 1: it ends, and its blocks go back
+    late = make_request("late", list(range(10)), 1)
+    assert not s.fork(leader, late)
+    assert "late" not in s.kv._tables and not s.kv.has_pending_ops
+    s.add_request(late)  # the prefix cache serves it instead
+    run_all(s, worker)
+    assert late.output_token_ids == reference(range(10), 1) and late.num_cached_tokens == 8
+    assert_all_free(s)
+
+
+def test_a_forks_copy_runs_after_the_swap_out_of_the_block_it_reuses() -> None:
+    """A device pool so small that the copy's target evicts a cached block: saved to the host first."""
+    s = make_scheduler(num_blocks=4, num_host_blocks=8)
+    worker = FakeWorker(s)
+    other = make_request("other", [7] * 8, 1)
+    s.add_request(other)
+    run_all(s, worker)  # two named blocks stay cached on the device
+    leader = make_request("leader", [1, 2, 3, 4, 5, 6], 4)
+    s.add_request(leader)
+    run_step(s, worker)  # on the two free blocks
+    sibling = make_request("sibling", [1, 2, 3, 4, 5, 6], 4)
+    assert s.fork(leader, sibling)
+    ops = run_step(s, worker).plan.cache_ops
+    assert ops.swap_out and ops.device_copy and ops.swap_out[0][0] == ops.device_copy[0][1], ops
+    run_all(s, worker)
+    assert leader.output_token_ids == sibling.output_token_ids == reference([1, 2, 3, 4, 5, 6], 4)
+    again = make_request("again", [7] * 8, 1)  # the evicted blocks come back from the host
+    s.add_request(again)
+    run_all(s, worker)
+    assert again.output_token_ids == reference([7] * 8, 1)
+    assert_all_free(s)
