@@ -200,7 +200,10 @@ def test_auto_returns_every_call_in_order(http: TestClient, engine: StubEngine) 
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] is None
     functions = [c["function"] for c in choice["message"]["tool_calls"]]
-    assert functions == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}, {"name": "get_time", "arguments": "{}"}]
+    assert functions == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"name": "get_time", "arguments": "{}"},
+    ]
     assert len({c["id"] for c in choice["message"]["tool_calls"]}) == 2
     choices = [c["choices"][0] for c in stream_chat(http, tools=tools)]
     streamed = [call for c in choices for call in c["delta"].get("tool_calls", [])]
@@ -222,10 +225,11 @@ def test_auto_call_cut_by_max_tokens_stays_length(http: TestClient, engine: Stub
 def test_auto_unterminated_call_is_content(http: TestClient, engine: StubEngine) -> None:
     """A block still open when the completion ends is not a call: its text is content, whole and streamed."""
     engine.text = TEXT_AND_CALL.removesuffix("</tool_call>")
+    unterminated = engine.text.rstrip()  # content never ends in whitespace
     (choice,) = chat(http, tools=[WEATHER])["choices"]
     assert choice["finish_reason"] == "stop"
-    assert choice["message"] == {"role": "assistant", "content": engine.text}
+    assert choice["message"] == {"role": "assistant", "content": unterminated}
     choices = [c["choices"][0] for c in stream_chat(http, tools=[WEATHER])]
-    assert "".join(c["delta"].get("content") or "" for c in choices) == engine.text.rstrip()
+    assert "".join(c["delta"].get("content") or "" for c in choices) == unterminated
     assert not any("tool_calls" in c["delta"] for c in choices)
     assert choices[-1]["finish_reason"] == "stop"
