@@ -44,6 +44,8 @@ from pdserve.bench.sse import SSEDecoder, parse_chunk
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 MAX_ERRORS_RECORDED = 10
+# body fields that ask the server for structured output (a grammar), which ends the text: no ignore_eos with them
+STRUCTURED_OUTPUT_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 class BenchServeError(RuntimeError):
@@ -95,6 +97,17 @@ class ServeBenchConfig:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+def asks_structured_output(body: dict[str, Any]) -> bool:
+    """Whether `body` constrains the output with a grammar: response_format json_object/json_schema, vLLM's guided_*
+    or structured_outputs, or tools the model must call."""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        return True
+    if any(body.get(name) is not None for name in STRUCTURED_OUTPUT_FIELDS):
+        return True
+    return bool(body.get("tools")) and body.get("tool_choice") not in (None, "none", "auto")
+
+
 def build_payload(
     endpoint: str,
     model: str,
@@ -103,7 +116,10 @@ def build_payload(
     answers: list[str],
     extra_body: dict[str, Any],
 ) -> dict[str, Any]:
-    """The JSON body of turn `turn_index`, carrying the earlier turns and their `answers`."""
+    """The JSON body of turn `turn_index`, carrying the earlier turns and their `answers`.
+
+    Asks for exactly the turn's output length (ignore_eos) unless `extra_body` asks for structured output,
+    whose grammar ends the text: then the lengths are the model's, at most the turn's."""
     turns = conversation.turns[: turn_index + 1]
     if endpoint == "chat":
         messages: list[dict[str, str]] = []
@@ -120,7 +136,7 @@ def build_payload(
         **body,
         "max_tokens": turns[-1].output_len,
         "temperature": 0.0,
-        "ignore_eos": True,
+        "ignore_eos": not asks_structured_output(extra_body),
         "stream": True,
         "stream_options": {"include_usage": True},
         **extra_body,
@@ -238,6 +254,7 @@ class _Run:
     start: float
     semaphore: asyncio.Semaphore
     progress: Any
+    extra_body: dict[str, Any]  # merged into every request of this run (see build_payload)
 
 
 async def _run_conversation(run: _Run, conversation: Conversation, offset: float) -> list[RequestResult]:
@@ -247,7 +264,7 @@ async def _run_conversation(run: _Run, conversation: Conversation, offset: float
     answers: list[str] = []
     history_len = 0
     for i, turn in enumerate(conversation.turns):
-        payload = build_payload(run.config.endpoint, run.model, conversation, i, answers, run.config.extra_body)
+        payload = build_payload(run.config.endpoint, run.model, conversation, i, answers, run.extra_body)
         async with run.semaphore:
             result = await send_request(run.session, run.config, payload, history_len + turn.input_len, run.start)
         results.append(result)
@@ -270,44 +287,66 @@ async def _run_conversation(run: _Run, conversation: Conversation, offset: float
     return results
 
 
+def open_session(config: ServeBenchConfig) -> Any:
+    """An aiohttp.ClientSession (async context manager) with the connection cap and timeout of `config`."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=config.timeout_s))
+
+
+async def send_test_request(
+    session: Any, config: ServeBenchConfig, model: str, extra_body: dict[str, Any], what: str = "the test request"
+) -> None:
+    """One short request with `extra_body` that must succeed (it also warms the server: a grammar compiles here);
+    BenchServeError if it fails."""
+    probe = Conversation((Turn(" Hello", 1, 2),))
+    payload = build_payload(config.endpoint, model, probe, 0, [], extra_body)
+    test = await send_request(session, config, payload, 1, time.perf_counter())
+    if not test.success:
+        raise BenchServeError(
+            f"{what} to {config.url} failed: {test.error}; check --base-url, "
+            f"--endpoint ({config.endpoint}), --model ({model}) and the request body ({json.dumps(extra_body)})"
+        )
+
+
+async def run_workload(
+    session: Any,
+    config: ServeBenchConfig,
+    model: str,
+    conversations: list[Conversation],
+    extra_body: dict[str, Any],
+    desc: str = "bench serve",
+) -> tuple[list[list[RequestResult]], float]:
+    """(results per conversation, duration_s) of the whole workload sent with `extra_body`."""
+    from tqdm import tqdm
+
+    num_requests = sum(len(c.turns) for c in conversations)
+    offsets = arrival_offsets(len(conversations), config.request_rate, config.dataset.seed)
+    with tqdm(total=num_requests, desc=desc, unit="req", disable=not config.use_tqdm) as progress:
+        run = _Run(
+            session,
+            config,
+            model,
+            time.perf_counter(),
+            asyncio.Semaphore(config.max_concurrency or num_requests),
+            progress,
+            extra_body,
+        )
+        results = await asyncio.gather(*(_run_conversation(run, c, t) for c, t in zip(conversations, offsets)))
+        duration = time.perf_counter() - run.start
+    return list(results), duration
+
+
 async def _benchmark(
     config: ServeBenchConfig, conversations: list[Conversation]
 ) -> tuple[str, list[list[RequestResult]], float]:
     """(model, results per conversation, duration_s) after a test request that must succeed."""
-    import aiohttp
-    from tqdm import tqdm
-
-    connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with open_session(config) as session:
         model = config.model or await discover_model(session, config)
-        probe = Conversation((Turn(" Hello", 1, 2),))
-        test = await send_request(
-            session,
-            config,
-            build_payload(config.endpoint, model, probe, 0, [], config.extra_body),
-            1,
-            time.perf_counter(),
-        )
-        if not test.success:
-            raise BenchServeError(
-                f"the test request to {config.url} failed: {test.error}; check --base-url, "
-                f"--endpoint ({config.endpoint}) and --model ({model})"
-            )
-        num_requests = sum(len(c.turns) for c in conversations)
-        offsets = arrival_offsets(len(conversations), config.request_rate, config.dataset.seed)
-        with tqdm(total=num_requests, desc="bench serve", unit="req", disable=not config.use_tqdm) as progress:
-            run = _Run(
-                session,
-                config,
-                model,
-                time.perf_counter(),
-                asyncio.Semaphore(config.max_concurrency or num_requests),
-                progress,
-            )
-            results = await asyncio.gather(*(_run_conversation(run, c, t) for c, t in zip(conversations, offsets)))
-            duration = time.perf_counter() - run.start
-    return model, list(results), duration
+        await send_test_request(session, config, model, config.extra_body)
+        results, duration = await run_workload(session, config, model, conversations, config.extra_body)
+    return model, results, duration
 
 
 def run_benchmark(config: ServeBenchConfig, conversations: list[Conversation]) -> dict[str, Any]:
@@ -316,30 +355,20 @@ def run_benchmark(config: ServeBenchConfig, conversations: list[Conversation]) -
     flat = [(c, t, r) for c, results in enumerate(per_conversation) for t, r in enumerate(results)]
     results = [r for _, _, r in flat]
     metrics = summarize(results, duration, config.goodput_slos)
-    workload = asdict(config.dataset) | {
-        "prefix_len": config.dataset.shared_prefix_len if config.dataset.name == "shared-prefix" else None
-    }
     result: dict[str, Any] = {
         "benchmark": "serve",
         "date": now_iso(),
         "label": config.label,
         "pdserve_version": code_version(),
-        "server": {"base_url": config.api_root, "url": config.url, "endpoint": config.endpoint, "model": model},
-        "config": {
-            "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
-            "max_concurrency": config.max_concurrency,
-            "timeout_s": config.timeout_s,
-            "tokenizer": config.tokenizer,
-            "extra_body": config.extra_body,
-            "dataset": workload,
-        },
+        "server": server_record(config, model),
+        "config": config_record(config),
         "client_machine": machine_info(),
         "dataset": dataset_stats(conversations),
         "metrics": metrics,
         "errors": [
             {"conversation": c, "turn": t, "status": r.status, "error": r.error} for c, t, r in flat if not r.success
         ][:MAX_ERRORS_RECORDED],
-        "requests": [_request_record(c, t, r) for c, t, r in flat],
+        "requests": [request_record(c, t, r) for c, t, r in flat],
     }
     stem = f"serve-{config.dataset.name}-{config.endpoint}-{label_or_timestamp(config.label)}"
     title = figure_title(result, config)
@@ -347,7 +376,26 @@ def run_benchmark(config: ServeBenchConfig, conversations: list[Conversation]) -
     return result
 
 
-def _request_record(conversation: int, turn: int, r: RequestResult) -> dict[str, Any]:
+def server_record(config: ServeBenchConfig, model: str) -> dict[str, Any]:
+    return {"base_url": config.api_root, "url": config.url, "endpoint": config.endpoint, "model": model}
+
+
+def config_record(config: ServeBenchConfig) -> dict[str, Any]:
+    """The client configuration as the result JSON records it."""
+    workload = asdict(config.dataset) | {
+        "prefix_len": config.dataset.shared_prefix_len if config.dataset.name == "shared-prefix" else None
+    }
+    return {
+        "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
+        "max_concurrency": config.max_concurrency,
+        "timeout_s": config.timeout_s,
+        "tokenizer": config.tokenizer,
+        "extra_body": config.extra_body,
+        "dataset": workload,
+    }
+
+
+def request_record(conversation: int, turn: int, r: RequestResult) -> dict[str, Any]:
     def ms(seconds: float | None) -> float | None:
         return None if seconds is None or not r.success else round(seconds * 1000.0, 3)
 

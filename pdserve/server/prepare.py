@@ -265,9 +265,11 @@ class Preparer:
         return self.choices(prepared, body.n)
 
     def choices(self, prepared: list[Prepared], n: int) -> list[Prepared]:
-        """Each prompt's n choices. Choice j > 0 of a prompt is a sibling of its choice 0 (it shares the prompt's
-        blocks), with its own seed (derived from the request's, so n choices differ and are reproducible). In PD
-        each choice has its own room (both halves derive the same)."""
+        """Each prompt's n choices. Choice j > 0 of a prompt is a sibling of its choice 0 (it runs on the blocks of
+        choice 0's prompt), with its own seed (derived from the request's, so n choices differ and are
+        reproducible). In PD each prompt's choice 0 has its own room (both halves derive the same); siblings are
+        no PD requests: P computes each prompt once and D forks the siblings from choice 0's received blocks, so P
+        leaves them out and D runs them itself."""
         if n > 1 and any(p.resume_token_ids for p in prepared):
             raise ApiError(400, "resume_token_ids is for a request with one choice (n = 1, one prompt)")
         out: list[Prepared] = []
@@ -275,9 +277,11 @@ class Preparer:
             for j in range(n):
                 p = base if j == 0 else self._sibling(base, j)
                 p.index = len(out)
-                if p.transfer is not None and p.index > 0:  # one PD room per choice; both halves derive the same
+                if p.transfer is not None and p.index > 0:
                     room = prepared[0].transfer.room  # type: ignore[union-attr]
-                    p.transfer = msgspec.structs.replace(p.transfer, room=f"{room}.{p.index}")
+                    p.transfer = None if j else msgspec.structs.replace(p.transfer, room=f"{room}.{p.index}")
+                if p.transfer is None and j and base.transfer is not None and self.role == "prefill":
+                    continue  # P's part of a sibling: nothing (D forks it)
                 out.append(p)
         return out
 

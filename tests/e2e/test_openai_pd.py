@@ -266,6 +266,29 @@ def test_echo_with_logprobs_runs_whole_on_a_prefill_instance(launched: Launched)
     assert (_posts(launched, "prefill-0"), _posts(launched, "decode-0")) == (before[0] + 1, before[1])
 
 
+def test_n_choices_prefill_once_on_p_and_fork_on_d(launched: Launched) -> None:
+    """n = 3: P computes the prompt once and sends its KV once; D runs the other two choices on those blocks."""
+    prompt = "The history of the Roman Empire spans many centuries and includes " * 8
+    p_url = launched.instances["prefill-0"]
+    before = metrics(p_url)["pdserve_prompt_tokens_total"], _received(launched)
+    r = httpx.post(
+        f"{launched.url}/v1/completions",
+        json={"prompt": prompt, "n": 3, "max_tokens": 6, "temperature": 0.9, "seed": 1},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    num_prompt = body["usage"]["prompt_tokens"]
+    assert metrics(p_url)["pdserve_prompt_tokens_total"] - before[0] == num_prompt  # once, on P
+    assert _received(launched) == before[1] + 1  # one KV transfer: D forks the siblings
+
+
+def _received(launched: Launched) -> int:
+    log = (launched.log_dir / "decode-0.log").read_text(errors="replace")
+    return len(re.findall(r"KV of \d+ blocks received", log))
+
+
 def _posts(launched: Launched, part: str) -> int:
     """Completions the part answered (its uvicorn access log)."""
     log = (launched.log_dir / f"{part}.log").read_text(errors="replace")
