@@ -4,7 +4,8 @@ Sends text prompts (see datasets.py) to /v1/completions or /v1/chat/completions
 of pdserve, vLLM or SGLang with `stream: true`, Poisson arrivals and an optional
 concurrency cap, and measures TTFT, TPOT, ITL and end-to-end latency from the
 SSE stream on the client side. Writes serve-<dataset>-<endpoint>-<label>.json
-and a .png of latency CDFs under --result-dir and prints a summary table.
+and a .png of latency CDFs under --result-dir and prints a summary table. With --ab-rounds N it runs the
+workload 2N times, alternating a baseline body and --extra-body, and compares the two (serve_ab.py).
 It knows nothing about the server's internals: only HTTP and the OpenAI schema.
 """
 
@@ -479,6 +480,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="SLOs in ms, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)",
     )
     w.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival times")
+    from pdserve.bench.serve_ab import add_ab_args
+
+    add_ab_args(p, _json_object)
     add_output_args(p)
     p.set_defaults(func=run)
 
@@ -525,13 +529,19 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from pdserve.bench.serve_ab import ab_config_from_args, format_ab_table, run_ab_benchmark
+
     config = config_from_args(args)
+    ab = ab_config_from_args(args)
     conversations = build_dataset(config.dataset, load_tokenizer(config.tokenizer))
     try:
-        result = run_benchmark(config, conversations)
+        if ab is None:
+            result = run_benchmark(config, conversations)
+        else:
+            result = run_ab_benchmark(config, ab, conversations)
     except BenchServeError as e:
         print(f"pdserve bench serve: error: {e}", file=sys.stderr)
         return 1
-    print(format_table(result["metrics"]))
+    print(format_table(result["metrics"]) if ab is None else format_ab_table(result))
     print(f"Results: {result['files']['json']}, {result['files']['png']}")
     return 0

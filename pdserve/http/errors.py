@@ -38,7 +38,8 @@ def describe_validation(exc: RequestValidationError) -> str:
     for err in exc.errors()[:5]:
         where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+    message = "invalid request: " + "; ".join(parts)
+    return message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate in a key cannot be sent
 
 
 def add_error_handlers(app: FastAPI, logger: logging.Logger, log_name: str) -> None:

@@ -97,7 +97,8 @@ def _check_fields(model: type[BaseModel], data: Any) -> Any:
             if key in SAME_AS_PDSERVE and _same(value, SAME_AS_PDSERVE[key]):
                 continue
             raise ValueError(f"`{key}` is not supported by pdserve: {UNSUPPORTED_FIELDS[key]}")
-        raise ValueError(f"`{key}` is not a field pdserve knows; remove it (docs/server.md lists the fields)")
+        shown = key.encode("utf-8", "backslashreplace").decode()  # a lone surrogate cannot go into an error
+        raise ValueError(f"`{shown}` is not a field pdserve knows; remove it (docs/server.md lists the fields)")
     return {k: v for k, v in data.items() if k in model.model_fields}
 
 
