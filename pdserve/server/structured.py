@@ -25,17 +25,12 @@ def grammar_of(body: SamplingFields) -> GrammarSpec | None:
         if rf.json_schema is None or rf.json_schema.json_schema is None:
             raise ValueError("response_format json_schema needs json_schema.schema")
         found.append(("response_format", _json_schema(rf.json_schema.json_schema, "response_format")))
-    if body.guided_json is not None:
-        found.append(("guided_json", _json_schema(body.guided_json, "guided_json")))
-    if body.guided_regex is not None:
-        found.append(("guided_regex", GrammarSpec("regex", body.guided_regex)))
-    if body.guided_choice is not None:
-        found.append(("guided_choice", _choice(body.guided_choice, "guided_choice")))
-    if body.guided_grammar is not None:
-        found.append(("guided_grammar", GrammarSpec("grammar", body.guided_grammar)))
+    found += _vllm("guided_", body.guided_json, body.guided_regex, body.guided_choice, body.guided_grammar)
     so = body.structured_outputs
     if so is not None:
-        found += _structured_outputs(so)
+        found += _vllm("structured_outputs.", so.json_, so.regex, so.choice, so.grammar)
+        if so.json_object:
+            found.append(("structured_outputs.json_object", GrammarSpec("json_object")))
     if len(found) > 1:
         raise ValueError(f"send one structured-output constraint, not {', '.join(name for name, _ in found)}")
     if not found:
@@ -45,18 +40,19 @@ def grammar_of(body: SamplingFields) -> GrammarSpec | None:
     return spec
 
 
-def _structured_outputs(so: Any) -> list[tuple[str, GrammarSpec]]:
+def _vllm(
+    prefix: str, schema: dict[str, Any] | str | None, regex: str | None, choice: list[str] | None, grammar: str | None
+) -> list[tuple[str, GrammarSpec]]:
+    """vLLM's constraints, as its older guided_* fields or its structured_outputs object name them."""
     found = []
-    if so.json_ is not None:
-        found.append(("structured_outputs.json", _json_schema(so.json_, "structured_outputs.json")))
-    if so.regex is not None:
-        found.append(("structured_outputs.regex", GrammarSpec("regex", so.regex)))
-    if so.choice is not None:
-        found.append(("structured_outputs.choice", _choice(so.choice, "structured_outputs.choice")))
-    if so.grammar is not None:
-        found.append(("structured_outputs.grammar", GrammarSpec("grammar", so.grammar)))
-    if so.json_object:
-        found.append(("structured_outputs.json_object", GrammarSpec("json_object")))
+    if schema is not None:
+        found.append((f"{prefix}json", _json_schema(schema, f"{prefix}json")))
+    if regex is not None:
+        found.append((f"{prefix}regex", GrammarSpec("regex", regex)))
+    if choice is not None:
+        found.append((f"{prefix}choice", _choice(choice, f"{prefix}choice")))
+    if grammar is not None:
+        found.append((f"{prefix}grammar", GrammarSpec("grammar", grammar)))
     return found
 
 
