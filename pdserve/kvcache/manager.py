@@ -245,6 +245,8 @@ class KVCacheManager:
         not computed, or no block is free beyond `reserve`)."""
         bs = self.block_size
         n = sibling.num_prompt_tokens
+        if n < 2:
+            return 0  # a one-token prompt has nothing computed to share
         table = self._tables.get(leader.req_id)
         last = (n - 1) // bs  # the block holding the last prompt token
         if sibling.req_id in self._tables:

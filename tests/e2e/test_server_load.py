@@ -106,7 +106,8 @@ def test_64_concurrent_streams(server: ServerProcess) -> None:
         expected = alone[i]["choices"][0]
         assert results[i]["text"] == expected["text"], i
         assert results[i]["finish_reason"] == expected["finish_reason"], i
-        assert results[i]["usage"] == alone[i]["usage"], i
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # (cached_tokens depends on timing)
+        assert [results[i]["usage"][k] for k in counts] == [alone[i]["usage"][k] for k in counts], i
     # the engine ran them as one batch (the metrics poller may miss a step or two at the edges)
     assert max(peak) >= NUM_STREAMS * 3 // 4, f"the streams were not batched together (peak running {max(peak)})"
     after = wait_idle(server.url)

@@ -460,6 +460,22 @@ def test_a_fork_needs_the_leaders_blocks() -> None:
     assert_all_free(s)
 
 
+def test_a_one_token_prompt_is_not_forked() -> None:
+    """Nothing of it is computed to share: the sibling computes its one token itself."""
+    s = make_scheduler(num_blocks=16)
+    worker = FakeWorker(s)
+    leader = make_request("leader", [5], 3)
+    s.add_request(leader)
+    run_step(s, worker)
+    sibling = make_request("sibling", [5], 3)
+    assert not s.fork(leader, sibling)
+    assert "sibling" not in s.kv._tables and not s.kv.has_pending_ops
+    s.add_request(sibling)
+    run_all(s, worker)
+    assert sibling.output_token_ids == leader.output_token_ids == reference([5], 3)
+    assert_all_free(s)
+
+
 def test_a_forks_copy_runs_after_the_swap_out_of_the_block_it_reuses() -> None:
     """A device pool so small that the copy's target evicts a cached block: saved to the host first."""
     s = make_scheduler(num_blocks=4, num_host_blocks=8)
