@@ -270,11 +270,11 @@ class Scheduler:
         prompt is not in its blocks, no slot or no block); queue it instead."""
         if leader not in self.running or len(self.running) >= self.config.max_num_seqs:
             return False
+        self.check_unused(request.req_id)
         reserve = self._admission_reserve if self.running else 0
         num_computed = self.kv.fork(leader, request, reserve)
         if not num_computed:
             return False
-        self.check_unused(request.req_id)
         self.requests[request.req_id] = request
         request.num_computed_tokens = num_computed
         request.num_cached_tokens = num_computed
