@@ -401,7 +401,7 @@ class Scheduler:
             request.output_token_ids.append(token_id)
             self.stats.num_generation_tokens += 1
             logprobs = None
-            if output.logprobs is not None:
+            if output.logprobs is not None and request.sampling.logprobs is not None:  # (a batch has all rows)
                 logprobs = [list(output.logprobs[index])]
             reason = self._stop_reason(request, token_id)
             if reason is not None:
